@@ -1,0 +1,53 @@
+"""Shared pieces of the commands: exit codes, error translation, the demo-data default."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+
+class InputError(click.ClickException):
+    """Bad input found by looking at it (a data folder, a run folder): exit code 2."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's input errors into one-line click errors with the right exit code.
+
+    `ValueError`s raised by configs and data discovery name the option or file at fault, so
+    they become exit code 2; anything else propagates (exit 1 through `main`).
+    """
+    from keras_vqpix.data.discover import DatasetLayoutError
+
+    try:
+        yield
+    except (DatasetLayoutError, FileNotFoundError, FileExistsError) as error:
+        raise InputError(_one_line(error)) from error
+    except ValueError as error:
+        raise InputError(_one_line(error)) from error
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split())
+
+
+def resolve_data(data: Path | None, seed: int = 0) -> Path:
+    """`--data` as given, or the demo set (generated into the cache on first use)."""
+    if data is not None:
+        return data
+    from keras_vqpix.data import demo
+
+    root, created = demo.ensure_demo_dataset()
+    if created:
+        click.echo(
+            f"No --data given: generated the demo data set into {root} (once; reused from now on)."
+        )
+    else:
+        click.echo(f"No --data given: using the demo data set in {root}.")
+    return root

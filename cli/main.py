@@ -1,0 +1,30 @@
+"""`vqpix`: train, evaluate, sample and export a VQ-VAE + PixelCNN model of brain MRI slices."""
+
+from __future__ import annotations
+
+import click
+
+from keras_vqpix import __version__
+
+from .demo_data import demo_data
+from .evaluate import evaluate
+from .export import export
+from .sample import sample
+from .train import train
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vqpix")
+def main() -> None:
+    """VQ-VAE + Gated PixelCNN generative model of ADNI brain MRI slices.
+
+    Every command runs on the embedded demo data set when no --data is given.
+    """
+
+
+for command in (demo_data, train, evaluate, sample, export):
+    main.add_command(command)
+
+
+if __name__ == "__main__":
+    main()

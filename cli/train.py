@@ -1,0 +1,106 @@
+"""`vqpix train`: train the VQ-VAE, then the PixelCNN prior on its codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import InputError, resolve_data, user_errors
+
+
+@click.command()
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="ADNI-layout folder (ROOT/{train,test}/{AD,NC}/*.jpeg). Default: the demo data set.",
+)
+@click.option(
+    "--out",
+    "run_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/default"),
+    show_default=True,
+    help="Run folder for config, checkpoints, history, logs and plots.",
+)
+@click.option(
+    "--config",
+    "config_name",
+    type=click.Choice(["quick", "default"]),
+    default="default",
+    show_default=True,
+    help="Preset: quick (tiny, seconds) or default (the real model).",
+)
+@click.option(
+    "--stage",
+    type=click.Choice(["vqvae", "prior", "all"]),
+    default="all",
+    show_default=True,
+    help="Train the VQ-VAE, the prior on an existing VQ-VAE run, or both.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="VQ-VAE epochs (default: the config's).",
+)
+@click.option(
+    "--prior-epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Prior epochs (default: the config's).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Global batch size (default: the config's).",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Side of the square images; must be divisible by the downsampling factor.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the split, shuffling and initialisation.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a run of another config in --out instead of refusing.",
+)
+def train(
+    data, run_dir, config_name, stage, epochs, prior_epochs, batch_size, image_size, seed, overwrite
+) -> None:
+    """Train on DATA (default: the demo set) into the run folder --out."""
+    from keras_vqpix.config import get_config
+
+    overrides = {"seed": seed}
+    if epochs is not None:
+        overrides["vqvae.epochs"] = epochs
+    if prior_epochs is not None:
+        overrides["prior.epochs"] = prior_epochs
+    if batch_size is not None:
+        overrides["data.batch_size"] = batch_size
+    if image_size is not None:
+        overrides["data.image_size"] = image_size
+    try:
+        config = get_config(config_name).replace(**overrides)
+    except ValueError as error:
+        param = "--image-size" if "image_size" in str(error) else "--config"
+        raise click.BadParameter(str(error), param_hint=param) from error
+    data = resolve_data(data)
+
+    from keras_vqpix.training import train_run
+
+    with user_errors():
+        result = train_run(run_dir, data, config, stage=stage, overwrite=overwrite)
+    if result is None:
+        raise InputError("nothing was trained")
+    click.echo(result.summary())

@@ -1,0 +1,296 @@
+"""Run configuration: plain frozen dataclasses, saved as `config.json` beside every run and export.
+
+Two presets: `quick` (tiny, seconds, for tests) and `default` (the real model). A run can be
+reproduced from its `config.json` alone, and a prior can refuse a VQ-VAE it was not trained on
+by comparing fingerprints (see `keras_vqpix.training.artifacts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+QUANTIZERS = ("ema", "gradient")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How slices become tensors.
+
+    Attributes:
+        image_size: int, side of the square the slices are resized into (aspect ratio kept,
+            padded with black).
+        validation_fraction: float, share of the train folder's *patients* held out.
+        batch_size: int, global batch size.
+        shuffle_buffer: int, `tf.data` shuffle buffer.
+        cache: "memory" to cache decoded images in RAM, "" for none, or a file prefix.
+    """
+
+    image_size: int = 128
+    validation_fraction: float = 0.2
+    batch_size: int = 32
+    shuffle_buffer: int = 4096
+    cache: str = "memory"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.image_size >= 8, f"image_size must be >= 8. Received: image_size={self.image_size}"
+        )
+        _check(
+            0.0 < self.validation_fraction < 1.0,
+            f"validation_fraction must be in (0, 1). Received: validation_fraction={self.validation_fraction}",
+        )
+        _check(
+            self.batch_size >= 1, f"batch_size must be >= 1. Received: batch_size={self.batch_size}"
+        )
+        _check(
+            self.shuffle_buffer >= 1,
+            f"shuffle_buffer must be >= 1. Received: shuffle_buffer={self.shuffle_buffer}",
+        )
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """VQ-VAE architecture and training.
+
+    Attributes:
+        hidden_channels: int, channels of the encoder/decoder at the latent resolution.
+        residual_channels: int, bottleneck channels inside each residual block.
+        num_residual_blocks: int, residual blocks in the encoder and in the decoder.
+        downsample_factor: int, 4 or 8: image side / code-map side.
+        num_embeddings: int, codebook size K.
+        embedding_dim: int, code vector size D.
+        commitment_cost: float, beta of the commitment loss.
+        quantizer: "ema" (codebook by exponential moving averages) or "gradient" (codebook loss).
+        ema_decay: float, decay of the EMA codebook statistics.
+        dead_code_steps: int, a code unused for this many training steps is restarted from an
+            encoder output of the current batch; 0 disables restarts.
+        ssim_loss_weight: float, weight of a (1 - SSIM) term added to the MSE reconstruction loss.
+        learning_rate: float, Adam learning rate.
+        epochs: int, training epochs.
+    """
+
+    hidden_channels: int = 64
+    residual_channels: int = 32
+    num_residual_blocks: int = 2
+    downsample_factor: int = 4
+    num_embeddings: int = 256
+    embedding_dim: int = 32
+    commitment_cost: float = 0.25
+    quantizer: str = "ema"
+    ema_decay: float = 0.99
+    dead_code_steps: int = 100
+    ssim_loss_weight: float = 0.0
+    learning_rate: float = 1e-3
+    epochs: int = 20
+
+    def __post_init__(self) -> None:
+        _check(
+            self.downsample_factor in (4, 8),
+            f"downsample_factor must be 4 or 8. Received: downsample_factor={self.downsample_factor}",
+        )
+        _check(
+            self.num_embeddings >= 2,
+            f"num_embeddings must be >= 2. Received: num_embeddings={self.num_embeddings}",
+        )
+        _check(
+            self.embedding_dim >= 1,
+            f"embedding_dim must be >= 1. Received: embedding_dim={self.embedding_dim}",
+        )
+        _check(
+            self.hidden_channels >= 2,
+            f"hidden_channels must be >= 2. Received: hidden_channels={self.hidden_channels}",
+        )
+        _check(
+            self.residual_channels >= 1,
+            f"residual_channels must be >= 1. Received: residual_channels={self.residual_channels}",
+        )
+        _check(
+            self.num_residual_blocks >= 0,
+            f"num_residual_blocks must be >= 0. Received: num_residual_blocks={self.num_residual_blocks}",
+        )
+        _check(
+            self.commitment_cost >= 0,
+            f"commitment_cost must be >= 0. Received: commitment_cost={self.commitment_cost}",
+        )
+        _check(
+            self.quantizer in QUANTIZERS,
+            f"quantizer must be one of {QUANTIZERS}. Received: quantizer={self.quantizer!r}",
+        )
+        _check(
+            0.0 < self.ema_decay < 1.0,
+            f"ema_decay must be in (0, 1). Received: ema_decay={self.ema_decay}",
+        )
+        _check(
+            self.dead_code_steps >= 0,
+            f"dead_code_steps must be >= 0. Received: dead_code_steps={self.dead_code_steps}",
+        )
+        _check(
+            self.ssim_loss_weight >= 0,
+            f"ssim_loss_weight must be >= 0. Received: ssim_loss_weight={self.ssim_loss_weight}",
+        )
+        _check(
+            self.learning_rate > 0,
+            f"learning_rate must be > 0. Received: learning_rate={self.learning_rate}",
+        )
+        _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Gated PixelCNN prior over code maps.
+
+    Attributes:
+        num_layers: int, gated blocks after the first (type A) layer.
+        filters: int, channels of the vertical and horizontal stacks.
+        kernel_size: int, odd kernel size of the gated blocks.
+        conditional: bool, condition on the class label (0 NC, 1 AD).
+        num_classes: int, number of labels when conditional.
+        embedding_dim: int, size of the input code embedding.
+        dropout: float, dropout before the output head.
+        learning_rate: float, Adam learning rate.
+        epochs: int, training epochs.
+        batch_size: int, code maps per batch.
+    """
+
+    num_layers: int = 8
+    filters: int = 64
+    kernel_size: int = 3
+    conditional: bool = True
+    num_classes: int = 2
+    embedding_dim: int = 32
+    dropout: float = 0.0
+    learning_rate: float = 1e-3
+    epochs: int = 30
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_layers >= 1, f"num_layers must be >= 1. Received: num_layers={self.num_layers}"
+        )
+        _check(self.filters >= 1, f"filters must be >= 1. Received: filters={self.filters}")
+        _check(
+            self.kernel_size >= 3 and self.kernel_size % 2 == 1,
+            f"kernel_size must be odd and >= 3. Received: kernel_size={self.kernel_size}",
+        )
+        _check(
+            self.num_classes >= 1,
+            f"num_classes must be >= 1. Received: num_classes={self.num_classes}",
+        )
+        _check(
+            0.0 <= self.dropout < 1.0,
+            f"dropout must be in [0, 1). Received: dropout={self.dropout}",
+        )
+        _check(
+            self.learning_rate > 0,
+            f"learning_rate must be > 0. Received: learning_rate={self.learning_rate}",
+        )
+        _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
+        _check(
+            self.batch_size >= 1, f"batch_size must be >= 1. Received: batch_size={self.batch_size}"
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything needed to reproduce a run."""
+
+    name: str = "default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.data.image_size % self.vqvae.downsample_factor == 0,
+            f"image_size must be divisible by the downsampling factor {self.vqvae.downsample_factor}. "
+            f"Received: image_size={self.data.image_size}",
+        )
+
+    @property
+    def code_size(self) -> int:
+        """Side of the square code map."""
+        return self.data.image_size // self.vqvae.downsample_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        values = dict(values)
+        sections = {"data": DataConfig, "vqvae": VQVAEConfig, "prior": PriorConfig}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"Unknown config keys: {sorted(unknown)}")
+        for key, section in sections.items():
+            if key in values:
+                section_known = {f.name for f in dataclasses.fields(section)}
+                section_unknown = set(values[key]) - section_known
+                if section_unknown:
+                    raise ValueError(
+                        f"Unknown keys in config section {key!r}: {sorted(section_unknown)}"
+                    )
+                values[key] = section(**values[key])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Copy with top-level fields or dotted section fields (`"data.batch_size"`) changed."""
+        top: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            if "." in key:
+                section, name = key.split(".", 1)
+                nested.setdefault(section, {})[name] = value
+            else:
+                top[key] = value
+        for section, values in nested.items():
+            top[section] = dataclasses.replace(getattr(self, section), **values)
+        return dataclasses.replace(self, **top)
+
+
+def _quick() -> RunConfig:
+    return RunConfig(
+        name="quick",
+        data=DataConfig(image_size=32, batch_size=16, shuffle_buffer=256),
+        vqvae=VQVAEConfig(
+            hidden_channels=16,
+            residual_channels=8,
+            num_residual_blocks=1,
+            num_embeddings=16,
+            embedding_dim=8,
+            dead_code_steps=20,
+            learning_rate=2e-3,
+            epochs=2,
+        ),
+        prior=PriorConfig(num_layers=2, filters=16, embedding_dim=8, epochs=2, batch_size=16),
+    )
+
+
+def _default() -> RunConfig:
+    return RunConfig(name="default")
+
+
+PRESETS = {"quick": _quick, "default": _default}
+
+
+def get_config(name: str) -> RunConfig:
+    """Return the named preset (`quick` or `default`)."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown config {name!r}; choose one of {sorted(PRESETS)}.")
+    return PRESETS[name]()

@@ -1,0 +1,39 @@
+"""Data: discover ADNI-style slices, split by patient, build `tf.data` pipelines, make demo data.
+
+`discover` needs only NumPy; `pipeline` imports TensorFlow and is loaded on first use, so tools
+that only list or generate files start fast.
+"""
+
+from keras_vqpix.data.discover import (
+    CLASS_NAMES,
+    LABELS,
+    DatasetLayoutError,
+    DataSplits,
+    SliceRecord,
+    discover_folder,
+    discover_splits,
+    patient_and_slice,
+    split_by_patient,
+)
+
+__all__ = [
+    "CLASS_NAMES",
+    "LABELS",
+    "DataSplits",
+    "DatasetLayoutError",
+    "SliceRecord",
+    "decode_and_resize",
+    "discover_folder",
+    "discover_splits",
+    "make_dataset",
+    "patient_and_slice",
+    "split_by_patient",
+]
+
+
+def __getattr__(name: str):
+    if name in ("make_dataset", "decode_and_resize", "load_image"):
+        from keras_vqpix.data import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'keras_vqpix.data' has no attribute {name!r}")

@@ -1,0 +1,156 @@
+"""Find ADNI-style slices on disk and split them by patient.
+
+Layout read: `root/{train,test}/{AD,NC}/<patient id>_<slice>.{jpeg,jpg,png}`. Everything before
+the last `_` of a file's stem is the patient id. Labels: NC = 0, AD = 1.
+
+The train folder is split into train and validation **by patient**, stratified by class, so no
+patient's slices sit on both sides (splitting by image leaks a patient's anatomy into
+validation and inflates every validation figure).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = ("NC", "AD")
+LABELS = {name: index for index, name in enumerate(CLASS_NAMES)}
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+SPLIT_FOLDERS = ("train", "test")
+EXPECTED_LAYOUT = "expected ROOT/{train,test}/{AD,NC}/<patient>_<slice>.jpeg"
+
+
+class DatasetLayoutError(ValueError):
+    """The data folder is missing, empty or not in the ADNI layout."""
+
+
+@dataclass(frozen=True, order=True)
+class SliceRecord:
+    """One image file: its path, patient id, slice index and label (0 NC, 1 AD)."""
+
+    patient: str
+    slice_index: int
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train / validation / test records; train and validation share no patient."""
+
+    train: tuple[SliceRecord, ...]
+    validation: tuple[SliceRecord, ...]
+    test: tuple[SliceRecord, ...]
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Counts of images and patients per split and class."""
+        out = {}
+        for name in ("train", "validation", "test"):
+            records = getattr(self, name)
+            out[name] = {
+                "images": len(records),
+                "patients": len({r.patient for r in records}),
+                **{f"images_{c}": sum(r.label == LABELS[c] for r in records) for c in CLASS_NAMES},
+            }
+        return out
+
+
+def patient_and_slice(filename: str) -> tuple[str, int]:
+    """`"941_S_1311_78.jpeg"` -> `("941_S_1311", 78)`; a stem without `_` is its own patient."""
+    stem = Path(filename).stem
+    patient, sep, tail = stem.rpartition("_")
+    if not sep:
+        return stem, 0
+    match = re.search(r"\d+", tail)
+    return patient, int(match.group()) if match else 0
+
+
+def discover_folder(root: str | os.PathLike, split: str) -> list[SliceRecord]:
+    """Records of `root/split/{AD,NC}/*`, sorted by patient then slice.
+
+    Raises:
+        DatasetLayoutError: the folder is missing, has no class subfolder, or holds no image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"data folder {root} does not exist; {EXPECTED_LAYOUT}")
+    folder = root / split
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"{folder} is missing; {EXPECTED_LAYOUT}")
+    class_dirs = [folder / name for name in CLASS_NAMES if (folder / name).is_dir()]
+    if not class_dirs:
+        raise DatasetLayoutError(f"{folder} has no AD or NC subfolder; {EXPECTED_LAYOUT}")
+    records = []
+    for class_dir in class_dirs:
+        label = LABELS[class_dir.name]
+        for entry in os.scandir(class_dir):
+            if (
+                entry.is_file()
+                and entry.name.lower().endswith(IMAGE_SUFFIXES)
+                and not entry.name.startswith(".")
+            ):
+                patient, slice_index = patient_and_slice(entry.name)
+                records.append(SliceRecord(patient, slice_index, entry.path, label))
+    if not records:
+        raise DatasetLayoutError(f"{folder} holds no .jpeg/.jpg/.png image; {EXPECTED_LAYOUT}")
+    patients_in_both = {r.patient for r in records if r.label == 0} & {
+        r.patient for r in records if r.label == 1
+    }
+    if patients_in_both:
+        example = sorted(patients_in_both)[0]
+        raise DatasetLayoutError(
+            f"patient {example!r} has slices in both {folder / 'AD'} and {folder / 'NC'}; "
+            "each patient must have one label"
+        )
+    return sorted(records)
+
+
+def split_by_patient(
+    records: list[SliceRecord] | tuple[SliceRecord, ...], validation_fraction: float, seed: int
+) -> tuple[tuple[SliceRecord, ...], tuple[SliceRecord, ...]]:
+    """Split records into (train, validation) by patient, stratified by class.
+
+    Within each class the sorted patient ids are shuffled with `seed` and the first
+    `round(validation_fraction * n)` (at least one when the class has two or more patients)
+    go to validation. Deterministic for a seed, independent of file-system order.
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(
+            f"validation_fraction must be in (0, 1). Received: validation_fraction={validation_fraction}"
+        )
+    rng = np.random.default_rng(seed)
+    validation_patients: set[str] = set()
+    for label in sorted({r.label for r in records}):
+        patients = sorted({r.patient for r in records if r.label == label})
+        count = int(round(validation_fraction * len(patients)))
+        count = min(max(count, 1), len(patients) - 1) if len(patients) >= 2 else 0
+        order = rng.permutation(len(patients))
+        validation_patients.update(patients[i] for i in order[:count])
+    train = tuple(r for r in records if r.patient not in validation_patients)
+    validation = tuple(r for r in records if r.patient in validation_patients)
+    return train, validation
+
+
+def discover_splits(
+    root: str | os.PathLike, validation_fraction: float = 0.2, seed: int = 0
+) -> DataSplits:
+    """Read `root/train` and `root/test` and split train by patient into train/validation."""
+    train_records = discover_folder(root, "train")
+    test_records = discover_folder(root, "test")
+    train, validation = split_by_patient(train_records, validation_fraction, seed)
+    if not validation:
+        raise DatasetLayoutError(
+            f"{Path(root) / 'train'} has too few patients to hold out a validation set; "
+            "each class needs at least two patients"
+        )
+    overlap = {r.patient for r in train_records} & {r.patient for r in test_records}
+    if overlap:
+        raise DatasetLayoutError(
+            f"patient {sorted(overlap)[0]!r} appears in both {Path(root) / 'train'} and {Path(root) / 'test'}; "
+            "the test set must hold different patients"
+        )
+    return DataSplits(train, validation, tuple(test_records))
