@@ -75,12 +75,38 @@ from .common import InputError, resolve_data, user_errors
     is_flag=True,
     help="Replace a run of another config in --out instead of refusing.",
 )
+@click.pass_context
 def train(
-    data, run_dir, config_name, stage, epochs, prior_epochs, batch_size, image_size, seed, overwrite
+    ctx,
+    data,
+    run_dir,
+    config_name,
+    stage,
+    epochs,
+    prior_epochs,
+    batch_size,
+    image_size,
+    seed,
+    overwrite,
 ) -> None:
-    """Train on DATA (default: the demo set) into the run folder --out."""
-    from keras_vqpix.config import get_config
+    """Train on --data (default: the demo set) into the run folder --out.
 
+    Run again with the same options to resume after an interruption; --epochs may grow.
+    """
+    from keras_vqpix.config import get_config
+    from keras_vqpix.training.artifacts import RunPaths, read_config
+
+    base = None
+    given = {
+        name
+        for name in ("config_name", "seed", "batch_size", "image_size")
+        if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+    }
+    if stage == "prior" and not given and RunPaths(run_dir).config.is_file():
+        # Training the prior of an existing run: take the run's own config.
+        with user_errors():
+            base = read_config(RunPaths(run_dir))
+        seed = base.seed
     overrides = {"seed": seed}
     if epochs is not None:
         overrides["vqvae.epochs"] = epochs
@@ -91,7 +117,7 @@ def train(
     if image_size is not None:
         overrides["data.image_size"] = image_size
     try:
-        config = get_config(config_name).replace(**overrides)
+        config = (base or get_config(config_name)).replace(**overrides)
     except ValueError as error:
         param = "--image-size" if "image_size" in str(error) else "--config"
         raise click.BadParameter(str(error), param_hint=param) from error

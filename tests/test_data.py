@@ -92,13 +92,18 @@ def test_wrong_layout_is_a_clear_error(tmp_path: Path):
 def test_pipeline_shapes_dtype_range_and_determinism(tiny_adni: Path):
     import tensorflow as tf
 
-    from keras_vqpix.data import make_dataset
+    from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch
 
     splits = discover_splits(tiny_adni, 0.2, seed=0)
+    steps = steps_per_epoch(len(splits.train), 8)
 
-    def epoch(seed):
-        dataset = make_dataset(splits.train, 32, 8, shuffle=True, seed=seed)
-        return [(images.numpy(), labels.numpy()) for images, labels in dataset]
+    def epoch(seed, first_epoch=0, skip=0):
+        dataset = make_dataset(
+            splits.train, 32, 8, shuffle=True, seed=seed, first_epoch=first_epoch
+        )
+        return [
+            (images.numpy(), labels.numpy()) for images, labels in dataset.skip(skip).take(steps)
+        ]
 
     batches = epoch(1)
     images, labels = batches[0]
@@ -112,7 +117,18 @@ def test_pipeline_shapes_dtype_range_and_determinism(tiny_adni: Path):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(la, lb)
     other = epoch(2)
-    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(batches, other, strict=True))
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(batches, other, strict=True))
+    # Epoch 1 of a run has the same order as the first epoch of a run resumed at epoch 1,
+    # and differs from epoch 0.
+    second = epoch(1, skip=steps)
+    resumed = epoch(1, first_epoch=1)
+    for (a, _), (b, _) in zip(second, resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(batches, second, strict=True))
+    # Each epoch holds every image exactly once (batches never straddle epochs).
+    assert sorted(np.concatenate([b[0] for b in second]).sum(axis=(1, 2, 3)).round(3)) == sorted(
+        all_images.sum(axis=(1, 2, 3)).round(3)
+    )
     # Unshuffled: file order, the whole set exactly once.
     plain = make_dataset(splits.train, 32, 64)
     assert sum(int(tf.shape(x)[0]) for x, _ in plain) == len(splits.train)

@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras_vqpix.data.discover import SliceRecord
 
 AUTOTUNE = tf.data.AUTOTUNE
+_GRAPH_SEED = 20171102
 
 
 def decode_and_resize(contents: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -36,6 +37,11 @@ def load_image(path: str, image_size: int) -> tf.Tensor:
     return decode_and_resize(tf.io.read_file(path), image_size)
 
 
+def steps_per_epoch(num_records: int, batch_size: int, drop_remainder: bool = False) -> int:
+    """Batches in one pass over `num_records` examples."""
+    return num_records // batch_size if drop_remainder else -(-num_records // batch_size)
+
+
 def make_dataset(
     records: Sequence[SliceRecord],
     image_size: int,
@@ -43,45 +49,64 @@ def make_dataset(
     *,
     shuffle: bool = False,
     seed: int = 0,
+    first_epoch: int = 0,
     shuffle_buffer: int = 4096,
     cache: str = "memory",
     drop_remainder: bool = False,
-    repeat: bool = False,
 ) -> tf.data.Dataset:
     """A dataset of `(images [B, S, S, 1] float32 in [0, 1], labels [B] int32)`.
+
+    Without `shuffle`: one pass in record order. With `shuffle`: an endless sequence of epochs
+    `first_epoch, first_epoch + 1, ...`, each a fresh shuffle seeded by `(seed, epoch)` and
+    batched on its own (no batch straddles two epochs), so epoch k has the same order whether a
+    run started at epoch 0 or resumed at k. Pass `steps_per_epoch(...)` to `fit`.
 
     Args:
         records: the slices, e.g. `DataSplits.train`.
         image_size: side of the square images.
         batch_size: images per batch.
-        shuffle: reshuffle every epoch (with `seed`, so the order is reproducible).
+        shuffle: shuffle, and repeat epoch after epoch.
         seed: shuffle seed.
+        first_epoch: the epoch the sequence starts at (for resuming).
         shuffle_buffer: shuffle buffer size (clipped to the number of records).
         cache: "memory", "" for no cache, or a file prefix for `Dataset.cache`.
-        drop_remainder: drop a last, smaller batch (static batch shapes for distribution).
-        repeat: repeat forever.
+        drop_remainder: drop a last, smaller batch of each epoch (static batch shapes).
     """
     if not records:
         raise ValueError("make_dataset needs at least one record")
     paths = [r.path for r in records]
     labels = [r.label for r in records]
-    dataset = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int32)))
-    dataset = dataset.map(
+    decoded = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int32)))
+    decoded = decoded.map(
         lambda path, label: (decode_and_resize(tf.io.read_file(path), image_size), label),
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
     )
     if cache == "memory":
-        dataset = dataset.cache()
+        decoded = decoded.cache()
     elif cache:
-        dataset = dataset.cache(cache)
-    if shuffle:
-        dataset = dataset.shuffle(
-            min(shuffle_buffer, len(records)), seed=seed, reshuffle_each_iteration=True
+        decoded = decoded.cache(cache)
+
+    def batched(dataset):
+        return dataset.batch(
+            batch_size,
+            drop_remainder=drop_remainder,
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
         )
-    if repeat:
-        dataset = dataset.repeat()
-    dataset = dataset.batch(
-        batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE, deterministic=True
-    )
-    return dataset.prefetch(AUTOTUNE)
+
+    if not shuffle:
+        return batched(decoded).prefetch(AUTOTUNE)
+    buffer = min(shuffle_buffer, len(records))
+
+    def one_epoch(epoch):
+        # `shuffle` pairs its seed with the graph-level seed (set by `keras.utils.set_random_seed`,
+        # and compared to 0 in Python, which a tensor seed cannot be). Pin the graph seed of this
+        # traced function, so the order depends on (seed, epoch) alone.
+        tf.compat.v1.get_default_graph().seed = _GRAPH_SEED
+        epoch_seed = tf.constant(seed, tf.int64) * 1_000_003 + epoch
+        # The cache above is shared by every epoch: files are decoded once.
+        return batched(decoded.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False))
+
+    epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
+    return epochs.flat_map(one_epoch).prefetch(AUTOTUNE)

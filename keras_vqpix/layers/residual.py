@@ -1,0 +1,51 @@
+"""Residual blocks of the VQ-VAE encoder and decoder (van den Oord et al. 2017, https://arxiv.org/abs/1711.00937)."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+
+@keras.saving.register_keras_serializable(package="keras_vqpix")
+class ResidualBlock(layers.Layer):
+    """`x + Conv1x1(ReLU(Conv3x3(ReLU(x))))`, the block of the VQ-VAE paper (section 4.1).
+
+    The 3x3 convolution narrows to `residual_channels`, the 1x1 one widens back, so the block
+    is cheap and keeps the input's shape.
+
+    Args:
+        residual_channels: int, channels of the bottleneck.
+
+    Input shape: `[B, H, W, C]`. Output shape: `[B, H, W, C]`.
+
+    Example:
+    >>> ResidualBlock(8)(keras.ops.zeros((2, 16, 16, 32))).shape
+    TensorShape([2, 16, 16, 32])
+    """
+
+    def __init__(self, residual_channels: int, **kwargs):
+        super().__init__(**kwargs)
+        if residual_channels < 1:
+            raise ValueError(
+                f"residual_channels must be >= 1. Received: residual_channels={residual_channels}"
+            )
+        self.residual_channels = int(residual_channels)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.conv3 = layers.Conv2D(
+            self.residual_channels, 3, padding="same", name="conv3x3", dtype=self.dtype_policy
+        )
+        self.conv1 = layers.Conv2D(channels, 1, name="conv1x1", dtype=self.dtype_policy)
+        self.conv3.build(input_shape)
+        self.conv1.build((*input_shape[:-1], self.residual_channels))
+
+    def call(self, inputs):
+        hidden = self.conv3(ops.relu(inputs))
+        return inputs + self.conv1(ops.relu(hidden))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "residual_channels": self.residual_channels}

@@ -1,0 +1,188 @@
+"""The run folder: where each artifact lives, fingerprints, and refusing to clobber other runs.
+
+```
+RUN/config.json            the RunConfig that made the run
+RUN/split.json             patients of train / validation / test
+RUN/vqvae.keras            best VQ-VAE by validation SSIM
+RUN/vqvae.json             its epoch, validation SSIM and fingerprint
+RUN/history.csv            VQ-VAE metrics per epoch
+RUN/checkpoints/vqvae/     last complete epochs (model + optimizer), for resuming
+RUN/logs/vqvae/            TensorBoard
+RUN/plots/*.png            curves, reconstructions, codebook usage, samples
+RUN/codes/*.npz            cached code maps of each split (with the VQ-VAE fingerprint)
+RUN/prior.keras, RUN/prior.json, RUN/prior_history.csv, RUN/checkpoints/prior/, RUN/logs/prior/
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keras_vqpix.config import RunConfig
+from keras_vqpix.io import atomic_path, atomic_write_text
+
+
+class RunFolderError(ValueError):
+    """The run folder holds something else, or lacks what a step needs."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Paths inside a run folder."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    config = property(lambda self: self.root / "config.json")
+    split = property(lambda self: self.root / "split.json")
+    vqvae_model = property(lambda self: self.root / "vqvae.keras")
+    vqvae_meta = property(lambda self: self.root / "vqvae.json")
+    history = property(lambda self: self.root / "history.csv")
+    vqvae_checkpoints = property(lambda self: self.root / "checkpoints" / "vqvae")
+    vqvae_logs = property(lambda self: self.root / "logs" / "vqvae")
+    plots = property(lambda self: self.root / "plots")
+    codes = property(lambda self: self.root / "codes")
+    prior_model = property(lambda self: self.root / "prior.keras")
+    prior_meta = property(lambda self: self.root / "prior.json")
+    prior_history = property(lambda self: self.root / "prior_history.csv")
+    prior_checkpoints = property(lambda self: self.root / "checkpoints" / "prior")
+    prior_logs = property(lambda self: self.root / "logs" / "prior")
+
+
+# Fields a user may change when continuing a run (train longer); everything else must match.
+RESUMABLE_FIELDS = {"vqvae.epochs", "prior.epochs"}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """Dotted names of the fields where two configs differ."""
+    flat_a, flat_b = _flatten(a.to_dict()), _flatten(b.to_dict())
+    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
+
+
+def read_config(paths: RunPaths) -> RunConfig:
+    """The run's config; a clear error when the folder is not a run."""
+    if not paths.config.is_file():
+        raise RunFolderError(
+            f"{paths.root} is not a run folder (no config.json); train one with `vqpix train --out {paths.root}`"
+        )
+    try:
+        return RunConfig.from_json(paths.config.read_text())
+    except (ValueError, TypeError) as error:
+        raise RunFolderError(f"{paths.config} is not a valid run config: {error}") from error
+
+
+def prepare_run_folder(paths: RunPaths, config: RunConfig, *, overwrite: bool = False) -> bool:
+    """Claim `paths.root` for `config`; True when an earlier run of the same config is there.
+
+    A folder holding a run of a different config is refused (unless `overwrite`), so a typo in
+    `--out` never clobbers finished work; differences only in epochs are allowed (train longer).
+    """
+    existing_config = paths.config.is_file()
+    if paths.root.exists() and not paths.root.is_dir():
+        raise RunFolderError(f"--out {paths.root} is a file; choose a folder")
+    if overwrite and paths.root.exists():
+        import shutil
+
+        shutil.rmtree(paths.root)
+        existing_config = False
+    elif (
+        paths.root.is_dir()
+        and not existing_config
+        and any(p for p in paths.root.iterdir() if not p.name.startswith("."))
+    ):
+        raise RunFolderError(
+            f"--out {paths.root} exists, is not empty and holds no run; choose another folder or pass --overwrite"
+        )
+    if existing_config:
+        old = read_config(paths)
+        differences = [d for d in config_differences(old, config) if d not in RESUMABLE_FIELDS]
+        if differences:
+            raise RunFolderError(
+                f"--out {paths.root} holds a run of another config (differs in {', '.join(differences)}); "
+                "repeat its options to resume it, choose another --out, or pass --overwrite to replace it"
+            )
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.config, config.to_json())
+    return existing_config
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a model's weights (in order: shapes and values): which VQ-VAE a prior belongs to.
+
+    Variable paths are left out: Keras prefixes them differently before and after a reload.
+    """
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        value = np.asarray(variable.numpy())
+        digest.update(str(value.shape).encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    atomic_write_text(
+        path, json.dumps(values, indent=2, sort_keys=True, default=_json_default) + "\n"
+    )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def save_model(model, path: Path) -> None:
+    """`model.save(path)` written to a temporary sibling, then renamed into place."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+
+
+def load_vqvae(run_dir: str | os.PathLike):
+    """The run's best VQ-VAE, its config and its metadata (with a verified fingerprint)."""
+    import keras
+
+    from keras_vqpix.models import vqvae  # noqa: F401  (registers the classes for loading)
+
+    paths = RunPaths(run_dir)
+    config = read_config(paths)
+    if not paths.vqvae_model.is_file() or not paths.vqvae_meta.is_file():
+        raise RunFolderError(
+            f"{paths.root} has no trained VQ-VAE yet; run `vqpix train --out {paths.root} --stage vqvae`"
+        )
+    model = keras.saving.load_model(paths.vqvae_model, compile=False)
+    meta = read_json(paths.vqvae_meta)
+    fingerprint = weights_fingerprint(model)
+    if meta.get("fingerprint") != fingerprint:
+        raise RunFolderError(
+            f"{paths.vqvae_model} does not match {paths.vqvae_meta} (fingerprint {fingerprint} != {meta.get('fingerprint')}); "
+            "the file was replaced or is damaged"
+        )
+    return model, config, meta

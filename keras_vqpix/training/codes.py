@@ -1,0 +1,65 @@
+"""Code maps of a data split under a trained VQ-VAE, computed once and cached in the run folder.
+
+One helper feeds both the prior's training data and the pictures (codebook usage), as in the
+keras-io VQ-VAE example's `get_code_indices`. The cache records the VQ-VAE's fingerprint and the
+split's files, so a retrained VQ-VAE or a changed data folder never reuses stale codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from keras_vqpix.config import RunConfig
+from keras_vqpix.data.discover import SliceRecord
+from keras_vqpix.io import atomic_path
+from keras_vqpix.training.artifacts import RunPaths
+
+
+def records_digest(records: Sequence[SliceRecord]) -> str:
+    """Hash of the split's file paths and labels (which images the codes belong to)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(f"{record.path}\t{record.label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def encode_records(
+    model, records: Sequence[SliceRecord], config: RunConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(codes [N, h, w] int32, labels [N] int32)` of the records, in record order."""
+    import tensorflow as tf
+
+    from keras_vqpix.data.pipeline import make_dataset
+
+    dataset = make_dataset(records, config.data.image_size, config.data.batch_size, cache="")
+    encode = tf.function(model.encode)
+    codes, labels = [], []
+    for images, batch_labels in dataset:
+        codes.append(encode(images).numpy())
+        labels.append(batch_labels.numpy())
+    return np.concatenate(codes).astype(np.int32), np.concatenate(labels).astype(np.int32)
+
+
+def cached_codes(paths: RunPaths, split: str, model, fingerprint: str, records: Sequence[SliceRecord],
+                 config: RunConfig) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Codes and labels of `split`, from `RUN/codes/<split>.npz` when it matches, else computed and saved."""
+    path = paths.codes / f"{split}.npz"
+    digest = records_digest(records)
+    if path.is_file():
+        with np.load(path) as cache:
+            if str(cache["fingerprint"]) == fingerprint and str(cache["records"]) == digest:
+                return cache["codes"].astype(np.int32), cache["labels"].astype(np.int32)
+    codes, labels = encode_records(model, records, config)
+    storage = np.uint8 if config.vqvae.num_embeddings <= 256 else np.uint16
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(
+            handle,
+            codes=codes.astype(storage),
+            labels=labels,
+            fingerprint=fingerprint,
+            records=digest,
+        )
+    return codes, labels
