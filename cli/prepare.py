@@ -50,7 +50,7 @@ class SizeType(click.ParamType):
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="New data folder: OUT/{train,test}/{AD,NC}/<subject>_<slice>.jpeg and manifest.csv.",
+    help="New data folder for {train,test}/{AD,NC}/*.jpeg and manifest.csv.",
 )
 @click.option(
     "--slices",

@@ -353,6 +353,8 @@ def foreground_mask(data: np.ndarray) -> np.ndarray:
     When nearly everything is nonzero (no clean black background) Otsu's threshold separates
     head from background instead.
     """
+    if data.size == 0 or data.min() == data.max():
+        return np.zeros(data.shape, bool)
     mask = data != 0
     if mask.mean() > 0.9:
         mask = data > _otsu_threshold(data)
@@ -430,7 +432,7 @@ def render_volume(
         raise VolumeError(f"{path}: has no foreground (every voxel is the same); remove it")
     if data.shape[axis] < slices:
         raise VolumeError(
-            f"{path}: has {data.shape[axis]} {plane} slices, fewer than --slices {slices}"
+            f"{path}: has only {data.shape[axis]} {plane} slice(s), fewer than --slices {slices}"
         )
     other = [a for a in range(3) if a != axis]
     per_slice = mask.sum(axis=tuple(other))
@@ -462,7 +464,7 @@ def _volumes_of(paths: Sequence[Path]) -> str:
 
 
 def _check_arguments(slices, plane, test_fraction, size) -> None:
-    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+    if isinstance(slices, bool) or not isinstance(slices, (int, np.integer)) or slices < 1:
         raise ValueError(f"slices must be a positive integer. Received: slices={slices!r}")
     if plane not in PLANES:
         raise ValueError(f"plane must be one of {', '.join(PLANES)}. Received: plane={plane!r}")
@@ -470,7 +472,7 @@ def _check_arguments(slices, plane, test_fraction, size) -> None:
         raise ValueError(
             f"test_fraction must be in (0, 1). Received: test_fraction={test_fraction}"
         )
-    if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
+    if len(size) != 2 or any(not isinstance(s, (int, np.integer)) or s < 1 for s in size):
         raise ValueError(f"size must be (width, height) in pixels. Received: size={size!r}")
 
 
@@ -585,8 +587,10 @@ def prepare_adni(
         jobs.extend((subject, name, visit, path) for visit, path in enumerate(paths))
     if not jobs:
         raise ValueError(
-            f"no volume under {volumes_dir} belongs to an AD or NC subject of {labels_csv}; "
-            "check that file names hold ADNI subject ids (###_S_####) found in the CSV"
+            f"no volume under {volumes_dir} belongs to an AD or NC subject of {labels_csv} "
+            f"({len(summary.skipped_mci)} MCI subjects skipped, "
+            f"{len(summary.subjects_without_label)} subjects without label); check that file "
+            "names hold ADNI subject ids (###_S_####) found in the CSV"
         )
 
     with atomic_directory(out_dir, overwrite=out_dir.exists()) as tmp:
