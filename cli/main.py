@@ -9,6 +9,7 @@ from keras_vqpix import __version__
 from .demo_data import demo_data
 from .evaluate import evaluate
 from .export import export
+from .prepare import prepare
 from .sample import sample
 from .train import train
 
@@ -22,7 +23,7 @@ def main() -> None:
     """
 
 
-for command in (demo_data, train, evaluate, sample, export):
+for command in (demo_data, prepare, train, evaluate, sample, export):
     main.add_command(command)
 
 

@@ -1,7 +1,7 @@
 """Data: discover ADNI-style slices, split by patient, build `tf.data` pipelines, make demo data.
 
-`discover` needs only NumPy; `pipeline` imports TensorFlow and is loaded on first use, so tools
-that only list or generate files start fast.
+`discover` needs only NumPy; `pipeline` imports TensorFlow and `adni` (NIfTI volumes -> slice
+layout) imports nibabel; both are loaded on first use, so tools that only list files start fast.
 """
 
 from keras_vqpix.data.discover import (
@@ -21,12 +21,14 @@ __all__ = [
     "LABELS",
     "DataSplits",
     "DatasetLayoutError",
+    "PrepareSummary",
     "SliceRecord",
     "decode_and_resize",
     "discover_folder",
     "discover_splits",
     "make_dataset",
     "patient_and_slice",
+    "prepare_adni",
     "split_by_patient",
 ]
 
@@ -36,4 +38,8 @@ def __getattr__(name: str):
         from keras_vqpix.data import pipeline
 
         return getattr(pipeline, name)
+    if name in ("prepare_adni", "PrepareSummary"):
+        from keras_vqpix.data import adni
+
+        return getattr(adni, name)
     raise AttributeError(f"module 'keras_vqpix.data' has no attribute {name!r}")
