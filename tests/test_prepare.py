@@ -407,10 +407,6 @@ def test_prepared_output_feeds_discover_splits_and_make_dataset(prepared):
 
 @pytest.mark.large
 def test_vqpix_train_runs_on_prepared_data(prepared, tmp_path):
-    from keras_vqpix import training
-
-    if not hasattr(training, "train_run"):
-        pytest.skip("vqpix train is not implemented on this branch yet")
     out, _ = prepared
     result = CliRunner().invoke(
         main,
@@ -418,6 +414,7 @@ def test_vqpix_train_runs_on_prepared_data(prepared, tmp_path):
         + ["--data", str(out), "--out", str(tmp_path / "run")],
     )
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "vqvae.keras").is_file()
 
 
 # --------------------------------------------------------------------------------------------
