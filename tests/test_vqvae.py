@@ -1,0 +1,186 @@
+"""The VQ-VAE model: shapes, bounded output, training, config and save/load round trips, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from keras_vqpix.models.vqvae import VQVAE, Decoder, Encoder
+
+TINY = {
+    "hidden_channels": 8,
+    "residual_channels": 4,
+    "num_residual_blocks": 1,
+    "num_embeddings": 8,
+    "embedding_dim": 4,
+}
+
+
+@pytest.mark.parametrize("factor", [4, 8])
+@pytest.mark.parametrize("quantizer", ["ema", "gradient"])
+def test_shapes_dtypes_and_bounded_output(factor, quantizer):
+    model = VQVAE(downsample_factor=factor, quantizer=quantizer, **TINY)
+    images = tf.random.uniform((2, 32, 32, 1))
+    out = model(images)
+    assert out["reconstruction"].shape == (2, 32, 32, 1)
+    assert out["codes"].shape == (2, 32 // factor, 32 // factor) and out["codes"].dtype == tf.int32
+    recon = out["reconstruction"].numpy()
+    assert recon.min() >= 0.0 and recon.max() <= 1.0
+    np.testing.assert_array_equal(model.encode(images).numpy(), out["codes"].numpy())
+    np.testing.assert_allclose(model.decode(out["codes"]).numpy(), recon, atol=1e-6)
+
+
+def test_encoder_decoder_config_round_trip():
+    for layer in (Encoder(8, 4, 2, 8, 3), Decoder(8, 4, 2, 8)):
+        assert type(layer).from_config(layer.get_config()).get_config() == layer.get_config()
+    with pytest.raises(ValueError, match="power of two"):
+        Encoder(8, 4, 1, 3, 2)
+
+
+def test_model_config_round_trip():
+    model = VQVAE(
+        downsample_factor=8,
+        quantizer="gradient",
+        commitment_cost=0.5,
+        dead_code_steps=3,
+        seed=9,
+        **TINY,
+    )
+    clone = VQVAE.from_config(model.get_config())
+    assert clone.get_config() == model.get_config()
+    with pytest.raises(ValueError, match="quantizer must be"):
+        VQVAE(quantizer="kmeans")
+
+
+def _fit(model, images, steps, batch=8):
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((images, np.zeros(len(images), np.int32)))
+        .batch(batch)
+        .repeat()
+    )
+    return model.fit(dataset, steps_per_epoch=steps, epochs=1, shuffle=False, verbose=0).history
+
+
+def blobs(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = []
+    for _ in range(count):
+        cy, cx, r = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(5, 9)
+        images.append((((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r) * rng.uniform(0.5, 1.0))
+    return np.asarray(images, np.float32)[..., None]
+
+
+@pytest.mark.parametrize("quantizer", ["ema", "gradient"])
+def test_training_reduces_the_loss_and_every_part_learns(quantizer):
+    keras.utils.set_random_seed(0)
+    model = VQVAE(quantizer=quantizer, **TINY)
+    images = blobs(64)
+    model(images[:1])
+    before = {v.path: v.numpy().copy() for v in model.weights}
+    first = _fit(model, images, 3)["loss"][0]
+    last = _fit(model, images, 100)["loss"][0]
+    assert last < 0.6 * first
+    changed = {v.path for v in model.weights if not np.array_equal(before[v.path], v.numpy())}
+    for part in ("encoder", "decoder", "quantizer/embeddings"):
+        assert any(part in path for path in changed), f"{part} did not change"
+
+
+def test_saved_model_reloads_with_identical_outputs(tmp_path: Path):
+    keras.utils.set_random_seed(1)
+    model = VQVAE(**TINY)
+    images = blobs(16, seed=1)
+    _fit(model, images, 5)
+    path = tmp_path / "vqvae.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    expected, actual = model(images), loaded(images)
+    np.testing.assert_array_equal(actual["codes"].numpy(), expected["codes"].numpy())
+    np.testing.assert_allclose(
+        actual["reconstruction"].numpy(), expected["reconstruction"].numpy(), atol=1e-6
+    )
+    np.testing.assert_array_equal(
+        loaded.quantizer.embeddings.numpy(), model.quantizer.embeddings.numpy()
+    )
+
+
+def test_cli_train_and_evaluate_write_the_documented_keys(tiny_adni: Path, tmp_path: Path):
+    from keras_vqpix_cli.main import main
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--config",
+            "quick",
+            "--stage",
+            "vqvae",
+            "--data",
+            str(tiny_adni),
+            "--out",
+            str(run),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "split.json", "vqvae.keras", "vqvae.json", "history.csv"):
+        assert (run / name).is_file(), name
+    for plot in ("vqvae_curves", "reconstructions_train", "reconstructions_test", "codebook_usage"):
+        assert (run / "plots" / f"{plot}.png").stat().st_size > 1000
+    assert list((run / "logs" / "vqvae").rglob("events.out.tfevents.*"))
+    history = (run / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,") and [line.split(",")[0] for line in history[1:]] == [
+        "1",
+        "2",
+    ]
+
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        main, ["evaluate", str(run), "--data", str(tiny_adni), "--json", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(report.read_text())
+    keys = {
+        "ssim",
+        "ssim_foreground",
+        "baseline_ssim",
+        "baseline_ssim_foreground",
+        "ms_ssim",
+        "psnr",
+        "mse",
+    }
+    assert keys | {"perplexity", "codes_used", "num_images"} <= metrics.keys()
+    assert metrics["num_images"] == 16
+    assert metrics["ms_ssim"] is None and "161" in metrics["ms_ssim_note"]
+    assert 0 < metrics["codes_used"] <= 16
+    assert "ssim_foreground" in result.output and "baseline" in result.output
+
+
+def test_cli_refuses_a_folder_of_another_config(tiny_adni: Path, tmp_path: Path):
+    from keras_vqpix_cli.main import main
+
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--config",
+        "quick",
+        "--stage",
+        "vqvae",
+        "--epochs",
+        "1",
+        "--data",
+        str(tiny_adni),
+        "--out",
+        str(run),
+    ]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    result = CliRunner().invoke(main, [*args, "--image-size", "64"])
+    assert result.exit_code == 2
+    assert "another config" in result.output and "data.image_size" in result.output
