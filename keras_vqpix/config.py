@@ -73,7 +73,9 @@ class VQVAEConfig:
         dead_code_steps: int, a code unused for this many training steps is restarted from an
             encoder output of the current batch; 0 disables restarts.
         ssim_loss_weight: float, weight of a (1 - SSIM) term added to the MSE reconstruction loss.
-        learning_rate: float, Adam learning rate.
+        learning_rate: float, peak Adam learning rate.
+        final_learning_rate_ratio: float, the learning rate decays along a cosine to this share
+            of the peak by the last epoch (1.0: constant).
         epochs: int, training epochs.
     """
 
@@ -89,6 +91,7 @@ class VQVAEConfig:
     dead_code_steps: int = 100
     ssim_loss_weight: float = 0.0
     learning_rate: float = 1e-3
+    final_learning_rate_ratio: float = 0.05
     epochs: int = 20
 
     def __post_init__(self) -> None:
@@ -139,6 +142,10 @@ class VQVAEConfig:
         _check(
             self.learning_rate > 0,
             f"learning_rate must be > 0. Received: learning_rate={self.learning_rate}",
+        )
+        _check(
+            0.0 < self.final_learning_rate_ratio <= 1.0,
+            f"final_learning_rate_ratio must be in (0, 1]. Received: final_learning_rate_ratio={self.final_learning_rate_ratio}",
         )
         _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
 

@@ -59,8 +59,14 @@ def evaluate_reconstructions(
     return metrics
 
 
-def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike, *, split: str = "test",
-                 num_samples: int = 0, seed: int = 0) -> dict:  # fmt: skip
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    data_root: str | os.PathLike,
+    *,
+    split: str = "test",
+    num_samples: int = 0,
+    seed: int = 0,
+) -> dict:
     """All metrics of a run on one split of `data_root` (see the module docstring)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of test, val, train. Received: split={split!r}")
@@ -77,13 +83,30 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike, *, sp
         "num_embeddings": config.vqvae.num_embeddings,
         "vqvae_epoch": meta.get("epoch"),
     }
-    metrics.update(evaluate_reconstructions(model, records, config.data.image_size, config.data.batch_size,
-                                            config.vqvae.downsample_factor))  # fmt: skip
+    metrics.update(
+        evaluate_reconstructions(
+            model,
+            records,
+            config.data.image_size,
+            config.data.batch_size,
+            config.vqvae.downsample_factor,
+        )
+    )
     if paths.prior_model.is_file():
         from keras_vqpix.sample_quality import evaluate_prior
 
-        metrics.update(evaluate_prior(paths, model, meta, splits, config, split=SPLITS[split],
-                                      num_samples=num_samples, seed=seed))  # fmt: skip
+        metrics.update(
+            evaluate_prior(
+                paths,
+                model,
+                meta,
+                splits,
+                config,
+                split=SPLITS[split],
+                num_samples=num_samples,
+                seed=seed,
+            )
+        )
     return metrics
 
 
@@ -97,8 +120,10 @@ def format_metrics(metrics: dict) -> str:
             return "nan" if math.isnan(value) else f"{value:.4f}"
         return str(value)
 
-    lines = [f"{metrics.get('split', '')} split, {metrics.get('num_images')} images, "
-             f"{metrics.get('image_size')}x{metrics.get('image_size')}, codes {metrics.get('image_size', 0) // max(metrics.get('downsample_factor', 1), 1)}^2"]  # fmt: skip
+    lines = [
+        f"{metrics.get('split', '')} split, {metrics.get('num_images')} images, "
+        f"{metrics.get('image_size')}x{metrics.get('image_size')}, codes {metrics.get('image_size', 0) // max(metrics.get('downsample_factor', 1), 1)}^2"
+    ]
     lines.append(f"{'metric':<26}{'model':>10}{'baseline':>12}")
     for name in ("ssim_foreground", "ssim", "ms_ssim", "psnr", "mse"):
         if name in metrics:

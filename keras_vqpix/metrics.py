@@ -83,15 +83,33 @@ def head_mask(reference, threshold: float = MASK_THRESHOLD):
     return between(1) & between(2)
 
 
+def _masked_ssim(reference, ssim_map):
+    """Sums of an SSIM map inside the (cropped) head mask of `reference`, and the mask areas."""
+    half = SSIM_FILTER_SIZE // 2
+    mask = tf.cast(head_mask(reference)[:, half:-half, half:-half], tf.float32)
+    return tf.reduce_sum(ssim_map * mask, axis=[1, 2]), tf.reduce_sum(mask, axis=[1, 2])
+
+
 def ssim_foreground_per_image(reference, images, max_val: float = 1.0):
     """SSIM map averaged inside the head mask of `reference`: `[B]`, NaN for an empty mask."""
     reference = tf.cast(reference, tf.float32)
     ssim_map = tf.image.ssim(reference, tf.cast(images, tf.float32), max_val, return_index_map=True)
-    half = SSIM_FILTER_SIZE // 2
-    mask = tf.cast(head_mask(reference)[:, half:-half, half:-half], tf.float32)
-    area = tf.reduce_sum(mask, axis=[1, 2])
-    total = tf.reduce_sum(ssim_map * mask, axis=[1, 2])
+    total, area = _masked_ssim(reference, ssim_map)
     return tf.where(area > 0, total / tf.maximum(area, 1.0), tf.constant(np.nan, tf.float32))
+
+
+def fast_ssim_foreground_per_image(reference, images, max_val: float = 1.0):
+    """`ssim_foreground_per_image` computed with `fast_ssim_map` (for training metrics)."""
+    total, area = _masked_ssim(
+        tf.cast(reference, tf.float32), fast_ssim_map(reference, images, max_val)
+    )
+    return tf.where(area > 0, total / tf.maximum(area, 1.0), tf.constant(np.nan, tf.float32))
+
+
+def foreground_mean(reference, ssim_map):
+    """Mean of an SSIM map over every head-mask pixel of a batch (a scalar, for losses)."""
+    total, area = _masked_ssim(tf.cast(reference, tf.float32), ssim_map)
+    return tf.reduce_sum(total) / tf.maximum(tf.reduce_sum(area), 1.0)
 
 
 def psnr_per_image(reference, images, max_val: float = 1.0):

@@ -92,8 +92,13 @@ def plot_image_rows(
     return _save(figure, path)
 
 
-def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, path: Path, title: str,
-                         ssim: Sequence[float] | None = None) -> Path:  # fmt: skip
+def plot_reconstructions(
+    originals: np.ndarray,
+    reconstructions: np.ndarray,
+    path: Path,
+    title: str,
+    ssim: Sequence[float] | None = None,
+) -> Path:
     """Originals above, reconstructions below (with each one's foreground SSIM if given)."""
     titles = [f"SSIM_fg {value:.3f}" for value in ssim] if ssim is not None else None
     return plot_image_rows(

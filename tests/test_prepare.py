@@ -298,9 +298,19 @@ def prepared(cohort, tmp_path_factory):
     volumes, labels = cohort
     out = tmp_path_factory.mktemp("prepared") / "adni"
     result = prepare(
-        "--volumes", volumes, "--labels", labels, "--out", out,
-        "--slices", COHORT_SLICES, "--test-fraction", 0.4, "--seed", 3,
-    )  # fmt: skip
+        "--volumes",
+        volumes,
+        "--labels",
+        labels,
+        "--out",
+        out,
+        "--slices",
+        COHORT_SLICES,
+        "--test-fraction",
+        0.4,
+        "--seed",
+        3,
+    )
     return out, result
 
 
@@ -545,9 +555,20 @@ def test_custom_size_and_plane(tmp_path):
     volumes, labels = make_cohort(tmp_path)
     out = tmp_path / "out"
     result = prepare(
-        "--volumes", volumes, "--labels", labels, "--out", out,
-        "--slices", 3, "--size", "64x48", "--plane", "coronal", "--quiet",
-    )  # fmt: skip
+        "--volumes",
+        volumes,
+        "--labels",
+        labels,
+        "--out",
+        out,
+        "--slices",
+        3,
+        "--size",
+        "64x48",
+        "--plane",
+        "coronal",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert "[1/" not in result.output
     assert {Image.open(p).size for p in out.glob("*/*/*.jpeg")} == {(64, 48)}

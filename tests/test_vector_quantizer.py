@@ -107,6 +107,7 @@ def test_ema_update_moves_codes_toward_the_mean_of_their_inputs():
 def test_dead_codes_are_restarted_from_encoder_outputs(make):
     layer = make(num_embeddings=4, embedding_dim=2, dead_code_steps=3, seed=0)
     layer.build((None, 2))
+    layer.steps_since_used.assign(np.zeros(4, np.float32))  # as if every code had just been used
     far = np.array([[100.0, 100.0], [-100.0, 100.0], [100.0, -100.0]], np.float32)
     layer.embeddings.assign(np.concatenate([[[0.0, 0.0]], far]).astype(np.float32))
     if isinstance(layer, VectorQuantizerEMA):
@@ -128,6 +129,19 @@ def test_dead_codes_are_restarted_from_encoder_outputs(make):
     np.testing.assert_array_equal(layer.steps_since_used.numpy()[1:], 0)
     out = layer(inputs, training=True)
     assert float(out["codes_used"]) > 1
+
+
+@pytest.mark.parametrize("make", VARIANTS)
+def test_first_training_batch_initialises_the_codebook_from_the_data(make):
+    layer = make(num_embeddings=8, embedding_dim=3, dead_code_steps=50, seed=1)
+    inputs = (np.random.default_rng(6).normal(size=(256, 3)) + 40.0).astype(np.float32)
+    out = layer(inputs, training=True)
+    assert float(out["codes_used"]) <= 2  # the random initial codes are far from the data
+    used = set(np.unique(out["encoding_indices"].numpy()))
+    for index, code in enumerate(layer.embeddings.numpy()):
+        if index not in used:  # every unused code now is an encoder output
+            assert np.min(np.abs(inputs - code).sum(axis=1)) < 1e-4
+    assert float(layer(inputs, training=True)["codes_used"]) >= 6
 
 
 @pytest.mark.parametrize("make", VARIANTS)

@@ -75,11 +75,13 @@ class _BaseVectorQuantizer(keras.layers.Layer):
             trainable=self._codebook_trainable,
             aggregation="only_first_replica" if not self._codebook_trainable else "mean",
         )
-        # Training steps since each code was last assigned, for dead-code restarts.
+        # Training steps since each code was last assigned, for dead-code restarts. Codes start
+        # out dead, so the first training batch initialises every code it does not use from
+        # encoder outputs (a data-dependent initialisation: no code starts far from the data).
         self.steps_since_used = self.add_weight(
             name="steps_since_used",
             shape=(self.num_embeddings,),
-            initializer="zeros",
+            initializer=keras.initializers.Constant(max(self.dead_code_steps - 1, 0)),
             trainable=False,
             aggregation="only_first_replica",
         )
@@ -262,9 +264,17 @@ class VectorQuantizerEMA(_BaseVectorQuantizer):
 
     _codebook_trainable = False
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
-                 decay: float = 0.99, epsilon: float = 1e-5, dead_code_steps: int = 0,
-                 seed: int | None = None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        commitment_cost: float = 0.25,
+        decay: float = 0.99,
+        epsilon: float = 1e-5,
+        dead_code_steps: int = 0,
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(
             num_embeddings, embedding_dim, commitment_cost, dead_code_steps, seed, **kwargs
         )

@@ -10,7 +10,13 @@ from keras import layers, ops
 
 from keras_vqpix.layers.residual import ResidualBlock
 from keras_vqpix.layers.vector_quantizer import VectorQuantizer, VectorQuantizerEMA
-from keras_vqpix.metrics import CodebookUsage, fast_ssim_per_image
+from keras_vqpix.metrics import (
+    CodebookUsage,
+    fast_ssim_foreground_per_image,
+    fast_ssim_map,
+    fast_ssim_per_image,
+    foreground_mean,
+)
 
 
 def _num_downsamplings(downsample_factor: int) -> int:
@@ -45,8 +51,15 @@ class Encoder(layers.Layer):
     TensorShape([2, 16, 16, 16])
     """
 
-    def __init__(self, hidden_channels: int, residual_channels: int, num_residual_blocks: int,
-                 downsample_factor: int, embedding_dim: int, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        hidden_channels: int,
+        residual_channels: int,
+        num_residual_blocks: int,
+        downsample_factor: int,
+        embedding_dim: int,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         steps = _num_downsamplings(downsample_factor)
         self.hidden_channels = hidden_channels
@@ -115,8 +128,14 @@ class Decoder(layers.Layer):
     TensorShape([2, 64, 64, 1])
     """
 
-    def __init__(self, hidden_channels: int, residual_channels: int, num_residual_blocks: int,
-                 downsample_factor: int, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        hidden_channels: int,
+        residual_channels: int,
+        num_residual_blocks: int,
+        downsample_factor: int,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         steps = _num_downsamplings(downsample_factor)
         self.hidden_channels = hidden_channels
@@ -138,7 +157,7 @@ class Decoder(layers.Layer):
                 activation="relu",
                 name=f"up_{i}",
                 dtype=policy,
-            )  # fmt: skip
+            )
             for i in range(steps - 1)
         ]
         # The output stays float32 under mixed precision: it is what SSIM and the loss read.
@@ -188,11 +207,22 @@ class VQVAE(keras.Model):
         seed: int or None, seed of the quantizer's restarts.
     """
 
-    def __init__(self, hidden_channels: int = 64, residual_channels: int = 32, num_residual_blocks: int = 2,
-                 downsample_factor: int = 4, num_embeddings: int = 256, embedding_dim: int = 32,
-                 commitment_cost: float = 0.25, quantizer: str = "ema", ema_decay: float = 0.99,
-                 dead_code_steps: int = 100, ssim_loss_weight: float = 0.0, seed: int | None = None,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        hidden_channels: int = 64,
+        residual_channels: int = 32,
+        num_residual_blocks: int = 2,
+        downsample_factor: int = 4,
+        num_embeddings: int = 256,
+        embedding_dim: int = 32,
+        commitment_cost: float = 0.25,
+        quantizer: str = "ema",
+        ema_decay: float = 0.99,
+        dead_code_steps: int = 100,
+        ssim_loss_weight: float = 0.0,
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if quantizer not in ("ema", "gradient"):
             raise ValueError(
@@ -210,8 +240,14 @@ class VQVAE(keras.Model):
         self.dead_code_steps = dead_code_steps
         self.ssim_loss_weight = ssim_loss_weight
         self.seed = seed
-        self.encoder = Encoder(hidden_channels, residual_channels, num_residual_blocks, downsample_factor,
-                               embedding_dim, name="encoder")  # fmt: skip
+        self.encoder = Encoder(
+            hidden_channels,
+            residual_channels,
+            num_residual_blocks,
+            downsample_factor,
+            embedding_dim,
+            name="encoder",
+        )
         common = {
             "commitment_cost": commitment_cost,
             "dead_code_steps": dead_code_steps,
@@ -236,6 +272,7 @@ class VQVAE(keras.Model):
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.vq_tracker = keras.metrics.Mean(name="vq_loss")
         self.ssim_tracker = keras.metrics.Mean(name="ssim")
+        self.ssim_foreground_tracker = keras.metrics.Mean(name="ssim_foreground")
         self.usage = CodebookUsage(num_embeddings, name="codebook")
 
     @classmethod
@@ -277,10 +314,15 @@ class VQVAE(keras.Model):
         return self.decoder(self.quantizer.lookup(codes))
 
     def reconstruction_loss(self, images, reconstruction):
+        """MSE over the image, plus `ssim_loss_weight * (1 - SSIM over the brain)`.
+
+        The SSIM term is averaged inside the head mask of the input: the background is black
+        noise that no decoder should spend capacity reproducing.
+        """
         loss = ops.mean(ops.square(images - reconstruction))
         if self.ssim_loss_weight:
             loss = loss + self.ssim_loss_weight * (
-                1.0 - ops.mean(fast_ssim_per_image(images, reconstruction))
+                1.0 - foreground_mean(images, fast_ssim_map(images, reconstruction))
             )
         return loss
 
@@ -291,6 +333,7 @@ class VQVAE(keras.Model):
             self.reconstruction_tracker,
             self.vq_tracker,
             self.ssim_tracker,
+            self.ssim_foreground_tracker,
             self.usage,
         ]
 
@@ -305,6 +348,12 @@ class VQVAE(keras.Model):
         self.reconstruction_tracker.update_state(reconstruction_loss)
         self.vq_tracker.update_state(outputs["vq_loss"])
         self.ssim_tracker.update_state(fast_ssim_per_image(images, outputs["reconstruction"]))
+        foreground = fast_ssim_foreground_per_image(images, outputs["reconstruction"])
+        # Blank slices have no brain (NaN): they do not count.
+        self.ssim_foreground_tracker.update_state(
+            tf.where(tf.math.is_nan(foreground), 0.0, foreground),
+            sample_weight=tf.cast(~tf.math.is_nan(foreground), tf.float32),
+        )
         self.usage.update_state(outputs["codes"])
         results = {
             tracker.name: tracker.result() for tracker in self.metrics if tracker is not self.usage

@@ -35,7 +35,7 @@ class TrainResult:
         lines = [f"Run folder: {self.run_dir} ({self.seconds:.0f} s)"]
         if self.vqvae:
             lines.append(
-                f"VQ-VAE: best epoch {self.vqvae.get('epoch')}, validation SSIM {self.vqvae.get('val_ssim', float('nan')):.4f}"
+                f"VQ-VAE: best epoch {self.vqvae.get('epoch')}, validation brain SSIM {self.vqvae.get('val_ssim_foreground', float('nan')):.4f}"
             )
         if self.prior:
             lines.append(
@@ -67,8 +67,16 @@ def load_splits(
     return splits
 
 
-def train_run(run_dir: str | os.PathLike, data_root: str | os.PathLike, config: RunConfig, *, stage: str = "all",
-              overwrite: bool = False, verbose: int | str = "auto", log=print) -> TrainResult:  # fmt: skip
+def train_run(
+    run_dir: str | os.PathLike,
+    data_root: str | os.PathLike,
+    config: RunConfig,
+    *,
+    stage: str = "all",
+    overwrite: bool = False,
+    verbose: int | str = "auto",
+    log=print,
+) -> TrainResult:
     """Train the stages of a run in `run_dir` on `data_root`; resume what an earlier call began.
 
     Args:

@@ -58,9 +58,16 @@ class EpochCheckpoint(keras.callbacks.Callback):
         history: rows of earlier epochs (from an earlier, resumed run).
     """
 
-    def __init__(self, history_path: Path, manager: tf.train.CheckpointManager, epoch_variable: tf.Variable,
-                 monitor: str, on_best: Callable[[int, dict], None], best: float = -math.inf,
-                 history: list[dict[str, float]] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        history_path: Path,
+        manager: tf.train.CheckpointManager,
+        epoch_variable: tf.Variable,
+        monitor: str,
+        on_best: Callable[[int, dict], None],
+        best: float = -math.inf,
+        history: list[dict[str, float]] | None = None,
+    ):
         super().__init__()
         self.history_path = Path(history_path)
         self.manager = manager

@@ -43,8 +43,14 @@ def encode_records(
     return np.concatenate(codes).astype(np.int32), np.concatenate(labels).astype(np.int32)
 
 
-def cached_codes(paths: RunPaths, split: str, model, fingerprint: str, records: Sequence[SliceRecord],
-                 config: RunConfig) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def cached_codes(
+    paths: RunPaths,
+    split: str,
+    model,
+    fingerprint: str,
+    records: Sequence[SliceRecord],
+    config: RunConfig,
+) -> tuple[np.ndarray, np.ndarray]:
     """Codes and labels of `split`, from `RUN/codes/<split>.npz` when it matches, else computed and saved."""
     path = paths.codes / f"{split}.npz"
     digest = records_digest(records)

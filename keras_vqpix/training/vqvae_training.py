@@ -29,18 +29,34 @@ from keras_vqpix.training.callbacks import (
 from keras_vqpix.training.codes import cached_codes
 
 PLOT_IMAGES = 8
+# The best model is the one with the best brain (foreground) SSIM on the validation patients.
+MONITOR = "val_ssim_foreground"
 CURVE_PANELS = (
     ("loss", ("loss", "reconstruction_loss")),
-    ("SSIM", ("ssim",)),
+    ("SSIM", ("ssim", "ssim_foreground")),
     ("codebook", ("perplexity", "codes_used")),
 )
 
 
-def build_vqvae(config: RunConfig) -> VQVAE:
+def learning_rate_schedule(peak: float, final_ratio: float, total_steps: int):
+    """Cosine decay from `peak` to `peak * final_ratio` over `total_steps` (constant if ratio 1)."""
+    if final_ratio >= 1.0:
+        return peak
+    return keras.optimizers.schedules.CosineDecay(
+        peak, decay_steps=max(total_steps, 1), alpha=final_ratio
+    )
+
+
+def build_vqvae(config: RunConfig, steps_per_epoch: int = 1) -> VQVAE:
     """A compiled, built VQ-VAE for `config` (weights initialised from `config.seed`)."""
     keras.utils.set_random_seed(config.seed)
     model = VQVAE.from_run_config(config.vqvae, seed=config.seed)
-    model.compile(optimizer=keras.optimizers.Adam(config.vqvae.learning_rate))
+    schedule = learning_rate_schedule(
+        config.vqvae.learning_rate,
+        config.vqvae.final_learning_rate_ratio,
+        config.vqvae.epochs * steps_per_epoch,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(schedule))
     size = config.data.image_size
     model(tf.zeros((1, size, size, 1)))
     # Create the optimizer's slots now, so a checkpoint restores into existing variables.
@@ -48,10 +64,17 @@ def build_vqvae(config: RunConfig) -> VQVAE:
     return model
 
 
-def train_vqvae(paths: RunPaths, splits: DataSplits, config: RunConfig, *, verbose: int | str = "auto",
-                log=print) -> dict:  # fmt: skip
+def train_vqvae(
+    paths: RunPaths,
+    splits: DataSplits,
+    config: RunConfig,
+    *,
+    verbose: int | str = "auto",
+    log=print,
+) -> dict:
     """Train (or resume) the VQ-VAE of a run; return the best epoch's metadata."""
-    model = build_vqvae(config)
+    steps = steps_per_epoch(len(splits.train), config.data.batch_size)
+    model = build_vqvae(config, steps)
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable)
     manager = tf.train.CheckpointManager(checkpoint, str(paths.vqvae_checkpoints), max_to_keep=2)
@@ -65,8 +88,16 @@ def train_vqvae(paths: RunPaths, splits: DataSplits, config: RunConfig, *, verbo
     epochs = config.vqvae.epochs
     if first_epoch < epochs:
         data = config.data
-        train_data = make_dataset(splits.train, data.image_size, data.batch_size, shuffle=True, seed=config.seed,
-                                  first_epoch=first_epoch, shuffle_buffer=data.shuffle_buffer, cache=data.cache)  # fmt: skip
+        train_data = make_dataset(
+            splits.train,
+            data.image_size,
+            data.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            first_epoch=first_epoch,
+            shuffle_buffer=data.shuffle_buffer,
+            cache=data.cache,
+        )
         validation_data = make_dataset(
             splits.validation, data.image_size, data.batch_size, cache=data.cache
         )
@@ -87,16 +118,16 @@ def train_vqvae(paths: RunPaths, splits: DataSplits, config: RunConfig, *, verbo
                 paths.history,
                 manager,
                 epoch_variable,
-                "val_ssim",
+                MONITOR,
                 save_best,
-                best=best.get("val_ssim") or -math.inf,
+                best=best.get(MONITOR) or -math.inf,
                 history=history,
-            ),  # fmt: skip
+            ),
             keras.callbacks.TensorBoard(str(paths.vqvae_logs), write_graph=False, profile_batch=0),
         ]
         model.fit(
             train_data,
-            steps_per_epoch=steps_per_epoch(len(splits.train), data.batch_size),
+            steps_per_epoch=steps,
             epochs=epochs,
             initial_epoch=first_epoch,
             validation_data=validation_data,
@@ -130,8 +161,13 @@ def plot_vqvae(paths: RunPaths, splits: DataSplits, config: RunConfig) -> None:
         images = next(iter(make_dataset(chosen, config.data.image_size, len(chosen), cache="")))[0]
         reconstructions = model(images)["reconstruction"]
         scores = ssim_foreground_per_image(images, reconstructions).numpy()
-        plots.plot_reconstructions(images.numpy(), reconstructions.numpy(), paths.plots / f"reconstructions_{name}.png",
-                                   f"VQ-VAE reconstructions, {name} split (epoch {meta['epoch']})", scores)  # fmt: skip
+        plots.plot_reconstructions(
+            images.numpy(),
+            reconstructions.numpy(),
+            paths.plots / f"reconstructions_{name}.png",
+            f"VQ-VAE reconstructions, {name} split (epoch {meta['epoch']})",
+            scores,
+        )
     codes, _ = cached_codes(paths, "train", model, meta["fingerprint"], splits.train, config)
     counts = np.bincount(codes.ravel(), minlength=config.vqvae.num_embeddings)
     plots.plot_codebook_usage(
