@@ -56,9 +56,11 @@ _COARSE_STEP = 4  # pixels between the points where the warp is evaluated exactl
 
 @dataclass(frozen=True)
 class _Template:
-    """The tissue maps as one uint32 per voxel (4 uint8 channels) plus the atrophy flows."""
+    """The tissue maps packed for fast lookups, plus the atrophy flows."""
 
-    packed: np.ndarray  # uint32 [nx * ny * nz]: GM, WM, brain mask, hippocampal weight
+    # uint64 [nx * ny * nz]: the 4 uint8 channels (GM, WM, brain mask, hippocampal weight) of
+    # a voxel and of its neighbour along z, so one gather fetches both z corners.
+    packed: np.ndarray
     shape: tuple[int, int, int]
     origin_mm: np.ndarray
     voxel_mm: float
@@ -81,8 +83,11 @@ def _load_template() -> _Template:
             np.ascontiguousarray(np.moveaxis(data[name], 0, -1), dtype=np.float32) * scale
             for name in ("ventricle_field", "hippocampus_field")
         ]
+        pairs = np.zeros((tissue[..., 0].size, 8), dtype=np.uint8)
+        pairs[:, :4] = tissue.reshape(-1, 4)
+        pairs[:-1, 4:] = pairs[1:, :4]
         return _Template(
-            packed=tissue.view(np.uint32).reshape(-1),
+            packed=pairs.view(np.uint64).reshape(-1),
             shape=tissue.shape[:3],
             origin_mm=data["origin_mm"].astype(np.float64),
             voxel_mm=float(data["voxel_mm"]),
@@ -124,25 +129,35 @@ def _sample_field(field: np.ndarray, origin: np.ndarray, step: float, points: np
     return out
 
 
-def _sample_tissue(template: _Template, points: np.ndarray) -> np.ndarray:
-    """Trilinear samples of the 4 tissue channels at MNI points [N, 3] -> float32 [N, 4] in [0, 1].
+def _sample_tissue(template: _Template, x: np.ndarray, y: np.ndarray, z: np.ndarray):
+    """Trilinear samples of the 4 tissue channels at MNI points -> float32 [4, N] in [0, 1].
 
-    One uint32 gather per corner fetches all four channels at once.
+    One uint64 gather fetches all four channels of two corners (along z) at once, and one
+    small matrix product per point weighs the eight corners.
     """
     shape = template.shape
-    voxel = ((points - template.origin_mm) / template.voxel_mm).astype(np.float32)
-    index, frac = _corner_weights(voxel, shape)
-    out = np.zeros((len(points), 4), dtype=np.float32)
-    for dx, dy, dz in np.ndindex(2, 2, 2):
-        weight = (
-            (frac[:, 0] if dx else 1 - frac[:, 0])
-            * (frac[:, 1] if dy else 1 - frac[:, 1])
-            * (frac[:, 2] if dz else 1 - frac[:, 2])
-        ) * np.float32(1.0 / 255.0)
-        offset = (dx * shape[1] + dy) * shape[2] + dz
-        values = template.packed.take(index + offset).view(np.uint8).reshape(-1, 4)
-        out += weight[:, None] * values
-    return out
+    corner, frac = [], []
+    for axis, values in enumerate((x, y, z)):
+        voxel = (values.astype(np.float32) - np.float32(template.origin_mm[axis])) * np.float32(
+            1.0 / template.voxel_mm
+        )
+        voxel = np.clip(voxel, np.float32(0.0), np.float32(shape[axis] - 1.001))
+        lower = voxel.astype(np.int32)
+        corner.append(lower)
+        frac.append(voxel - lower)
+    index = (corner[0] * shape[1] + corner[1]) * shape[2] + corner[2]
+    offsets = np.array([(dx * shape[1] + dy) * shape[2] for dx, dy in np.ndindex(2, 2)])
+    values = template.packed.take(index[:, None] + offsets).view(np.uint8)
+    values = values.reshape(-1, 8, 4).astype(np.float32)  # [N, corner, channel]
+    scale = np.float32(1.0 / 255.0)
+    weights = np.empty((8, len(index)), dtype=np.float32)
+    for k, (dx, dy, dz) in enumerate(np.ndindex(2, 2, 2)):
+        wx = frac[0] if dx else 1 - frac[0]
+        wy = frac[1] if dy else 1 - frac[1]
+        wz = frac[2] * scale if dz else scale - frac[2] * scale
+        np.multiply(wx * wy, wz, out=weights[k])
+    weighted = np.ascontiguousarray(weights.T)[:, None, :] @ values
+    return np.ascontiguousarray(weighted[:, 0, :].T)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +184,6 @@ class PatientParams:
     slice_mm: float
     first_slice: int
     intensities: tuple[float, float, float]  # CSF, GM, WM in [0, 1]
-    gamma: float
     noise: float
     deformation_mm: float
     bias: float
@@ -203,15 +217,16 @@ def _sample_params(patient: str, label: int, seed: int) -> PatientParams:
         sulcal_widening=float(sulcal),
         temporal_loss=float(temporal),
         head_scale=tuple(float(np.clip(s, 0.82, 1.06)) for s in head_scale),
-        rotation_deg=tuple(float(np.clip(r, -10, 10)) for r in rotation),
+        rotation_deg=tuple(
+            float(np.clip(r, -c, c)) for r, c in zip(rotation, (10, 10, 6), strict=True)
+        ),
         shift_px=(float(rng.normal(0, 3.0)), float(rng.normal(0, 3.0))),
         first_slice_mm=first_mm,
         slice_mm=float(rng.uniform(0.95, 1.1)),
         first_slice=int(round(first_mm)) + 80,
         intensities=(float(csf), float(gm), float(wm)),
-        gamma=float(rng.uniform(0.9, 1.1)),
         noise=float(rng.uniform(0.008, 0.02)),
-        deformation_mm=float(rng.uniform(1.5, 3.0)),
+        deformation_mm=float(rng.uniform(1.0, 2.0)),
         bias=float(rng.uniform(0.03, 0.1)),
     )
 
@@ -248,22 +263,30 @@ class _FourierField:
         return np.stack(out, axis=-1)
 
 
-def _upsample(coarse: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """Linear interpolation along `axis` from points every `_COARSE_STEP` pixels to `size`.
+def _upsample(coarse: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation along `axis` from points `_COARSE_STEP` pixels apart.
 
-    Plain indexing rather than a matrix product: BLAS threads would fight the worker threads.
+    `coarse` has n + 1 points along `axis` (the last one past the image); the result has
+    n * `_COARSE_STEP`. Broadcasting, not a matrix product: BLAS threads would fight the
+    worker threads.
     """
-    position = np.arange(size, dtype=np.float32) / _COARSE_STEP
-    lower = np.minimum(position.astype(np.int64), coarse.shape[axis] - 2)
-    frac = (position - lower).reshape([-1 if a == axis else 1 for a in range(coarse.ndim)])
-    low = np.take(coarse, lower, axis=axis)
-    return low + frac * (np.take(coarse, lower + 1, axis=axis) - low)
+    low = np.expand_dims(coarse[(slice(None),) * axis + (slice(None, -1),)], axis + 1)
+    high = np.expand_dims(coarse[(slice(None),) * axis + (slice(1, None),)], axis + 1)
+    frac = np.arange(_COARSE_STEP, dtype=np.float32) / _COARSE_STEP
+    frac = frac.reshape((1,) * (axis + 1) + (-1,) + (1,) * (coarse.ndim - axis - 1))
+    shape = list(low.shape)
+    shape[axis + 1] = _COARSE_STEP
+    fine = np.empty(shape, dtype=np.float32)
+    np.multiply(frac, high - low, out=fine)
+    fine += low
+    shape[axis : axis + 2] = [shape[axis] * _COARSE_STEP]
+    return fine.reshape(shape)
 
 
 def _coarse_pixels() -> tuple[np.ndarray, np.ndarray]:
     """Row and column pixel positions of the coarse grid (one past the last pixel included)."""
-    rows = np.arange((IMAGE_HEIGHT - 1) // _COARSE_STEP + 2, dtype=np.float64) * _COARSE_STEP
-    cols = np.arange((IMAGE_WIDTH - 1) // _COARSE_STEP + 2, dtype=np.float64) * _COARSE_STEP
+    rows = np.arange(IMAGE_HEIGHT // _COARSE_STEP + 1, dtype=np.float64) * _COARSE_STEP
+    cols = np.arange(IMAGE_WIDTH // _COARSE_STEP + 1, dtype=np.float64) * _COARSE_STEP
     return rows, cols
 
 
@@ -285,9 +308,10 @@ def _coarse_points(params: PatientParams, slices: int, template: _Template):
     rotation = _rotation(*params.rotation_deg)
     grid = grid / np.asarray(params.head_scale)
     points = sum(grid[..., j, None] * rotation[:, j] for j in range(3)) + centre
-    deformation = _FourierField(rng, 3, params.deformation_mm, (50.0, 140.0))
+    deformation = _FourierField(rng, 3, params.deformation_mm, (70.0, 160.0), modes=8)
     points = points + deformation(points.reshape(-1, 3)).reshape(points.shape)
-    brain = _sample_tissue(template, points.reshape(-1, 3))[:, 2].reshape(points.shape[:3]) > 0
+    flat = points.reshape(-1, 3)
+    brain = _sample_tissue(template, *flat.T)[2].reshape(points.shape[:3]) > 0
     active = brain.copy()
     active[:, 1:] |= brain[:, :-1]
     active[:, :-1] |= brain[:, 1:]
@@ -295,16 +319,22 @@ def _coarse_points(params: PatientParams, slices: int, template: _Template):
     grown[:, :, 1:] |= active[:, :, :-1]
     grown[:, :, :-1] |= active[:, :, 1:]
     # Atrophy as flows along the template's unit fields, in steps short enough not to fold.
+    # A point where a field is zero never moves, so only the others are followed.
     inside = points[grown]
     for field, distance in (
         (template.ventricle_field, params.ventricle_mm),
         (template.hippocampus_field, params.hippocampus_mm),
     ):
         steps = max(1, math.ceil(distance / 1.5))
-        for _ in range(steps):
-            inside = inside + (distance / steps) * _sample_field(
-                field, template.field_origin_mm, template.field_voxel_mm, inside
-            )
+        sample = functools.partial(
+            _sample_field, field, template.field_origin_mm, template.field_voxel_mm
+        )
+        velocity = sample(inside)
+        moving = np.flatnonzero(np.any(velocity != 0, axis=1))
+        flowing = inside[moving] + (distance / steps) * velocity[moving]
+        for _ in range(steps - 1):
+            flowing = flowing + (distance / steps) * sample(flowing)
+        inside[moving] = flowing
     points[grown] = inside
     return points, grown
 
@@ -319,10 +349,12 @@ def render_patient(params: PatientParams, slices: int = 20) -> np.ndarray:
     coarse = np.concatenate([points, log_bias], axis=-1).astype(np.float32)
     # The warp and the bias are smooth, so bilinear upsampling of the coarse grid is exact
     # enough; only the pixels of cells that may hold brain are sampled.
-    fine = _upsample(_upsample(coarse, 1, IMAGE_HEIGHT), 2, IMAGE_WIDTH).reshape(-1, 4)
+    coarse = np.ascontiguousarray(np.moveaxis(coarse, -1, 0))
+    fine = _upsample(_upsample(coarse, 2), 3).reshape(4, -1)
     cells = active[:, :-1, :-1].repeat(_COARSE_STEP, axis=1).repeat(_COARSE_STEP, axis=2)
-    pixels = np.flatnonzero(cells[:, :IMAGE_HEIGHT, :IMAGE_WIDTH])
-    gm, wm, brain, temporal = _sample_tissue(template, fine[pixels, :3]).T
+    pixels = np.flatnonzero(cells)
+    x, y, z, log_bias = fine[:, pixels]
+    gm, wm, brain, temporal = _sample_tissue(template, x, y, z)
     # Atrophy as partial-volume tissue loss at CSF borders: tissue fraction t becomes
     # t ** (1 + k), so sulci and fissures widen and the cortex thins where it meets CSF, while
     # pure tissue stays; the medial temporal lobe loses more. Grey matter goes first.
@@ -333,17 +365,19 @@ def render_patient(params: PatientParams, slices: int = 20) -> np.ndarray:
     wm_left = np.maximum(wm - np.maximum(loss - gm, 0.0), 0.0)
     csf = np.maximum(brain - gm_left - wm_left, 0.0)
     csf_i, gm_i, wm_i = params.intensities
-    values = (csf_i * csf + gm_i * gm_left + wm_i * wm_left) * np.exp(fine[pixels, 3])
-    # A mild contrast curve; skull stripping leaves the background black.
-    values = np.power(np.clip(values, 0.0, 1.0), params.gamma)
-    signal = np.zeros(slices * IMAGE_HEIGHT * IMAGE_WIDTH, dtype=np.float32)
-    signal[pixels] = values
-    weight = np.full(signal.shape, 0.25, dtype=np.float32)
-    weight[pixels] = 0.25 + 0.75 * np.clip(brain * 4.0, 0.0, 1.0)
-    # Rician noise (magnitude of complex Gaussian noise), only faint in the background.
-    noise = rng.standard_normal((2, signal.size), dtype=np.float32) * np.float32(params.noise)
-    magnitude = np.sqrt((signal + noise[0]) ** 2 + noise[1] ** 2) * weight
-    image = np.clip(np.round(magnitude * 255.0), 0, 255).astype(np.uint8)
+    values = (csf_i * csf + gm_i * gm_left + wm_i * wm_left) * np.exp(log_bias)
+    # Rician noise: the magnitude of complex Gaussian noise added to the signal.
+    sigma = np.float32(params.noise)
+    noise = rng.standard_normal((2, len(pixels)), dtype=np.float32) * sigma
+    magnitude = np.sqrt((values + noise[0]) ** 2 + noise[1] ** 2)
+    magnitude *= 0.25 + 0.75 * np.clip(brain * 4.0, 0.0, 1.0)
+    # Skull stripping leaves the background with only faint noise: the Rician of a zero
+    # signal (Rayleigh) at a quarter of the level, drawn by inverse CDF from random bytes.
+    quantiles = (np.arange(256) + 0.5) / 256
+    levels = np.sqrt(-2.0 * np.log1p(-quantiles)) * (0.25 * sigma * 255.0)
+    lookup = np.clip(np.round(levels), 0, 255).astype(np.uint8)
+    image = lookup[rng.integers(0, 256, slices * IMAGE_HEIGHT * IMAGE_WIDTH, dtype=np.uint8)]
+    image[pixels] = np.clip(np.round(magnitude * 255.0), 0, 255).astype(np.uint8)
     return image.reshape(slices, IMAGE_HEIGHT, IMAGE_WIDTH)
 
 
