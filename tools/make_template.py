@@ -16,7 +16,7 @@ What the file holds (MNI millimetre coordinates map to voxel indices through `or
 - `ventricle_field`, `hippocampus_field`: int8 [3, cx, cy, cz] unit displacement fields on a
   coarser grid (`field_origin_mm`, `field_voxel_mm`, `field_scale`). Sampling the template at
   `x + s * ventricle_field(x)` enlarges the ventricles by about `s` mm; `hippocampus_field`
-  likewise shrinks the hippocampi. They are the gradients of smoothed structure masks, so the
+  likewise shrinks the hippocampi and widens the temporal horns beside them. They are the gradients of smoothed structure masks, so the
   warps are smooth and fold-free for the strengths the generator uses.
 """
 
@@ -80,10 +80,10 @@ def ventricle_mask(
     return np.isin(labels, sorted(keep))
 
 
-def hippocampus_weight(gm: np.ndarray, mni: list[np.ndarray]) -> np.ndarray:
-    """Grey matter within a tube around each hippocampal long axis, feathered at its ends."""
+def distance_to_hippocampal_axes(mni: list[np.ndarray]) -> np.ndarray:
+    """Distance (mm) of every voxel to the nearer hippocampal long axis."""
     points = np.stack(mni, axis=-1)
-    best = np.full(gm.shape, np.inf, dtype=np.float32)
+    best = np.full(points.shape[:-1], np.inf, dtype=np.float32)
     for side in (1.0, -1.0):
         axis = HIPPOCAMPUS_AXIS_MM * np.array([side, 1.0, 1.0])
         for a, b in zip(axis[:-1], axis[1:], strict=True):
@@ -91,8 +91,18 @@ def hippocampus_weight(gm: np.ndarray, mni: list[np.ndarray]) -> np.ndarray:
             t = np.clip(((points - a) @ ab) / (ab @ ab), 0.0, 1.0)
             distance = np.linalg.norm(points - (a + t[..., None] * ab), axis=-1)
             best = np.minimum(best, distance)
-    tube = np.clip((HIPPOCAMPUS_RADIUS_MM - best) / 2.0, 0.0, 1.0)
+    return best
+
+
+def hippocampus_weight(gm: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """Grey matter within a tube around each hippocampal long axis, feathered at its edge."""
+    tube = np.clip((HIPPOCAMPUS_RADIUS_MM - distance) / 2.0, 0.0, 1.0)
     return tube * np.clip((gm - 0.2) / 0.5, 0.0, 1.0)
+
+
+def temporal_horn_mask(csf: np.ndarray, distance: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """CSF hugging the hippocampus on its lateral side: the temporal horns (thin here)."""
+    return (csf > 0.3) & (distance < 10.0) & (np.abs(x) > 22.0)
 
 
 def unit_field(mask: np.ndarray, sigma_mm: float, sign: float) -> np.ndarray:
@@ -133,8 +143,13 @@ def main() -> None:
     tissue = np.clip(gm + wm, 0.0, 1.0)
     csf = brain * (1.0 - tissue)
     ventricles = ventricle_mask(csf, brain, mni, origin_mm)
-    hippocampus = hippocampus_weight(gm, mni)
-    print(f"ventricles {ventricles.sum()} mm^3, hippocampal weight {hippocampus.sum():.0f} mm^3")
+    distance = distance_to_hippocampal_axes(mni)
+    hippocampus = hippocampus_weight(gm, distance)
+    horns = temporal_horn_mask(csf, distance, mni[0])
+    print(
+        f"ventricles {ventricles.sum()} mm^3, temporal horns {horns.sum()} mm^3, "
+        f"hippocampal weight {hippocampus.sum():.0f} mm^3"
+    )
 
     # Crop to the brain with a margin of empty voxels, so clamped lookups fall on background.
     inside = np.nonzero(brain)
@@ -147,13 +162,15 @@ def main() -> None:
     channels = [resample(v[crop], args.resolution) for v in (gm, wm, brain, hippocampus)]
     tissue_u8 = np.stack([to_uint8(c) for c in channels], axis=-1)
 
+    # Medial temporal atrophy: the hippocampi shrink and the temporal horns beside them widen.
+    medial_temporal = unit_field(hippocampus, 3.0, -1.0) + unit_field(horns, 3.0, 1.0)
+    medial_temporal /= np.linalg.norm(medial_temporal, axis=0).max()
     fields = {}
-    for name, mask, sigma, sign in (
-        ("ventricle_field", ventricles, 4.0, 1.0),
-        ("hippocampus_field", hippocampus, 3.0, -1.0),
+    for name, field in (
+        ("ventricle_field", unit_field(ventricles, 4.0, 1.0)),
+        ("hippocampus_field", medial_temporal),
     ):
-        field = unit_field(mask, sigma, sign)[(slice(None), *crop)]
-        coarse = np.stack([resample(f, args.field_resolution) for f in field])
+        coarse = np.stack([resample(f[crop], args.field_resolution) for f in field])
         fields[name] = np.clip(np.round(coarse * 127.0), -127, 127).astype(np.int8)
 
     # An .npz inside xz: LZMA packs the smooth tissue maps about 2.5x tighter than zip.
