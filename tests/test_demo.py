@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,28 @@ def test_ensure_demo_dataset_loser_of_a_race_uses_the_winners_folder(tmp_path: P
     assert got == root and not created
     assert sorted(p.name for p in root.parent.iterdir()) == [root.name]  # own copy removed
     assert len(list(root.rglob("*.jpeg"))) == 6  # the winner's one-slice set, untouched
+
+
+def test_ensure_demo_dataset_clears_stale_temporaries_and_refuses_foreign_folders(
+    tmp_path: Path, monkeypatch
+):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KERAS_VQPIX_CACHE", str(cache))
+    real = demo._write_dataset
+    monkeypatch.setattr(
+        demo, "_write_dataset", lambda folder, seed, *_: real(folder, seed, 2, 1, 1)
+    )
+    name = f"demo-v{demo.FORMAT_VERSION}-seed0"
+    stale, fresh = cache / f".{name}.old1.tmp", cache / f".{name}.live.tmp"
+    for folder in (stale, fresh):
+        folder.mkdir(parents=True)
+    os.utime(stale, (0, 0))
+    root, created = demo.ensure_demo_dataset()
+    assert created
+    assert not stale.exists() and fresh.exists()  # a run in progress keeps its folder
+
+    foreign = cache / f"demo-v{demo.FORMAT_VERSION}-seed9"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a demo set")
+    with pytest.raises(FileExistsError, match="seed9"):
+        demo.ensure_demo_dataset(seed=9)

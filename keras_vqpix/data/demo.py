@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -525,17 +526,32 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "keras_vqpix"
 
 
+def _remove_stale_temporaries(root: Path, age_s: float = 3600.0) -> None:
+    """Drop temporary folders that killed runs left beside `root` (a live run takes a minute)."""
+    now = time.time()
+    for path in root.parent.glob(f".{root.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime > age_s:
+                shutil.rmtree(path)
+
+
 def ensure_demo_dataset(seed: int = 0) -> tuple[Path, bool]:
     """The default demo set in the cache, generated on first use: `(folder, created_now)`.
 
     The folder name carries `FORMAT_VERSION` and the seed (`demo-v1-seed0`), so a changed
     generator never reuses stale files. Two processes may race: each writes its own temporary
     folder and renames it into place; the loser drops its copy and uses the winner's.
+
+    Raises:
+        FileExistsError: the cache folder exists but holds something else.
     """
     root = cache_root() / f"demo-v{FORMAT_VERSION}-seed{seed}"
     if (root / "demo_info.json").is_file():
         return root, False
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{root} exists but is not a complete demo set; remove it")
     root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
     try:
         _write_dataset(tmp, seed, 40, 10, 20)
