@@ -99,35 +99,38 @@ def _load_template() -> _Template:
         )
 
 
-def _corner_weights(voxel: np.ndarray, shape: tuple[int, int, int]):
-    """Flat index of the lower corner and the fractional offsets of trilinear interpolation.
+def _trilinear_weights(
+    origin: np.ndarray, step: float, shape: tuple[int, int, int], x, y, z
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat index of each point's lower corner, and its 8 corner weights [N, 8].
 
-    Coordinates are clamped into the volume; the template's border voxels are empty, so points
-    outside the brain read background.
+    Corner k is (dx, dy, dz) = the bits of k (`np.ndindex(2, 2, 2)` order). Coordinates are
+    clamped into the volume; the template's border voxels are empty, so points outside the
+    brain read background.
     """
-    upper = np.asarray(shape, dtype=np.float32) - 1.001
-    voxel = np.clip(voxel, 0.0, upper)
-    lower = voxel.astype(np.int32)
-    frac = voxel - lower
-    index = (lower[:, 0] * shape[1] + lower[:, 1]) * shape[2] + lower[:, 2]
-    return index, frac
+    corner, frac = [], []
+    for axis, values in enumerate((x, y, z)):
+        voxel = (values.astype(np.float32) - np.float32(origin[axis])) * np.float32(1.0 / step)
+        voxel = np.clip(voxel, np.float32(0.0), np.float32(shape[axis] - 1.001))
+        lower = voxel.astype(np.int32)
+        corner.append(lower)
+        frac.append(voxel - lower)
+    index = (corner[0] * shape[1] + corner[1]) * shape[2] + corner[2]
+    weights = np.empty((8, len(index)), dtype=np.float32)
+    for k, (dx, dy, dz) in enumerate(np.ndindex(2, 2, 2)):
+        wx = frac[0] if dx else 1 - frac[0]
+        wy = frac[1] if dy else 1 - frac[1]
+        np.multiply(wx * wy, frac[2] if dz else 1 - frac[2], out=weights[k])
+    return index, np.ascontiguousarray(weights.T)
 
 
 def _sample_field(field: np.ndarray, origin: np.ndarray, step: float, points: np.ndarray):
     """Trilinear samples of a float field [cx, cy, cz, C] at MNI points [N, 3] -> [N, C]."""
     shape = field.shape[:3]
-    index, frac = _corner_weights(((points - origin) / step).astype(np.float32), shape)
-    flat = field.reshape(-1, field.shape[-1])
-    out = np.zeros((len(points), field.shape[-1]), dtype=np.float32)
-    for dx, dy, dz in np.ndindex(2, 2, 2):
-        weight = (
-            (frac[:, 0] if dx else 1 - frac[:, 0])
-            * (frac[:, 1] if dy else 1 - frac[:, 1])
-            * (frac[:, 2] if dz else 1 - frac[:, 2])
-        )
-        offset = (dx * shape[1] + dy) * shape[2] + dz
-        out += weight[:, None] * flat[index + offset]
-    return out
+    index, weights = _trilinear_weights(origin, step, shape, *points.T)
+    offsets = np.array([(dx * shape[1] + dy) * shape[2] + dz for dx, dy, dz in np.ndindex(2, 2, 2)])
+    values = field.reshape(-1, field.shape[-1])[index[:, None] + offsets]  # [N, 8, C]
+    return (weights[:, None, :] @ values)[:, 0, :]
 
 
 def _sample_tissue(template: _Template, x: np.ndarray, y: np.ndarray, z: np.ndarray):
@@ -137,27 +140,11 @@ def _sample_tissue(template: _Template, x: np.ndarray, y: np.ndarray, z: np.ndar
     small matrix product per point weighs the eight corners.
     """
     shape = template.shape
-    corner, frac = [], []
-    for axis, values in enumerate((x, y, z)):
-        voxel = (values.astype(np.float32) - np.float32(template.origin_mm[axis])) * np.float32(
-            1.0 / template.voxel_mm
-        )
-        voxel = np.clip(voxel, np.float32(0.0), np.float32(shape[axis] - 1.001))
-        lower = voxel.astype(np.int32)
-        corner.append(lower)
-        frac.append(voxel - lower)
-    index = (corner[0] * shape[1] + corner[1]) * shape[2] + corner[2]
+    index, weights = _trilinear_weights(template.origin_mm, template.voxel_mm, shape, x, y, z)
     offsets = np.array([(dx * shape[1] + dy) * shape[2] for dx, dy in np.ndindex(2, 2)])
     values = template.packed.take(index[:, None] + offsets).view(np.uint8)
     values = values.reshape(-1, 8, 4).astype(np.float32)  # [N, corner, channel]
-    scale = np.float32(1.0 / 255.0)
-    weights = np.empty((8, len(index)), dtype=np.float32)
-    for k, (dx, dy, dz) in enumerate(np.ndindex(2, 2, 2)):
-        wx = frac[0] if dx else 1 - frac[0]
-        wy = frac[1] if dy else 1 - frac[1]
-        wz = frac[2] * scale if dz else scale - frac[2] * scale
-        np.multiply(wx * wy, wz, out=weights[k])
-    weighted = np.ascontiguousarray(weights.T)[:, None, :] @ values
+    weighted = (weights * np.float32(1.0 / 255.0))[:, None, :] @ values
     return np.ascontiguousarray(weighted[:, 0, :].T)
 
 
@@ -256,12 +243,12 @@ class _FourierField:
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         """[N, 3] -> [N, channels]."""
-        x, y, z = (points[:, i, None].astype(np.float32) for i in range(3))
-        out = [
-            np.sin(x * k[:, 0] + y * k[:, 1] + z * k[:, 2] + phase).sum(axis=1) * self.amp
-            for k, phase in zip(self.k, self.phase, strict=True)
-        ]
-        return np.stack(out, axis=-1)
+        x, y, z = (np.ascontiguousarray(points[:, i], dtype=np.float32) for i in range(3))
+        out = np.zeros((self.k.shape[0], len(x)), dtype=np.float32)
+        for channel, (ks, phases) in enumerate(zip(self.k, self.phase, strict=True)):
+            for k, phase in zip(ks, phases, strict=True):
+                out[channel] += np.sin(x * k[0] + y * k[1] + (z * k[2] + phase))
+        return out.T * self.amp
 
 
 def _upsample(coarse: np.ndarray, axis: int) -> np.ndarray:
