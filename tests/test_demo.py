@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +246,13 @@ def test_ensure_demo_dataset_clears_stale_temporaries_and_refuses_foreign_folder
     (foreign / "notes.txt").write_text("not a demo set")
     with pytest.raises(FileExistsError, match="seed9"):
         demo.ensure_demo_dataset(seed=9)
+
+
+def test_generator_needs_neither_tensorflow_nor_scipy_nor_nilearn():
+    code = (
+        "import sys, keras_vqpix.data.demo as demo; demo._load_template(); "
+        "print(sorted({'tensorflow', 'scipy', 'nilearn', 'keras'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
