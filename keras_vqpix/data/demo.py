@@ -38,6 +38,15 @@ from PIL import Image
 
 from keras_vqpix.io import atomic_directory
 
+__all__ = [
+    "FORMAT_VERSION",
+    "PatientParams",
+    "cache_root",
+    "ensure_demo_dataset",
+    "generate_demo_dataset",
+    "render_patient",
+]
+
 # Bump when the generator changes what it writes: cached sets of another version are not reused.
 FORMAT_VERSION = 1
 TEMPLATE_PATH = Path(__file__).with_name("template") / "mni152_demo_template.npz.xz"
@@ -490,6 +499,12 @@ def generate_demo_dataset(
     Raises:
         FileExistsError: `out` exists and is not empty.
         ValueError: a count is below 1.
+
+    Example:
+
+    >>> summary = generate_demo_dataset("demo", seed=0, train_patients_per_class=2)
+    >>> summary["images"], summary["splits"]["test"]["AD"]
+    (120, {'patients': 1, 'images': 20})
     """
     out = Path(out)
     if test_patients_per_class is None:
