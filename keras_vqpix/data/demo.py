@@ -58,6 +58,7 @@ _SITES = (2, 5, 6, 7, 10, 11, 12, 13, 14, 16, 18, 20, 21, 22, 23, 24, 27, 29, 31
 _SITES += (36, 37, 41, 52, 53, 57, 62, 67, 68, 70, 73, 82, 94, 98, 99, 100, 109, 114, 116)
 _SITES += (123, 126, 127, 128, 130, 131, 133, 135, 136, 137, 141, 153, 941)
 _COARSE_STEP = 4  # pixels between the points where the warp is evaluated exactly
+_CHUNK = 32768  # points per tissue lookup: small temporaries stay in cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,15 +147,22 @@ def _sample_tissue(template: _Template, x: np.ndarray, y: np.ndarray, z: np.ndar
     """Trilinear samples of the 4 tissue channels at MNI points -> float32 [4, N] in [0, 1].
 
     One uint64 gather fetches all four channels of two corners (along z) at once, and one
-    small matrix product per point weighs the eight corners.
+    small matrix product per point weighs the eight corners. Points go in chunks so the
+    temporaries stay in cache.
     """
     shape = template.shape
-    index, weights = _trilinear_weights(template.origin_mm, template.voxel_mm, shape, x, y, z)
     offsets = np.array([(dx * shape[1] + dy) * shape[2] for dx, dy in np.ndindex(2, 2)])
-    values = template.packed.take(index[:, None] + offsets).view(np.uint8)
-    values = values.reshape(-1, 8, 4).astype(np.float32)  # [N, corner, channel]
-    weighted = (weights * np.float32(1.0 / 255.0))[:, None, :] @ values
-    return np.ascontiguousarray(weighted[:, 0, :].T)
+    out = np.empty((4, len(x)), dtype=np.float32)
+    for start in range(0, len(x), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        index, weights = _trilinear_weights(
+            template.origin_mm, template.voxel_mm, shape, x[part], y[part], z[part]
+        )
+        values = template.packed.take(index[:, None] + offsets).view(np.uint8)
+        values = values.reshape(-1, 8, 4).astype(np.float32)  # [N, corner, channel]
+        weighted = (weights * np.float32(1.0 / 255.0))[:, None, :] @ values
+        out[:, part] = weighted[:, 0, :].T
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,39 +351,41 @@ def render_patient(params: PatientParams, slices: int = 20) -> np.ndarray:
     rng = np.random.default_rng([params.seed, 2])
     bias_field = _FourierField(rng, 1, params.bias, (180.0, 400.0), modes=6)
     log_bias = bias_field(points.reshape(-1, 3)).reshape(*points.shape[:3], 1)
-    coarse = np.concatenate([points, log_bias], axis=-1).astype(np.float32)
-    # The warp and the bias are smooth, so bilinear upsampling of the coarse grid is exact
-    # enough; only the pixels of cells that may hold brain are sampled.
-    coarse = np.ascontiguousarray(np.moveaxis(coarse, -1, 0))
-    fine = _upsample(_upsample(coarse, 2), 3).reshape(4, -1)
+    # Channels first: x, y, z, log bias of every coarse point.
+    coarse = np.ascontiguousarray(np.moveaxis(np.concatenate([points, log_bias], axis=-1), -1, 0))
+    coarse = coarse.astype(np.float32)
     cells = active[:, :-1, :-1].repeat(_COARSE_STEP, axis=1).repeat(_COARSE_STEP, axis=2)
-    pixels = np.flatnonzero(cells)
-    x, y, z, log_bias = fine[:, pixels]
-    gm, wm, brain, temporal = _sample_tissue(template, x, y, z)
-    # Atrophy as partial-volume tissue loss at CSF borders: tissue fraction t becomes
-    # t ** (1 + k), so sulci and fissures widen and the cortex thins where it meets CSF, while
-    # pure tissue stays; the medial temporal lobe loses more. Grey matter goes first.
-    tissue = np.clip(gm + wm, 0.0, 1.0)
-    exponent = 1.0 + params.sulcal_widening + params.temporal_loss * temporal
-    loss = tissue - np.power(tissue, exponent)
-    gm_left = np.maximum(gm - loss, 0.0)
-    wm_left = np.maximum(wm - np.maximum(loss - gm, 0.0), 0.0)
-    csf = np.maximum(brain - gm_left - wm_left, 0.0)
-    csf_i, gm_i, wm_i = params.intensities
-    values = (csf_i * csf + gm_i * gm_left + wm_i * wm_left) * np.exp(log_bias)
-    # Rician noise: the magnitude of complex Gaussian noise added to the signal.
-    sigma = np.float32(params.noise)
-    noise = rng.standard_normal((2, len(pixels)), dtype=np.float32) * sigma
-    magnitude = np.sqrt((values + noise[0]) ** 2 + noise[1] ** 2)
-    magnitude *= 0.25 + 0.75 * np.clip(brain * 4.0, 0.0, 1.0)
     # Skull stripping leaves the background with only faint noise: the Rician of a zero
     # signal (Rayleigh) at a quarter of the level, drawn by inverse CDF from random bytes.
+    sigma = np.float32(params.noise)
     quantiles = (np.arange(256) + 0.5) / 256
     levels = np.sqrt(-2.0 * np.log1p(-quantiles)) * (0.25 * sigma * 255.0)
     lookup = np.clip(np.round(levels), 0, 255).astype(np.uint8)
-    image = lookup[rng.integers(0, 256, slices * IMAGE_HEIGHT * IMAGE_WIDTH, dtype=np.uint8)]
-    image[pixels] = np.clip(np.round(magnitude * 255.0), 0, 255).astype(np.uint8)
-    return image.reshape(slices, IMAGE_HEIGHT, IMAGE_WIDTH)
+    images = lookup[rng.integers(0, 256, (slices, IMAGE_HEIGHT * IMAGE_WIDTH), dtype=np.uint8)]
+    for k in range(slices):  # one slice at a time keeps the temporaries in cache
+        # The warp and the bias are smooth, so bilinear upsampling of the coarse grid is
+        # exact enough; only the pixels of cells that may hold brain are sampled.
+        fine = _upsample(_upsample(coarse[:, k], 1), 2).reshape(4, -1)
+        pixels = np.flatnonzero(cells[k])
+        x, y, z, log_bias = fine[:, pixels]
+        gm, wm, brain, temporal = _sample_tissue(template, x, y, z)
+        # Atrophy as partial-volume tissue loss at CSF borders: tissue fraction t becomes
+        # t ** (1 + k), so sulci and fissures widen and the cortex thins where it meets CSF,
+        # while pure tissue stays; the medial temporal lobe loses more. Grey matter goes first.
+        tissue = np.clip(gm + wm, 0.0, 1.0)
+        exponent = 1.0 + params.sulcal_widening + params.temporal_loss * temporal
+        loss = tissue - np.power(tissue, exponent)
+        gm_left = np.maximum(gm - loss, 0.0)
+        wm_left = np.maximum(wm - np.maximum(loss - gm, 0.0), 0.0)
+        csf = np.maximum(brain - gm_left - wm_left, 0.0)
+        csf_i, gm_i, wm_i = params.intensities
+        values = (csf_i * csf + gm_i * gm_left + wm_i * wm_left) * np.exp(log_bias)
+        # Rician noise: the magnitude of complex Gaussian noise added to the signal.
+        noise = rng.standard_normal((2, len(pixels)), dtype=np.float32) * sigma
+        magnitude = np.sqrt((values + noise[0]) ** 2 + noise[1] ** 2)
+        magnitude *= 0.25 + 0.75 * np.clip(brain * 4.0, 0.0, 1.0)
+        images[k, pixels] = np.clip(np.round(magnitude * 255.0), 0, 255).astype(np.uint8)
+    return images.reshape(slices, IMAGE_HEIGHT, IMAGE_WIDTH)
 
 
 def _patient_ids(rng: np.random.Generator, count: int) -> list[str]:
