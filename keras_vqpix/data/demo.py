@@ -298,8 +298,8 @@ def _coarse_pixels() -> tuple[np.ndarray, np.ndarray]:
 def _coarse_points(params: PatientParams, slices: int, template: _Template):
     """Template (MNI) points of every `_COARSE_STEP`-th pixel, and which of them are in the head.
 
-    Returns float64 [slices, R, C, 3] points and a bool [slices, R, C] mask of the coarse
-    cells that may hold brain (brain at a corner, dilated by one cell).
+    Returns float64 [slices, R + 1, C + 1, 3] points and a bool [slices, R, C] mask of the
+    coarse cells that may hold brain (brain at one of their corners).
     """
     rng = np.random.default_rng([params.seed, 1])
     row_px, col_px = _coarse_pixels()
@@ -317,12 +317,11 @@ def _coarse_points(params: PatientParams, slices: int, template: _Template):
     points = points + deformation(points.reshape(-1, 3)).reshape(points.shape)
     flat = points.reshape(-1, 3)
     brain = _sample_tissue(template, *flat.T)[2].reshape(points.shape[:3]) > 0
-    active = brain.copy()
-    active[:, 1:] |= brain[:, :-1]
-    active[:, :-1] |= brain[:, 1:]
-    grown = active.copy()
-    grown[:, :, 1:] |= active[:, :, :-1]
-    grown[:, :, :-1] |= active[:, :, 1:]
+    # Cells (between four coarse points) with brain at a corner; the points around them.
+    cells = brain[:, :-1, :-1] | brain[:, 1:, :-1] | brain[:, :-1, 1:] | brain[:, 1:, 1:]
+    grown = np.zeros_like(brain)
+    for dr, dc in np.ndindex(2, 2):
+        grown[:, dr : dr + cells.shape[1], dc : dc + cells.shape[2]] |= cells
     # Atrophy as flows along the template's unit fields, in steps short enough not to fold.
     # A point where a field is zero never moves, so only the others are followed.
     inside = points[grown]
@@ -341,7 +340,7 @@ def _coarse_points(params: PatientParams, slices: int, template: _Template):
             flowing = flowing + (distance / steps) * sample(flowing)
         inside[moving] = flowing
     points[grown] = inside
-    return points, grown
+    return points, cells
 
 
 def render_patient(params: PatientParams, slices: int = 20) -> np.ndarray:
@@ -354,7 +353,7 @@ def render_patient(params: PatientParams, slices: int = 20) -> np.ndarray:
     # Channels first: x, y, z, log bias of every coarse point.
     coarse = np.ascontiguousarray(np.moveaxis(np.concatenate([points, log_bias], axis=-1), -1, 0))
     coarse = coarse.astype(np.float32)
-    cells = active[:, :-1, :-1].repeat(_COARSE_STEP, axis=1).repeat(_COARSE_STEP, axis=2)
+    cells = active.repeat(_COARSE_STEP, axis=1).repeat(_COARSE_STEP, axis=2)
     # Skull stripping leaves the background with only faint noise: the Rician of a zero
     # signal (Rayleigh) at a quarter of the level, drawn by inverse CDF from random bytes.
     sigma = np.float32(params.noise)
