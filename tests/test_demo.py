@@ -250,7 +250,8 @@ def test_ensure_demo_dataset_clears_stale_temporaries_and_refuses_foreign_folder
 
 def test_generator_needs_neither_tensorflow_nor_scipy_nor_nilearn():
     code = (
-        "import sys, keras_vqpix.data.demo as demo; demo._load_template(); "
+        "import sys, keras_vqpix.data.demo, keras_vqpix.data.demo_render as render; "
+        "render._load_template(); "
         "print(sorted({'tensorflow', 'scipy', 'nilearn', 'keras'} & set(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
