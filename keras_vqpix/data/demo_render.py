@@ -28,6 +28,7 @@ TEMPLATE_PATH = Path(__file__).with_name("template") / "mni152_demo_template.npz
 IMAGE_WIDTH, IMAGE_HEIGHT = 256, 240
 _COARSE_STEP = 4  # pixels between the points where the warp is evaluated exactly
 _CHUNK = 32768  # points per tissue lookup: small temporaries stay in cache
+_BRAIN_CENTRE_Y_MM = -18.0  # MNI y halfway between the frontal and occipital poles
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def _coarse_pixels() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _coarse_points(params: PatientParams, slices: int, template: _Template):
-    """Template (MNI) points of every `_COARSE_STEP`-th pixel, and which of them are in the head.
+    """Template (MNI) points of every `_COARSE_STEP`-th pixel, and the cells holding brain.
 
     Returns float64 [slices, R + 1, C + 1, 3] points and a bool [slices, R, C] mask of the
     coarse cells that may hold brain (brain at one of their corners).
@@ -285,7 +286,9 @@ def _coarse_points(params: PatientParams, slices: int, template: _Template):
     z = params.slice_mm * (np.arange(slices) - (slices - 1) / 2)
     grid = np.stack(np.meshgrid(z, y, x, indexing="ij")[::-1], axis=-1)
     # Scale by the head size, rotate about the slab's centre, then deform smoothly.
-    centre = np.array([0.0, -18.0, params.first_slice_mm + params.slice_mm * (slices - 1) / 2])
+    centre = np.array(
+        [0.0, _BRAIN_CENTRE_Y_MM, params.first_slice_mm + params.slice_mm * (slices - 1) / 2]
+    )
     rotation = _rotation(*params.rotation_deg)
     grid = grid / np.asarray(params.head_scale)
     points = sum(grid[..., j, None] * rotation[:, j] for j in range(3)) + centre
