@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from keras_vqpix_cli.main import main
 from PIL import Image
 
 from keras_vqpix.data import demo, discover_splits, patient_and_slice
+from keras_vqpix_cli.main import main
 
 SLICES = 4
 

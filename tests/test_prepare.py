@@ -15,11 +15,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from keras_vqpix_cli.main import main
-from keras_vqpix_cli.prepare import PLANES as CLI_PLANES
 from PIL import Image
 
 from keras_vqpix.data import adni, discover_splits, patient_and_slice
+from keras_vqpix_cli.main import main
+from keras_vqpix_cli.prepare import PLANES as CLI_PLANES
 
 SHAPE = (40, 48, 40)
 MARKER = np.array([-8.0, 8.0, 6.0])  # left, anterior, superior of the brain's centre (mm)
