@@ -35,7 +35,7 @@ class DataConfig:
 
     image_size: int = 128
     validation_fraction: float = 0.2
-    batch_size: int = 32
+    batch_size: int = 16
     shuffle_buffer: int = 4096
     cache: str = "memory"
 
@@ -88,11 +88,11 @@ class VQVAEConfig:
     commitment_cost: float = 0.25
     quantizer: str = "ema"
     ema_decay: float = 0.99
-    dead_code_steps: int = 100
-    ssim_loss_weight: float = 0.0
-    learning_rate: float = 1e-3
+    dead_code_steps: int = 20
+    ssim_loss_weight: float = 0.1
+    learning_rate: float = 2e-3
     final_learning_rate_ratio: float = 0.05
-    epochs: int = 20
+    epochs: int = 12
 
     def __post_init__(self) -> None:
         _check(
@@ -281,9 +281,9 @@ def _quick() -> RunConfig:
             num_residual_blocks=1,
             num_embeddings=16,
             embedding_dim=8,
-            dead_code_steps=20,
-            learning_rate=2e-3,
-            epochs=2,
+            dead_code_steps=10,
+            learning_rate=3e-3,
+            epochs=3,
         ),
         prior=PriorConfig(num_layers=2, filters=16, embedding_dim=8, epochs=2, batch_size=16),
     )

@@ -48,3 +48,13 @@ def make_adni_folder(
 def tiny_adni(tmp_path_factory) -> Path:
     """ROOT/{train,test}/{AD,NC}: 5 train and 2 test patients per class, 4 slices each."""
     return make_adni_folder(tmp_path_factory.mktemp("adni"))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """A small demo set (16 train and 4 test patients per class, 800 slices) from `vqpix demo-data`."""
+    from keras_vqpix.data.demo import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    generate_demo_dataset(root, seed=0, train_patients_per_class=16)
+    return root

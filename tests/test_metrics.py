@@ -139,3 +139,28 @@ def test_codebook_usage_metric_accumulates_over_batches():
     np.testing.assert_allclose(float(result["perplexity"]), 4.0, rtol=1e-4)
     metric.reset_state()
     assert float(metric.result()["codes_used"]) == 0
+
+
+def test_image_metrics_agree_with_the_single_metrics(image_pairs):
+    from keras_vqpix.metrics import image_metrics, mse_per_image, psnr_per_image
+
+    references, degraded = image_pairs
+    metrics = image_metrics(references, degraded)
+    np.testing.assert_allclose(
+        metrics["ssim"], ssim_per_image(references, degraded).numpy(), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        metrics["ssim_foreground"],
+        ssim_foreground_per_image(references, degraded).numpy(),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        metrics["psnr"], psnr_per_image(references, degraded).numpy(), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        metrics["mse"], np.mean((references - degraded) ** 2, axis=(1, 2, 3)), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        metrics["mse"], mse_per_image(references, degraded).numpy(), atol=1e-7
+    )
+    assert "ms_ssim" not in metrics  # 96 px: too small for five scales

@@ -106,6 +106,7 @@ def train_vqvae(
             save_model(model, paths.vqvae_model)
             meta = {
                 "epoch": epoch,
+                MONITOR: logs.get(MONITOR),
                 "val_ssim": logs.get("val_ssim"),
                 "fingerprint": weights_fingerprint(model),
             }
