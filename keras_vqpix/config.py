@@ -153,6 +153,8 @@ class PriorConfig:
         kernel_size: int, odd kernel size of the gated blocks.
         conditional: bool, condition on the class label (0 NC, 1 AD).
         num_classes: int, number of labels when conditional.
+        label_dropout: float, training probability of replacing a map's label by the extra
+            "unconditional" label, so a conditional prior also samples with label -1.
         embedding_dim: int, size of the input code embedding.
         dropout: float, dropout before the output head.
         learning_rate: float, Adam learning rate.
@@ -165,6 +167,7 @@ class PriorConfig:
     kernel_size: int = 3
     conditional: bool = True
     num_classes: int = 2
+    label_dropout: float = 0.1
     embedding_dim: int = 32
     dropout: float = 0.0
     learning_rate: float = 1e-3
@@ -183,6 +186,14 @@ class PriorConfig:
         _check(
             self.num_classes >= 1,
             f"num_classes must be >= 1. Received: num_classes={self.num_classes}",
+        )
+        _check(
+            0.0 <= self.label_dropout < 1.0,
+            f"label_dropout must be in [0, 1). Received: label_dropout={self.label_dropout}",
+        )
+        _check(
+            self.embedding_dim >= 1,
+            f"embedding_dim must be >= 1. Received: embedding_dim={self.embedding_dim}",
         )
         _check(
             0.0 <= self.dropout < 1.0,
@@ -278,7 +289,9 @@ def _quick() -> RunConfig:
             learning_rate=2e-3,
             epochs=2,
         ),
-        prior=PriorConfig(num_layers=2, filters=16, embedding_dim=8, epochs=2, batch_size=16),
+        prior=PriorConfig(
+            num_layers=2, filters=16, embedding_dim=8, learning_rate=1e-2, epochs=3, batch_size=16
+        ),
     )
 
 
