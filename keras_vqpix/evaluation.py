@@ -68,6 +68,11 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike, *, sp
         raise ValueError(f"--samples must be >= 0. Received: samples={num_samples}")
     paths = RunPaths(Path(run_dir))
     model, config, meta = load_vqvae(paths.root)
+    if num_samples and not paths.prior_model.is_file():
+        raise ValueError(
+            f"--samples {num_samples} needs the prior of {paths.root}, which has none yet; "
+            f"run `vqpix train --out {paths.root} --stage prior` first"
+        )
     splits = load_splits(data_root, config, paths)
     records = getattr(splits, SPLITS[split])
     metrics = {

@@ -194,3 +194,10 @@ def test_an_unconditional_prior_refuses_a_label(run_copy, tmp_path):
         "sample_000_unconditional.npy",
         "sample_001_unconditional.npy",
     ]
+
+
+def test_evaluate_samples_without_a_prior_is_refused(run_copy, tiny_adni):
+    (run_copy / "prior.keras").unlink()
+    result = invoke("evaluate", run_copy, "--data", tiny_adni, "--samples", 2)
+    assert result.exit_code == 2, result.output
+    assert "--samples 2 needs the prior" in result.output
