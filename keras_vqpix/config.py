@@ -147,6 +147,11 @@ class VQVAEConfig:
 class PriorConfig:
     """Gated PixelCNN prior over code maps.
 
+    The default (10 gated layers of 32 channels: a receptive field of 10 code rows above and
+    10 columns to each side, 0.27 M parameters for K = 256) is sized for CPUs: on 2 shared
+    cores one epoch over ~1300 32x32 code maps takes about 1-2 minutes; 8 layers of 64
+    channels (0.9 M parameters) take about twice as long.
+
     Attributes:
         num_layers: int, gated blocks after the first (type A) layer.
         filters: int, channels of the vertical and horizontal stacks.
@@ -162,8 +167,8 @@ class PriorConfig:
         batch_size: int, code maps per batch.
     """
 
-    num_layers: int = 8
-    filters: int = 64
+    num_layers: int = 9
+    filters: int = 32
     kernel_size: int = 3
     conditional: bool = True
     num_classes: int = 2
@@ -171,7 +176,7 @@ class PriorConfig:
     embedding_dim: int = 32
     dropout: float = 0.0
     learning_rate: float = 1e-3
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 32
 
     def __post_init__(self) -> None:
