@@ -163,6 +163,9 @@ def _row_sampler(prior, height: int, width: int):
     cached = _ROW_SAMPLERS.get(prior, {}).get((height, width))
     if cached is not None:
         return cached
+    # The cache is keyed weakly by the prior; a strong reference from the function would keep
+    # every prior ever sampled alive.
+    prior_ref = weakref.ref(prior)
 
     @tf.function(
         input_signature=[
@@ -174,7 +177,7 @@ def _row_sampler(prior, height: int, width: int):
         ]
     )
     def sample_row(codes, labels, seed, temperature, row):
-        return sample_rows_reference(prior, codes, labels, seed, temperature, row, row + 1)
+        return sample_rows_reference(prior_ref(), codes, labels, seed, temperature, row, row + 1)
 
     _ROW_SAMPLERS.setdefault(prior, {})[(height, width)] = sample_row
     return sample_row
