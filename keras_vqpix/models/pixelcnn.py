@@ -57,7 +57,7 @@ class PixelCNN(keras.Model):
     TensorShape([2, 8, 8, 16])
     """
 
-    def __init__(self, num_embeddings: int, num_layers: int = 8, filters: int = 64, kernel_size: int = 3,
+    def __init__(self, num_embeddings: int, num_layers: int = 9, filters: int = 32, kernel_size: int = 3,
                  embedding_dim: int = 32, conditional: bool = True, num_classes: int = 2,
                  label_dropout: float = 0.1, dropout: float = 0.0, code_shape=None, seed: int | None = None,
                  **kwargs):  # fmt: skip
