@@ -8,17 +8,21 @@ Per-position seeding, the contract every sampler keeps so that they all draw **e
 same codes for the same seed (a faster sampler only changes how the logits are computed):
 
 1. The user seed `s` (an int32) becomes the stateless seed pair `(s, SEED_SALT)`, int32.
-2. The code at row `r`, column `c` of an `h x w` map has the index `p = r * w + c` and the
-   seed `tf.random.experimental.stateless_fold_in((s, SEED_SALT), p, alg="philox")`
-   (`position_seed`).
-3. The codes of all `n` maps at `p` are drawn at once from their float32 logits `[n, K]`:
-   `tfp.distributions.Categorical(logits=logits / temperature).sample(seed=position_seed)`
-   (`draw_codes`), i.e. `tf.random.stateless_categorical` with that seed, which samples each
-   row by inverting its CDF with one uniform per row.
+2. The code at row `r`, column `c` of an `h x w` map has the raster index `p = r * w + c` and
+   the seed `position_seed = stateless_fold_in((s, SEED_SALT), p, alg="philox")`
+   (`tf.random.experimental.stateless_fold_in`).
+3. Map `i` of the batch (0-based) draws its code at `p` with its own seed
+   `stateless_fold_in(position_seed, i, alg="philox")` from its float32 logits `[K]`:
+   `tfp.distributions.Categorical(logits=logits / temperature).sample(seed=that seed)`
+   (`draw_codes`, one map at a time through `tf.map_fn`).
 
-The draw of a map does not depend on how rows are grouped into calls (the progress bar runs one
-row per call), and since each row's uniform is fixed by the seed, logits that differ by float
-rounding only change a code when that uniform falls within rounding of a CDF boundary.
+One map per draw matters: TF's CPU kernel behind `Categorical.sample` (`stateless_categorical`)
+inverts each row's CDF with a uniform taken from one Philox stream that it splits by *thread
+shard*, so a batched `[n, K]` draw changes with the number of CPU threads and with n. Drawn
+one map at a time, a code depends only on the seed, its position, its map index and its
+logits: not on the machine, the batch size or how rows are grouped into calls (the progress
+bar runs one row per call). And since the uniform is fixed by the seed, logits that differ by
+float rounding only change a code when the uniform falls within rounding of a CDF boundary.
 """
 
 from __future__ import annotations
@@ -73,10 +77,22 @@ def position_seed(seed, index):
 
 
 def draw_codes(logits, seed, index, temperature):
-    """Codes `[n]` int32 drawn from `logits [n, K]` at raster index `index` (see the module docstring)."""
+    """Codes `[n]` int32 of the n maps at raster index `index`, from their `logits [n, K]`.
+
+    Map i draws from `Categorical(logits[i] / temperature)` with the seed
+    `stateless_fold_in(position_seed(seed, index), i)`: see the module docstring.
+    """
     logits = tf.cast(logits, tf.float32) / tf.cast(temperature, tf.float32)
-    distribution = tfp.distributions.Categorical(logits=logits, dtype=tf.int32)
-    return distribution.sample(seed=position_seed(seed, index))
+    at_position = position_seed(seed, index)
+
+    def draw_one(arguments):
+        map_logits, map_index = arguments
+        map_seed = tf.random.experimental.stateless_fold_in(at_position, map_index, alg="philox")
+        distribution = tfp.distributions.Categorical(logits=map_logits, dtype=tf.int32)
+        return distribution.sample(seed=map_seed)
+
+    maps = tf.range(tf.shape(logits)[0], dtype=tf.int32)
+    return tf.map_fn(draw_one, (logits, maps), fn_output_signature=tf.int32)
 
 
 # -- Labels -------------------------------------------------------------------------------------------

@@ -44,21 +44,23 @@ def test_the_seeding_contract(prior):
     """An eager, position-by-position implementation of the documented contract draws the same codes.
 
     This is what a faster sampler must reproduce: the logits of (r, c) from the codes drawn so
-    far, divided by the temperature, drawn by `tfp.distributions.Categorical(...).sample` with
-    the seed `stateless_fold_in((seed, SEED_SALT), r * w + c, alg="philox")`.
+    far, divided by the temperature, drawn map by map by `tfp.distributions.Categorical(...)
+    .sample` with the seed `fold_in(fold_in((seed, SEED_SALT), r * w + c), map index)`.
     """
     seed, temperature, labels = 7, 0.8, np.array([0, 1, -1], np.int32)
     codes = np.zeros((3, 4, 5), np.int32)
+    fold_in = tf.random.experimental.stateless_fold_in
     for r in range(4):
         for c in range(5):
             logits = prior(codes, labels, training=False)[:, r, c, :]
-            position_seed = tf.random.experimental.stateless_fold_in(
+            position_seed = fold_in(
                 tf.constant([seed, SEED_SALT], tf.int32), r * 5 + c, alg="philox"
             )
-            draw = tfp.distributions.Categorical(logits=logits / temperature).sample(
-                seed=position_seed
-            )
-            codes[:, r, c] = draw.numpy()
+            for i in range(3):
+                distribution = tfp.distributions.Categorical(logits=logits[i] / temperature)
+                codes[i, r, c] = distribution.sample(
+                    seed=fold_in(position_seed, i, alg="philox")
+                ).numpy()
     sampled = sample_codes_reference(prior, 3, seed, labels, temperature)
     np.testing.assert_array_equal(sampled, codes)
     np.testing.assert_array_equal(sample_codes(prior, 3, seed, labels, temperature), codes)
@@ -76,6 +78,17 @@ def test_a_sample_depends_on_its_index_not_on_the_number_drawn(prior):
     many = sample_codes_reference(prior, 6, seed=5, labels=[0, 1, 1, 0, 1, 0])
     few = sample_codes_reference(prior, 2, seed=5, labels=[0, 1])
     np.testing.assert_array_equal(few, many[:2])
+    # With K = 256 a batched [n, K] categorical draw is split into thread shards whose
+    # boundaries move with n (and with the CPU count): maps drawn one by one do not move.
+    logits = np.random.default_rng(3).normal(size=(2, 2, 256)).astype(np.float32) * 3
+    fixed = FixedPrior(
+        lambda codes, labels: tf.broadcast_to(logits, tf.concat([tf.shape(codes), [256]], 0)),
+        (2, 2),
+    )
+    np.testing.assert_array_equal(
+        sample_codes_reference(fixed, 12, seed=5, labels=0),
+        sample_codes_reference(fixed, 16, seed=5, labels=0)[:12],
+    )
 
 
 def test_rows_drawn_in_one_call_or_row_by_row_agree(prior):
