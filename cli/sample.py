@@ -38,11 +38,42 @@ from .common import user_errors
     help="Folder for the PNGs, the code maps (.npy) and the grid.",
 )
 def sample(run_dir, num, seed, label, temperature, out_dir) -> None:
-    """Sample NUM brain slices from the run RUN into --out."""
+    """Sample NUM brain slices from the run RUN into --out.
+
+    The same seed, label and temperature give the same code maps (.npy) and images.
+    """
     from keras_vqpix.sampling import sample_run
 
-    with user_errors():
+    with RowProgress() as progress, user_errors():
         written = sample_run(
-            run_dir, out_dir, num_samples=num, seed=seed, label=label, temperature=temperature
+            run_dir,
+            out_dir,
+            num_samples=num,
+            seed=seed,
+            label=label,
+            temperature=temperature,
+            on_row=progress.update,
         )
     click.echo(f"Wrote {written} samples to {out_dir}")
+
+
+class RowProgress:
+    """A click progress bar over the rows of the code maps, opened at the first row drawn."""
+
+    def __init__(self):
+        self.bar = None
+        self.done = 0
+
+    def update(self, rows_done: int, rows: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=rows, label="Sampling code rows", file=None)
+            self.bar.__enter__()
+        self.bar.update(rows_done - self.done)
+        self.done = rows_done
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)

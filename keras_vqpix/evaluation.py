@@ -74,6 +74,11 @@ def evaluate_run(
         raise ValueError(f"--samples must be >= 0. Received: samples={num_samples}")
     paths = RunPaths(Path(run_dir))
     model, config, meta = load_vqvae(paths.root)
+    if num_samples and not paths.prior_model.is_file():
+        raise ValueError(
+            f"--samples {num_samples} needs the prior of {paths.root}, which has none yet; "
+            f"run `vqpix train --out {paths.root} --stage prior` first"
+        )
     splits = load_splits(data_root, config, paths)
     records = getattr(splits, SPLITS[split])
     metrics = {
@@ -135,15 +140,24 @@ def format_metrics(metrics: dict) -> str:
         f"{'codes_used':<26}{show(metrics.get('codes_used')):>10}{'/' + str(metrics.get('num_embeddings')):>12}"
     )
     if "prior_bits_per_code" in metrics:
-        lines.append(f"{'metric':<26}{'samples':>10}{'real data':>12}")
         lines.append(
-            f"{'prior_bits_per_code':<26}{show(metrics['prior_bits_per_code']):>10}{'(max ' + show(metrics.get('max_bits_per_code')) + ')':>12}"
+            f"{'prior_bits_per_code':<26}{show(metrics['prior_bits_per_code']):>10}"
+            f"  (uniform prior: {show(metrics.get('max_bits_per_code'))})"
         )
-        for name in ("sample_diversity", "sample_nn_ssim"):
-            if name in metrics:
+        if "prior_bits_per_code_unconditional" in metrics:
+            lines.append(
+                f"{'  with label -1':<26}{show(metrics['prior_bits_per_code_unconditional']):>10}"
+            )
+        if "sample_diversity" in metrics:
+            lines.append(f"{'metric':<26}{'samples':>10}{'real data':>12}")
+            for name in ("sample_diversity", "sample_nn_ssim"):
                 lines.append(
                     f"{name:<26}{show(metrics[name]):>10}{show(metrics.get('real_' + name[len('sample_') :])):>12}"
                 )
+            lines.append(
+                f"diversity: mean pairwise {metrics.get('diversity_metric')} over {metrics.get('num_samples')} samples "
+                f"and {metrics.get('num_real')} real slices; nn_ssim: SSIM to the nearest training slice"
+            )
     lines.append(
         "baseline: bilinear resize down by the downsampling factor and back up (same latent grid)"
     )

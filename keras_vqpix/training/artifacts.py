@@ -10,7 +10,12 @@ RUN/checkpoints/vqvae/     last complete epochs (model + optimizer), for resumin
 RUN/logs/vqvae/            TensorBoard
 RUN/plots/*.png            curves, reconstructions, codebook usage, samples
 RUN/codes/*.npz            cached code maps of each split (with the VQ-VAE fingerprint)
-RUN/prior.keras, RUN/prior.json, RUN/prior_history.csv, RUN/checkpoints/prior/, RUN/logs/prior/
+RUN/prior.keras            best PixelCNN prior by validation bits per code
+RUN/prior.json             its epoch, validation and test bits per code, fingerprint, and the
+                           fingerprint of the VQ-VAE whose codes it learnt (`load_prior` checks it)
+RUN/prior_history.csv      prior metrics per epoch
+RUN/checkpoints/prior/     last complete prior epochs, and the VQ-VAE fingerprint they belong to
+RUN/logs/prior/            TensorBoard
 ```
 """
 
@@ -186,3 +191,46 @@ def load_vqvae(run_dir: str | os.PathLike):
             "the file was replaced or is damaged"
         )
     return model, config, meta
+
+
+def load_prior(run_dir: str | os.PathLike, vqvae_meta: dict[str, Any] | None = None):
+    """The run's best prior and its metadata; refuses a prior trained on another VQ-VAE.
+
+    `prior.json` records the fingerprint of the VQ-VAE whose codes the prior learnt; when
+    `vqvae.keras` was retrained or replaced since, the prior's codes mean something else and
+    sampling from it would decode noise, so this raises a one-line `RunFolderError`.
+
+    Args:
+        run_dir: the run folder.
+        vqvae_meta: the metadata `load_vqvae` returned for the VQ-VAE in use (its fingerprint
+            verified against the file); default: the run's VQ-VAE is loaded and verified here.
+
+    Returns:
+        `(prior, prior_meta)`.
+    """
+    import keras
+
+    from keras_vqpix.models import pixelcnn  # noqa: F401  (registers the classes for loading)
+
+    paths = RunPaths(run_dir)
+    if not paths.prior_model.is_file() or not paths.prior_meta.is_file():
+        raise RunFolderError(
+            f"{paths.root} has no trained prior yet; run `vqpix train --out {paths.root} --stage prior`"
+        )
+    if vqvae_meta is None:
+        _, _, vqvae_meta = load_vqvae(paths.root)
+    meta = read_json(paths.prior_meta)
+    trained_on, current = meta.get("vqvae_fingerprint"), vqvae_meta.get("fingerprint")
+    if trained_on != current:
+        raise RunFolderError(
+            f"{paths.prior_model} was trained on the codes of VQ-VAE {trained_on}, but {paths.vqvae_model} is "
+            f"now {current} (retrained or replaced); retrain the prior with `vqpix train --out {paths.root} --stage prior`"
+        )
+    model = keras.saving.load_model(paths.prior_model, compile=False)
+    fingerprint = weights_fingerprint(model)
+    if meta.get("fingerprint") != fingerprint:
+        raise RunFolderError(
+            f"{paths.prior_model} does not match {paths.prior_meta} (fingerprint {fingerprint} != {meta.get('fingerprint')}); "
+            "the file was replaced or is damaged"
+        )
+    return model, meta

@@ -52,10 +52,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
         history_path: CSV file, one row per epoch.
         manager: `tf.train.CheckpointManager` of a checkpoint holding an `epoch` variable.
         epoch_variable: the checkpoint's `tf.Variable` count of finished epochs.
-        monitor: metric deciding the best model (higher is better), e.g. "val_ssim".
+        monitor: metric deciding the best model, e.g. "val_ssim".
         on_best: called with (epoch, logs) when `monitor` improves on `best`.
-        best: the best value so far (from an earlier, resumed run).
+        best: the best value so far (from an earlier, resumed run); default: none yet.
         history: rows of earlier epochs (from an earlier, resumed run).
+        mode: "max" (higher `monitor` is better, e.g. SSIM) or "min" (e.g. bits per code).
     """
 
     def __init__(
@@ -65,10 +66,16 @@ class EpochCheckpoint(keras.callbacks.Callback):
         epoch_variable: tf.Variable,
         monitor: str,
         on_best: Callable[[int, dict], None],
-        best: float = -math.inf,
+        best: float | None = None,
         history: list[dict[str, float]] | None = None,
+        mode: str = "max",
     ):
         super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min'. Received: mode={mode!r}")
+        self.mode = mode
+        if best is None:
+            best = -math.inf if mode == "max" else math.inf
         self.history_path = Path(history_path)
         self.manager = manager
         self.epoch_variable = epoch_variable
@@ -87,7 +94,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.rows.append({"epoch": epoch + 1, **logs})
         write_history(self.history_path, self.rows)
         value = logs.get(self.monitor)
-        if value is not None and value > self.best:
+        improved = value is not None and (
+            value > self.best if self.mode == "max" else value < self.best
+        )
+        if improved:
             self.best = value
             self.on_best(epoch + 1, logs)
         self.epoch_variable.assign(epoch + 1)

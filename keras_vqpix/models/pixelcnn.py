@@ -1,0 +1,235 @@
+"""Gated PixelCNN prior over VQ-VAE code maps (van den Oord et al. 2016, https://arxiv.org/abs/1606.05328)."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+from keras_vqpix.layers.gated_pixelcnn import GatedBlock
+
+LN2 = math.log(2.0)
+
+
+@keras.saving.register_keras_serializable(package="keras_vqpix")
+class PixelCNN(keras.Model):
+    """Autoregressive prior `p(codes | label) = prod_(i,j) p(c_ij | c_<ij, label)` in raster order.
+
+    `codes [B, h, w]` int32 in `[0, K)` -> code embedding `[B, h, w, E]` -> one `GatedBlock`
+    with mask "A" and `num_layers` with mask "B" (vertical and horizontal stacks, gates,
+    residuals) -> sum of the blocks' skip outputs and the last horizontal stack -> ReLU, 1x1 conv,
+    ReLU, dropout, 1x1 conv ->
+    `logits [B, h, w, K]` float32 (also under mixed precision). E.g. 32x32 code maps with
+    K = 256 give logits `[B, 32, 32, 256]`; the logits at `(i, j)` depend on the codes before
+    `(i, j)` in raster order only (within a receptive field of `(num_layers + 1) * (k // 2)`
+    rows above and columns to each side), with no blind spot.
+
+    Conditioning: a conditional prior (`conditional=True`) learns `num_classes + 1` label
+    embeddings per gate: labels `0 .. num_classes - 1` (NC = 0, AD = 1) and one extra
+    "unconditional" label, used for `label = -1` (or `labels=None`). Training replaces each
+    map's label by the unconditional one with probability `label_dropout`, so the same model
+    also learns `p(codes)` (as in classifier-free guidance). An unconditional prior
+    (`conditional=False`) has no label embeddings and ignores labels.
+
+    Loss: sparse categorical cross-entropy of the codes under the logits (nats per code);
+    metrics `loss` and `bits_per_code` (= loss / ln 2), both per code position.
+
+    Args:
+        num_embeddings: int, K, the VQ-VAE codebook size.
+        num_layers: int, mask "B" blocks after the first (mask "A") block.
+        filters: int, channels of both stacks.
+        kernel_size: int, odd k >= 3.
+        embedding_dim: int, E, size of the input code embedding.
+        conditional: bool, learn label embeddings.
+        num_classes: int, labels `0 .. num_classes - 1` of a conditional prior.
+        label_dropout: float in [0, 1), training probability of the unconditional label.
+        dropout: float in [0, 1), dropout before the output layer.
+        code_shape: (h, w) or None, the code map size the prior was trained on (what samplers
+            draw; the network itself is fully convolutional).
+        seed: int or None, seed of label dropout and dropout.
+
+    Example:
+    >>> prior = PixelCNN(num_embeddings=16, num_layers=2, filters=8, embedding_dim=4)
+    >>> prior(keras.ops.zeros((2, 8, 8), "int32"), keras.ops.array([0, 1])).shape
+    TensorShape([2, 8, 8, 16])
+    """
+
+    def __init__(self, num_embeddings: int, num_layers: int = 9, filters: int = 32, kernel_size: int = 3,
+                 embedding_dim: int = 32, conditional: bool = True, num_classes: int = 2,
+                 label_dropout: float = 0.1, dropout: float = 0.0, code_shape=None, seed: int | None = None,
+                 **kwargs):  # fmt: skip
+        super().__init__(**kwargs)
+        checks = (
+            (num_embeddings >= 2, f"num_embeddings must be >= 2. Received: num_embeddings={num_embeddings}"),
+            (num_layers >= 0, f"num_layers must be >= 0. Received: num_layers={num_layers}"),
+            (embedding_dim >= 1, f"embedding_dim must be >= 1. Received: embedding_dim={embedding_dim}"),
+            (num_classes >= 1, f"num_classes must be >= 1. Received: num_classes={num_classes}"),
+            (0.0 <= label_dropout < 1.0, f"label_dropout must be in [0, 1). Received: label_dropout={label_dropout}"),
+            (0.0 <= dropout < 1.0, f"dropout must be in [0, 1). Received: dropout={dropout}"),
+        )  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if code_shape is not None:
+            code_shape = tuple(int(s) for s in code_shape)
+            if len(code_shape) != 2 or min(code_shape) < 1:
+                raise ValueError(
+                    f"code_shape must be (h, w) with h, w >= 1. Received: code_shape={code_shape}"
+                )
+        self.num_embeddings = int(num_embeddings)
+        self.num_layers = int(num_layers)
+        self.filters = int(filters)
+        self.kernel_size = int(kernel_size)
+        self.embedding_dim = int(embedding_dim)
+        self.conditional = bool(conditional)
+        self.num_classes = int(num_classes)
+        self.label_dropout = float(label_dropout)
+        self.dropout = float(dropout)
+        self.code_shape = code_shape
+        self.seed = seed
+        policy = self.dtype_policy
+        num_labels = self.num_classes + 1 if self.conditional else 0
+        self.code_embedding = layers.Embedding(
+            num_embeddings, embedding_dim, name="code_embedding", dtype=policy
+        )
+        self.blocks = [
+            GatedBlock(filters, kernel_size, "A" if i == 0 else "B", num_labels, name=f"gated_{i}", dtype=policy)
+            for i in range(num_layers + 1)
+        ]  # fmt: skip
+        self.head_hidden = layers.Conv2D(filters, 1, name="head_hidden", dtype=policy)
+        self.head_dropout = layers.Dropout(dropout, seed=seed, name="head_dropout", dtype=policy)
+        # Logits stay float32 under mixed precision: the loss and the sampler read them.
+        self.head_logits = layers.Conv2D(num_embeddings, 1, name="head_logits", dtype="float32")
+        self.label_seed = keras.random.SeedGenerator(seed, name="label_dropout_seed")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.bits_tracker = keras.metrics.Mean(name="bits_per_code")
+
+    @classmethod
+    def from_run_config(
+        cls, config, num_embeddings: int, code_shape=None, seed: int | None = None
+    ) -> PixelCNN:
+        """Build from a `keras_vqpix.config.PriorConfig` for a codebook of `num_embeddings`."""
+        return cls(
+            num_embeddings=num_embeddings,
+            num_layers=config.num_layers,
+            filters=config.filters,
+            kernel_size=config.kernel_size,
+            embedding_dim=config.embedding_dim,
+            conditional=config.conditional,
+            num_classes=config.num_classes,
+            label_dropout=config.label_dropout,
+            dropout=config.dropout,
+            code_shape=code_shape,
+            seed=seed,
+        )  # fmt: skip
+
+    def build(self, codes_shape, labels_shape=None):
+        batch = codes_shape[0]
+        self.code_embedding.build(codes_shape)
+        features = (*codes_shape[:3], self.embedding_dim)
+        for block in self.blocks:
+            block.build(features, features, (batch,) if self.conditional else None)
+            features = (*codes_shape[:3], self.filters)
+        self.head_hidden.build(features)
+        self.head_logits.build(features)
+        self.built = True
+
+    def label_indices(self, labels, batch_size):
+        """Rows of the label embeddings: `labels` with -1 (and None) mapped to the unconditional row."""
+        if labels is None:
+            return ops.full((batch_size,), self.num_classes, dtype="int32")
+        labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+        return ops.where(labels < 0, self.num_classes, labels)
+
+    def call(self, codes, labels=None, training=False):
+        """`codes [B, h, w]` int, `labels [B]` int (-1: unconditional) -> `logits [B, h, w, K]`."""
+        return self.logits_from_embeddings(
+            self.code_embedding(ops.cast(codes, "int32")), labels, training
+        )
+
+    def logits_from_embeddings(self, embedded, labels=None, training=False):
+        """The network after the code embedding: `[B, h, w, E]` -> `logits [B, h, w, K]`.
+
+        Public so that tests can differentiate the logits with respect to the embedded codes.
+        """
+        label_rows = (
+            self.label_indices(labels, ops.shape(embedded)[0]) if self.conditional else None
+        )
+        vertical = horizontal = embedded
+        skips = None
+        for block in self.blocks:
+            vertical, horizontal, skip = block(vertical, horizontal, label_rows)
+            skips = skip if skips is None else skips + skip
+        # The head reads the skip sum and the last horizontal stack (so every weight is used).
+        hidden = ops.relu(self.head_hidden(ops.relu(skips + horizontal)))
+        return self.head_logits(self.head_dropout(hidden, training=training))
+
+    # -- Training ---------------------------------------------------------------------------------
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.bits_tracker]
+
+    def code_loss(self, codes, logits):
+        """Mean cross-entropy in nats per code position."""
+        return ops.mean(
+            keras.losses.sparse_categorical_crossentropy(
+                ops.cast(codes, "int32"), logits, from_logits=True
+            )
+        )
+
+    def _unpack(self, data):
+        if isinstance(data, (tuple, list)):
+            codes = data[0]
+            labels = data[1] if len(data) > 1 else None
+        else:
+            codes, labels = data, None
+        return codes, labels
+
+    def _update_metrics(self, loss):
+        self.loss_tracker.update_state(loss)
+        self.bits_tracker.update_state(loss / LN2)
+        return {"loss": self.loss_tracker.result(), "bits_per_code": self.bits_tracker.result()}
+
+    def train_step(self, data):
+        codes, labels = self._unpack(data)
+        if self.conditional and labels is not None and self.label_dropout > 0:
+            dropped = (
+                keras.random.uniform(ops.shape(labels), seed=self.label_seed) < self.label_dropout
+            )
+            labels = ops.where(dropped, -1, ops.cast(labels, "int32"))
+        with tf.GradientTape() as tape:
+            loss = self.code_loss(codes, self(codes, labels, training=True))
+            # Gradients are summed over replicas; a loss-scale optimizer (float16) scales further.
+            scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
+            scaled = self.optimizer.scale_loss(scaled)
+        gradients = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=True))
+        return self._update_metrics(loss)
+
+    def test_step(self, data):
+        codes, labels = self._unpack(data)
+        return self._update_metrics(self.code_loss(codes, self(codes, labels, training=False)))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_embeddings": self.num_embeddings,
+            "num_layers": self.num_layers,
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "embedding_dim": self.embedding_dim,
+            "conditional": self.conditional,
+            "num_classes": self.num_classes,
+            "label_dropout": self.label_dropout,
+            "dropout": self.dropout,
+            "code_shape": None if self.code_shape is None else list(self.code_shape),
+            "seed": self.seed,
+        }
+
+
+def max_bits_per_code(num_embeddings: int) -> float:
+    """`log2(K)`: the bits per code of a uniform prior (what a prior must beat)."""
+    return float(np.log2(num_embeddings))

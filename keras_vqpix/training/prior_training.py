@@ -1,0 +1,235 @@
+"""Train the prior stage of a run: a Gated PixelCNN on the code maps of the run's best VQ-VAE.
+
+Mirrors the VQ-VAE stage: resumable checkpoints (model, optimizer, finished epochs), a history
+CSV, the best model by a validation metric (here the lowest `val_bits_per_code`), TensorBoard
+and plots. The prior belongs to one VQ-VAE: `prior.json` records that VQ-VAE's fingerprint,
+`load_prior` refuses any other, and checkpoints of a prior trained on an earlier VQ-VAE (the
+VQ-VAE was retrained since) are discarded rather than resumed.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_vqpix.config import RunConfig
+from keras_vqpix.data.discover import DataSplits
+from keras_vqpix.data.pipeline import steps_per_epoch
+from keras_vqpix.io import atomic_write_text
+from keras_vqpix.models.pixelcnn import LN2, PixelCNN, max_bits_per_code
+from keras_vqpix.training.artifacts import (
+    RunPaths,
+    load_prior,
+    load_vqvae,
+    read_json,
+    save_model,
+    weights_fingerprint,
+    write_json,
+)
+from keras_vqpix.training.callbacks import (
+    EpochCheckpoint,
+    StopOnNonFiniteLoss,
+    read_history,
+    restore_latest,
+    write_history,
+)
+from keras_vqpix.training.codes import cached_codes
+
+PLOT_SAMPLES_PER_CLASS = 4
+CURVE_PANELS = (("bits per code", ("bits_per_code",)),)
+VQVAE_MARKER = "vqvae_fingerprint.txt"
+
+
+def code_dataset(codes: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool = False,
+                 seed: int = 0, first_epoch: int = 0) -> tf.data.Dataset:  # fmt: skip
+    """Batches of `(codes [B, h, w] int32, labels [B] int32)`.
+
+    Without `shuffle`: one pass in order. With `shuffle`: endless epochs `first_epoch, ...`,
+    each in the order of a stateless shuffle seeded by `(seed, epoch)`, batched on its own,
+    so a resumed run sees the same batches as an uninterrupted one.
+    """
+    codes = tf.constant(np.asarray(codes, np.int32))
+    labels = tf.constant(np.asarray(labels, np.int32))
+    if not shuffle:
+        return tf.data.Dataset.from_tensor_slices((codes, labels)).batch(batch_size).prefetch(2)
+    count = int(codes.shape[0])
+
+    def one_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(count), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
+        return (
+            tf.data.Dataset.from_tensor_slices(order)
+            .batch(batch_size)
+            .map(lambda index: (tf.gather(codes, index), tf.gather(labels, index)))
+        )
+
+    epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
+    return epochs.flat_map(one_epoch).prefetch(2)
+
+
+def build_prior(config: RunConfig) -> PixelCNN:
+    """A compiled, built prior for `config` (weights initialised from `config.seed`)."""
+    keras.utils.set_random_seed(config.seed)
+    size = config.code_size
+    prior = PixelCNN.from_run_config(
+        config.prior, config.vqvae.num_embeddings, code_shape=(size, size), seed=config.seed
+    )
+    prior.compile(optimizer=keras.optimizers.Adam(config.prior.learning_rate))
+    prior(tf.zeros((1, size, size), tf.int32), tf.zeros((1,), tf.int32))
+    # Create the optimizer's slots now, so a checkpoint restores into existing variables.
+    prior.optimizer.build(prior.trainable_variables)
+    return prior
+
+
+def bits_per_code(
+    prior, codes: np.ndarray, labels: np.ndarray | None, batch_size: int = 64
+) -> float:
+    """Mean cross-entropy of `codes` under `prior`, in bits per code (labels -1: unconditional)."""
+    if labels is None:
+        labels = np.full(len(codes), -1, np.int32)
+
+    @tf.function
+    def batch_nats(batch_codes, batch_labels):
+        logits = prior(batch_codes, batch_labels, training=False)
+        return tf.reduce_sum(
+            keras.losses.sparse_categorical_crossentropy(batch_codes, logits, from_logits=True)
+        )
+
+    total = 0.0
+    for batch_codes, batch_labels in code_dataset(codes, labels, batch_size):
+        total += float(batch_nats(batch_codes, batch_labels))
+    return total / (np.asarray(codes).size * LN2)
+
+
+def _discard_stale_prior(paths: RunPaths, vqvae_fingerprint: str, log) -> None:
+    """Remove the prior's checkpoints and files when they belong to another VQ-VAE."""
+    marker = paths.prior_checkpoints / VQVAE_MARKER
+    stale_checkpoints = paths.prior_checkpoints.exists() and (
+        not marker.is_file() or marker.read_text().strip() != vqvae_fingerprint
+    )
+    stale_meta = (
+        paths.prior_meta.is_file()
+        and read_json(paths.prior_meta).get("vqvae_fingerprint") != vqvae_fingerprint
+    )
+    if stale_checkpoints or stale_meta:
+        log("Prior: the VQ-VAE changed since the prior was trained; training the prior afresh")
+        shutil.rmtree(paths.prior_checkpoints, ignore_errors=True)
+        for path in (paths.prior_meta, paths.prior_model, paths.prior_history):
+            path.unlink(missing_ok=True)
+    atomic_write_text(marker, vqvae_fingerprint + "\n")
+
+
+def train_prior(paths: RunPaths, splits: DataSplits, config: RunConfig, *, verbose: int | str = "auto",
+                log=print) -> dict:  # fmt: skip
+    """Train (or resume) the prior of a run on its VQ-VAE's codes; return the best epoch's metadata.
+
+    The metadata (`prior.json`) holds `epoch`, `val_bits_per_code`, `test_bits_per_code`
+    (and `test_bits_per_code_unconditional` for a conditional prior), `max_bits_per_code`,
+    the prior's own `fingerprint` and the `vqvae_fingerprint` it was trained on.
+    """
+    vqvae, _, vqvae_meta = load_vqvae(paths.root)
+    vqvae_fingerprint = vqvae_meta["fingerprint"]
+    codes = {
+        name: cached_codes(paths, name, vqvae, vqvae_fingerprint, getattr(splits, name), config)
+        for name in ("train", "validation", "test")
+    }
+    _discard_stale_prior(paths, vqvae_fingerprint, log)
+
+    prior = build_prior(config)
+    epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = tf.train.Checkpoint(model=prior, optimizer=prior.optimizer, epoch=epoch_variable)
+    manager = tf.train.CheckpointManager(checkpoint, str(paths.prior_checkpoints), max_to_keep=2)
+    first_epoch = restore_latest(manager, checkpoint, epoch_variable)
+    history = [row for row in read_history(paths.prior_history) if row["epoch"] <= first_epoch]
+    best = read_json(paths.prior_meta) if first_epoch and paths.prior_meta.is_file() else {}
+    if first_epoch:
+        log(f"Prior: resuming from epoch {first_epoch} (checkpoint {manager.latest_checkpoint})")
+        write_history(paths.prior_history, history)
+
+    epochs, batch_size = config.prior.epochs, config.prior.batch_size
+    if first_epoch < epochs:
+        train_codes, train_labels = codes["train"]
+        train_data = code_dataset(train_codes, train_labels, batch_size, shuffle=True, seed=config.seed,
+                                  first_epoch=first_epoch)  # fmt: skip
+        validation_data = code_dataset(*codes["validation"], batch_size)
+
+        def save_best(epoch: int, logs: dict) -> None:
+            save_model(prior, paths.prior_model)
+            meta = {
+                "epoch": epoch,
+                "val_bits_per_code": logs.get("val_bits_per_code"),
+                "max_bits_per_code": max_bits_per_code(config.vqvae.num_embeddings),
+                "fingerprint": weights_fingerprint(prior),
+                "vqvae_fingerprint": vqvae_fingerprint,
+            }
+            write_json(paths.prior_meta, {**meta, "metrics": logs})
+            best.clear()
+            best.update(meta)
+
+        callbacks = [
+            StopOnNonFiniteLoss(),
+            EpochCheckpoint(
+                paths.prior_history,
+                manager,
+                epoch_variable,
+                "val_bits_per_code",
+                save_best,
+                best=best.get("val_bits_per_code"),
+                history=history,
+                mode="min",
+            ),  # fmt: skip
+            keras.callbacks.TensorBoard(str(paths.prior_logs), write_graph=False, profile_batch=0),
+        ]
+        prior.fit(
+            train_data,
+            steps_per_epoch=steps_per_epoch(len(train_codes), batch_size),
+            epochs=epochs,
+            initial_epoch=first_epoch,
+            validation_data=validation_data,
+            callbacks=callbacks,
+            shuffle=False,  # the dataset shuffles itself, reproducibly per epoch
+            verbose=verbose,
+        )
+
+    best_prior, meta = load_prior(paths.root, vqvae_meta)
+    test_codes, test_labels = codes["test"]
+    meta["test_bits_per_code"] = bits_per_code(best_prior, test_codes, test_labels, batch_size)
+    if best_prior.conditional:
+        meta["test_bits_per_code_unconditional"] = bits_per_code(
+            best_prior, test_codes, None, batch_size
+        )
+    write_json(paths.prior_meta, meta)
+    # Sampling costs h * w forward passes per map: redraw only when the prior changed.
+    samples = first_epoch < epochs or not (paths.plots / "prior_samples.png").is_file()
+    plot_prior(paths, splits, config, vqvae, best_prior, meta, samples=samples)
+    return meta
+
+
+def plot_prior(paths: RunPaths, splits: DataSplits, config: RunConfig, vqvae, prior, meta: dict, *,
+               samples: bool = True) -> None:  # fmt: skip
+    """Bits-per-code curves, and (`samples`) samples of each class beside real test slices."""
+    from keras_vqpix import plots
+    from keras_vqpix.sample_quality import plot_samples_vs_real
+
+    plots.plot_curves(
+        read_history(paths.prior_history),
+        paths.plots / "prior_curves.png",
+        CURVE_PANELS,
+        f"Prior training (uniform prior: {meta['max_bits_per_code']:.2f} bits per code)",
+    )
+    if not samples:
+        return
+    plot_samples_vs_real(
+        paths.plots / "prior_samples.png",
+        prior,
+        vqvae,
+        splits.test,
+        config,
+        samples_per_class=PLOT_SAMPLES_PER_CLASS,
+        seed=config.seed,
+        title=f"Prior samples (epoch {meta['epoch']}) beside real test slices",
+    )

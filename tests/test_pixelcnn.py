@@ -1,0 +1,285 @@
+"""Masked convolutions, the Gated PixelCNN block and the PixelCNN prior: causality, saving, config."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_vqpix.config import PriorConfig
+from keras_vqpix.layers.gated_pixelcnn import GatedBlock
+from keras_vqpix.layers.masked_conv import MaskedConv2D, causal_mask
+from keras_vqpix.models.pixelcnn import PixelCNN
+
+# -- Causality over every position ------------------------------------------------------------------
+
+
+def dependencies(logits_fn, embedded: np.ndarray) -> np.ndarray:
+    """`D[p, q]`: do the logits at raster position p depend on the input at position q?
+
+    The gradient of the logits of each output position with respect to the embedded input,
+    nonzero anywhere in the batch or the embedding channels. One backward pass: the batch is
+    repeated once per output position p, and copy p only back-propagates from position p (the
+    network has no batch interaction).
+    """
+    batch, height, width, _ = embedded.shape
+    positions = height * width
+    x = tf.constant(np.tile(embedded, (positions, 1, 1, 1)), tf.float32)  # [P * B, h, w, E]
+    selector = np.repeat(np.eye(positions, dtype=np.float32), batch, axis=0)  # [P * B, P]
+    selector = tf.constant(selector.reshape(positions * batch, height, width))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        selected = tf.reduce_sum(tf.reduce_sum(logits_fn(x), axis=-1) * selector)
+    gradient = tape.gradient(selected, x).numpy().reshape(positions, batch, positions, -1)
+    return np.abs(gradient).sum(axis=(1, 3)) > 0
+
+
+def causality_violations(logits_fn, embedded: np.ndarray) -> dict[str, list]:
+    """Positions that leak (depend on themselves or later) and blind spots (miss an earlier one)."""
+    depends = dependencies(logits_fn, embedded)
+    size = depends.shape[0]
+    earlier = np.arange(size)[None, :] < np.arange(size)[:, None]
+    width = embedded.shape[2]
+
+    def where(mask):
+        return [
+            (divmod(int(p), width), divmod(int(q), width))
+            for p, q in zip(*np.nonzero(mask), strict=True)
+        ]
+
+    return {"leaks": where(depends & ~earlier), "blind_spots": where(~depends & earlier)}
+
+
+def random_embedded(height=6, width=6, channels=4, batch=2, seed=0) -> np.ndarray:
+    return (
+        np.random.default_rng(seed).normal(size=(batch, height, width, channels)).astype(np.float32)
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_layers": 5, "kernel_size": 3, "conditional": True},
+        {"num_layers": 2, "kernel_size": 5, "conditional": False},
+    ],
+    ids=["k3-conditional", "k5-unconditional"],
+)
+def test_every_position_sees_exactly_the_earlier_positions(kwargs):
+    # On a 6x6 map the receptive field of (num_layers + 1) * (k // 2) >= 6 covers every earlier
+    # position, so each output must depend on all of them (no blind spot) and on nothing at or
+    # after itself (no leak).
+    keras.utils.set_random_seed(1)
+    prior = PixelCNN(num_embeddings=8, filters=8, embedding_dim=4, **kwargs)
+    labels = tf.constant([0, 1])
+    prior(tf.zeros((2, 6, 6), tf.int32), labels)
+    violations = causality_violations(
+        lambda x: prior.logits_from_embeddings(x, tf.tile(labels, [x.shape[0] // 2])),
+        random_embedded(batch=2),
+    )
+    assert violations == {"leaks": [], "blind_spots": []}
+
+
+def test_the_causality_check_catches_a_blind_spot_and_a_leak():
+    """The same assertion fails on a plain masked-conv stack (blind spot) and on a leaky one."""
+    keras.utils.set_random_seed(2)
+
+    def masked_stack(first_mask):
+        convs = [MaskedConv2D(8, 3, first_mask)] + [MaskedConv2D(8, 3, "B") for _ in range(5)]
+        head = keras.layers.Conv2D(8, 1)
+
+        def logits(x):
+            for conv in convs:
+                x = tf.tanh(conv(x))
+            return head(x)
+
+        return logits
+
+    plain = causality_violations(masked_stack("A"), random_embedded())
+    assert not plain["leaks"]
+    # The blind spot of stacked k x k masks: (i, j) never sees (i - 1, j + 2) and beyond.
+    assert ((2, 0), (1, 2)) in plain["blind_spots"]
+    leaky = causality_violations(masked_stack("B"), random_embedded())
+    assert ((0, 0), (0, 0)) in leaky["leaks"]
+
+
+# -- MaskedConv2D ---------------------------------------------------------------------------------
+
+
+def test_causal_masks():
+    np.testing.assert_array_equal(causal_mask(3, "B")[..., 0, 0], [[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(causal_mask((1, 5), "A")[..., 0, 0], [[1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(causal_mask((1, 5), "B")[..., 0, 0], [[1, 1, 1, 0, 0]])
+
+
+def test_masked_conv_matches_numpy_and_ignores_masked_taps():
+    layer = MaskedConv2D(3, 3, "A", kernel_initializer="ones", bias_initializer="zeros")
+    inputs = np.random.default_rng(0).normal(size=(1, 5, 5, 2)).astype(np.float32)
+    outputs = layer(inputs).numpy()
+    padded = np.pad(inputs, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    # Mask A of a 3x3 kernel: the row above (3 taps) and the left neighbour.
+    expected = np.zeros((1, 5, 5))
+    for i in range(5):
+        for j in range(5):
+            expected[0, i, j] = padded[0, i, j : j + 3].sum() + padded[0, i + 1, j].sum()
+    np.testing.assert_allclose(outputs[..., 0], expected, rtol=1e-5, atol=1e-5)
+    # The mask is a non-trainable weight, not a graph constant, and survives a kernel update.
+    assert [w.path for w in layer.non_trainable_weights] == [layer.mask.path]
+    assert layer.mask.path not in [w.path for w in layer.trainable_weights]
+    layer.kernel.assign(np.full(layer.kernel.shape, 5.0, np.float32))
+    np.testing.assert_allclose(layer(inputs).numpy(), 5 * outputs, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"filters": 4, "kernel_size": 3, "mask_type": "C"}, r"Received: mask_type='C'"),
+        ({"filters": 4, "kernel_size": 2}, r"Received: kernel_size=2"),
+        ({"filters": 4, "kernel_size": (3, 4)}, r"Received: kernel_size=\(3, 4\)"),
+        ({"filters": 0, "kernel_size": 3}, r"Received: filters=0"),
+    ],
+)
+def test_masked_conv_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MaskedConv2D(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"filters": 4, "kernel_size": 4}, r"Received: kernel_size=4"),
+        ({"filters": 4, "mask_type": "a"}, r"Received: mask_type='a'"),
+        ({"filters": 4, "num_labels": -1}, r"Received: num_labels=-1"),
+    ],
+)
+def test_gated_block_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GatedBlock(**kwargs)
+
+
+def test_gated_block_mask_b_needs_matching_residual_channels():
+    block = GatedBlock(8, 3, "B")
+    x = tf.zeros((1, 4, 4, 3))
+    with pytest.raises(ValueError, match="residual"):
+        block(x, x)
+
+
+def test_pixelcnn_and_config_reject_bad_arguments():
+    with pytest.raises(ValueError, match=r"Received: label_dropout=1.0"):
+        PixelCNN(num_embeddings=8, label_dropout=1.0)
+    with pytest.raises(ValueError, match=r"Received: label_dropout=-0.1"):
+        PriorConfig(label_dropout=-0.1)
+    with pytest.raises(ValueError, match=r"Received: embedding_dim=0"):
+        PriorConfig(embedding_dim=0)
+
+
+# -- Config and saving ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        MaskedConv2D(4, (1, 3), "A", use_bias=False, name="masked"),
+        GatedBlock(8, 5, "A", num_labels=3, name="block"),
+        PixelCNN(
+            num_embeddings=8,
+            num_layers=1,
+            filters=8,
+            embedding_dim=4,
+            conditional=False,
+            label_dropout=0.2,
+            dropout=0.1,
+            code_shape=(4, 5),
+            seed=3,
+        ),  # fmt: skip
+    ],
+    ids=["MaskedConv2D", "GatedBlock", "PixelCNN"],
+)
+def test_get_config_round_trips(layer):
+    config = layer.get_config()
+    assert type(layer).from_config(config).get_config() == config
+
+
+def tiny_prior(**kwargs) -> PixelCNN:
+    keras.utils.set_random_seed(0)
+    defaults = dict(num_embeddings=8, num_layers=2, filters=8, embedding_dim=4, code_shape=(5, 5))
+    prior = PixelCNN(**(defaults | kwargs))
+    prior(tf.zeros((1, 5, 5), tf.int32), tf.zeros((1,), tf.int32))
+    return prior
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_keras_round_trip_keeps_masks_and_outputs(tmp_path, conditional):
+    prior = tiny_prior(conditional=conditional)
+    codes = np.random.default_rng(0).integers(0, 8, (3, 5, 5)).astype(np.int32)
+    labels = np.array([0, 1, -1], np.int32)
+    path = tmp_path / "prior.keras"
+    prior.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded(codes, labels).numpy(), prior(codes, labels).numpy())
+    masks = [w for w in loaded.non_trainable_weights if w.path.endswith("mask")]
+    assert len(masks) == 3
+    np.testing.assert_array_equal(masks[0].numpy(), causal_mask((1, 3), "A"))
+    np.testing.assert_array_equal(masks[1].numpy(), causal_mask((1, 3), "B"))
+    assert loaded.code_shape == (5, 5) and loaded.conditional is conditional
+
+
+def test_logits_are_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        prior = PixelCNN(num_embeddings=8, num_layers=1, filters=8, embedding_dim=4)
+        logits = prior(tf.zeros((2, 4, 4), tf.int32), tf.constant([0, 1]))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert logits.dtype == tf.float32 and logits.shape == (2, 4, 4, 8)
+
+
+# -- Conditioning -----------------------------------------------------------------------------------
+
+
+def test_conditioning_changes_the_output_and_minus_one_is_unconditional():
+    prior = tiny_prior()
+    codes = np.random.default_rng(1).integers(0, 8, (2, 5, 5)).astype(np.int32)
+
+    def logits(label):
+        return prior(codes, None if label is None else np.full(2, label, np.int32)).numpy()
+
+    nc, ad, unconditional = logits(0), logits(1), logits(-1)
+    assert np.abs(nc - ad).max() > 1e-4
+    assert np.abs(nc - unconditional).max() > 1e-4
+    np.testing.assert_array_equal(logits(None), unconditional)
+
+
+def test_unconditional_prior_ignores_labels():
+    prior = tiny_prior(conditional=False)
+    codes = np.random.default_rng(1).integers(0, 8, (2, 5, 5)).astype(np.int32)
+    assert not any("label" in w.path for w in prior.weights)
+    np.testing.assert_array_equal(
+        prior(codes, np.array([0, 0])).numpy(), prior(codes, np.array([1, -1])).numpy()
+    )
+
+
+@pytest.mark.parametrize("label_dropout", [0.0, 0.5])
+def test_label_dropout_trains_the_unconditional_embedding(label_dropout):
+    prior = tiny_prior(label_dropout=label_dropout, seed=0)
+    prior.compile(optimizer=keras.optimizers.SGD(0.1))
+    table = prior.blocks[0].horizontal_label.embeddings
+    before = table.numpy()
+    codes = np.random.default_rng(2).integers(0, 8, (16, 5, 5)).astype(np.int32)
+    labels = np.tile(np.array([0, 1], np.int32), 8)
+    prior.fit(codes, labels, batch_size=16, epochs=2, verbose=0)
+    changed = np.abs(table.numpy() - before).max(axis=1) > 0
+    assert changed[0] and changed[1]
+    assert changed[2] == (label_dropout > 0)  # row 2: the "unconditional" label
+
+
+def test_training_reports_bits_per_code():
+    prior = tiny_prior()
+    # SGD: Keras' Adam takes seconds longer to trace, for nothing this test checks.
+    prior.compile(optimizer=keras.optimizers.SGD(0.5))
+    codes = np.zeros((8, 5, 5), np.int32)
+    history = prior.fit(codes, np.zeros(8, np.int32), batch_size=8, epochs=3, verbose=0).history
+    np.testing.assert_allclose(
+        history["bits_per_code"], np.array(history["loss"]) / np.log(2), rtol=1e-5
+    )
+    assert history["bits_per_code"][-1] < history["bits_per_code"][0]

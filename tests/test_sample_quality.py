@@ -1,0 +1,61 @@
+"""Sample statistics: nearest-neighbour SSIM, pairwise diversity, choosing real slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from keras_vqpix.data.discover import SliceRecord
+from keras_vqpix.sample_quality import (
+    pairwise_diversity,
+    real_counterparts,
+    spread_records,
+    ssim_matrix_max,
+)
+
+
+def smooth_images(count: int, size: int = 24, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(size=(count, size // 4, size // 4, 1)).astype(np.float32)
+    return tf.image.resize(images, (size, size)).numpy().clip(0, 1)
+
+
+def test_nearest_ssim_equals_brute_force_tf_image_ssim():
+    queries, references = smooth_images(5, seed=1), smooth_images(13, seed=2)
+    brute = np.array(
+        [tf.image.ssim(np.repeat(q[None], 13, 0), references, 1.0).numpy().max() for q in queries]
+    )
+    np.testing.assert_allclose(ssim_matrix_max(queries, references), brute, atol=1e-5)
+    # A query among the references finds itself unless excluded.
+    np.testing.assert_allclose(ssim_matrix_max(references[:3], references), 1.0, atol=1e-5)
+    excluded = ssim_matrix_max(references[:3], references, exclude=np.array([0, 1, 2]))
+    assert (excluded < 0.999).all()
+
+
+def test_pairwise_diversity():
+    images = smooth_images(4)
+    value, name = pairwise_diversity(images)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    expected = np.mean([1 - tf.image.ssim(images[i], images[j], 1.0).numpy() for i, j in pairs])
+    assert name == "1 - SSIM" and abs(value - expected) < 1e-5
+    assert pairwise_diversity(np.repeat(images[:1], 3, 0))[0] < 1e-6
+    assert pairwise_diversity(images[:1])[0] is None
+    large = np.repeat(smooth_images(2, size=168), 1, 0)
+    assert pairwise_diversity(large)[1] == "1 - MS-SSIM"
+
+
+def test_real_slices_are_spread_over_patients_and_match_the_labels():
+    records = [
+        SliceRecord(f"{label}{p}", s, f"/x/{label}{p}_{s}.jpeg", label)
+        for label in (0, 1)
+        for p in range(3)
+        for s in range(5)
+    ]
+    chosen = spread_records(records, 7)
+    assert len({r.patient for r in chosen[:6]}) == 6
+    assert all(r.slice_index == 2 for r in chosen[:6])  # middle slices first
+    assert chosen == spread_records(list(reversed(records)), 7)
+    assert len(spread_records(records, 100)) == len(records)
+    matched = real_counterparts(records, np.array([0, 0, 1, 1, 1]))
+    assert [r.label for r in matched] == [0, 0, 1, 1, 1]
+    assert len(real_counterparts(records, np.array([-1] * 4))) == 4
