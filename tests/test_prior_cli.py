@@ -11,8 +11,9 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from keras_vqpix_cli.main import main
 from PIL import Image
+
+from keras_vqpix_cli.main import main
 
 pytestmark = pytest.mark.large
 
