@@ -58,3 +58,22 @@ def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "data"
     generate_demo_dataset(root, seed=0, train_patients_per_class=16)
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_run(tiny_adni, tmp_path_factory) -> Path:
+    """`vqpix train --config quick` (both stages) on `tiny_adni`, trained once per session.
+
+    Tests must not change it; copy it (`shutil.copytree`) to modify.
+    """
+    from click.testing import CliRunner
+
+    from keras_vqpix_cli.main import main
+
+    out = tmp_path_factory.mktemp("quick_run") / "run"
+    result = CliRunner().invoke(
+        main, ["train", "--config", "quick", "--data", str(tiny_adni), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Prior: best epoch" in result.output
+    return out

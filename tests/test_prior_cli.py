@@ -23,13 +23,9 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_adni, tmp_path_factory) -> Path:
-    """A run of the quick config, both stages, trained once for the module."""
-    out = tmp_path_factory.mktemp("prior") / "run"
-    result = invoke("train", "--config", "quick", "--data", tiny_adni, "--out", out)
-    assert result.exit_code == 0, result.output
-    assert "Prior: best epoch" in result.output
-    return out
+def run(quick_run) -> Path:
+    """A run of the quick config, both stages (trained once per session, see conftest)."""
+    return quick_run
 
 
 @pytest.fixture
