@@ -24,6 +24,7 @@ from keras_vqpix.training.callbacks import (
     StopOnNonFiniteLoss,
     read_history,
     restore_latest,
+    training_checkpoint,
     write_history,
 )
 from keras_vqpix.training.codes import cached_codes
@@ -53,16 +54,32 @@ def train_vqvae(paths: RunPaths, splits: DataSplits, config: RunConfig, *, verbo
     """Train (or resume) the VQ-VAE of a run; return the best epoch's metadata."""
     model = build_vqvae(config)
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable)
+    checkpoint = training_checkpoint(model, epoch_variable)
     manager = tf.train.CheckpointManager(checkpoint, str(paths.vqvae_checkpoints), max_to_keep=2)
-    first_epoch = restore_latest(manager, checkpoint, epoch_variable)
+    first_epoch = restore_latest(manager, checkpoint, epoch_variable, log=log)
     history = [row for row in read_history(paths.history) if row["epoch"] <= first_epoch]
     best = read_json(paths.vqvae_meta) if first_epoch and paths.vqvae_meta.is_file() else {}
+    epochs = config.vqvae.epochs
     if first_epoch:
-        log(f"VQ-VAE: resuming from epoch {first_epoch} (checkpoint {manager.latest_checkpoint})")
+        todo = f"epochs {first_epoch + 1}-{epochs} to go" if first_epoch < epochs else "all done"
+        log(f"VQ-VAE: resuming from epoch {first_epoch} (checkpoint {manager.latest_checkpoint}); {todo}")  # fmt: skip
         write_history(paths.history, history)
 
-    epochs = config.vqvae.epochs
+    def save_best(epoch: int, logs: dict) -> None:
+        save_model(model, paths.vqvae_model)
+        meta = {
+            "epoch": epoch,
+            "val_ssim": logs.get("val_ssim"),
+            "fingerprint": weights_fingerprint(model),
+        }
+        write_json(paths.vqvae_meta, {**meta, "metrics": logs})
+        best.update(meta)
+
+    saved_best = best.get("val_ssim")
+    epoch_checkpoint = EpochCheckpoint(paths.history, manager, epoch_variable, "val_ssim", save_best,
+                                       best=-math.inf if saved_best is None else saved_best,
+                                       history=history)  # fmt: skip
+    epoch_checkpoint.save_missing_best()
     if first_epoch < epochs:
         data = config.data
         train_data = make_dataset(splits.train, data.image_size, data.batch_size, shuffle=True, seed=config.seed,
@@ -70,28 +87,9 @@ def train_vqvae(paths: RunPaths, splits: DataSplits, config: RunConfig, *, verbo
         validation_data = make_dataset(
             splits.validation, data.image_size, data.batch_size, cache=data.cache
         )
-
-        def save_best(epoch: int, logs: dict) -> None:
-            save_model(model, paths.vqvae_model)
-            meta = {
-                "epoch": epoch,
-                "val_ssim": logs.get("val_ssim"),
-                "fingerprint": weights_fingerprint(model),
-            }
-            write_json(paths.vqvae_meta, {**meta, "metrics": logs})
-            best.update(meta)
-
         callbacks = [
             StopOnNonFiniteLoss(),
-            EpochCheckpoint(
-                paths.history,
-                manager,
-                epoch_variable,
-                "val_ssim",
-                save_best,
-                best=best.get("val_ssim") or -math.inf,
-                history=history,
-            ),  # fmt: skip
+            epoch_checkpoint,
             keras.callbacks.TensorBoard(str(paths.vqvae_logs), write_graph=False, profile_batch=0),
         ]
         model.fit(
