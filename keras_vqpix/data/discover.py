@@ -63,6 +63,11 @@ class DataSplits:
         return out
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """`path` fit for a message: bytes of a file name that are not UTF-8 shown as `\\xff`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def patient_and_slice(filename: str) -> tuple[str, int]:
     """`"941_S_1311_78.jpeg"` -> `("941_S_1311", 78)`; a stem without `_` is its own patient."""
     stem = Path(filename).stem
@@ -177,7 +182,7 @@ def discover_splits(
         if not kept:
             path, reason = next((p, r) for p, r in skipped if Path(p).parent.parent == root / split)
             raise DatasetLayoutError(
-                f"no image file in {root / split} can be read (e.g. {path}: {reason}); "
+                f"no image file in {root / split} can be read (e.g. {display_path(path)}: {reason}); "
                 "the folders must hold JPEG or PNG images"
             )
     train, validation = split_by_patient(train_records, validation_fraction, seed)

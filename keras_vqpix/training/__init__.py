@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keras_vqpix.config import RunConfig
-from keras_vqpix.data.discover import DataSplits, discover_splits
+from keras_vqpix.data.discover import DataSplits, discover_splits, display_path
 from keras_vqpix.io import atomic_write_text
 from keras_vqpix.training.artifacts import (
     RunFolderError,
@@ -142,7 +142,9 @@ def report_skipped(paths: RunPaths, splits: DataSplits, data_root: str | os.Path
     root = Path(data_root)
 
     def name(path: str) -> str:
-        return os.path.relpath(path, root) if Path(path).is_relative_to(root) else path
+        return display_path(
+            os.path.relpath(path, root) if Path(path).is_relative_to(root) else path
+        )
 
     atomic_write_text(
         paths.skipped_files,
