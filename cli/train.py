@@ -144,6 +144,7 @@ def train(
         with user_errors():
             result = train_run(run_dir, data, config, stage=stage, overwrite=overwrite)
     except TrainingDivergedError as error:
+        click.echo()  # end the line Keras' progress bar left open
         raise click.ClickException(
             f"training diverged: {error}. {run_dir} keeps the checkpoint and best model of the "
             "last complete epoch; start again with another --seed, in a new --out or with --overwrite"

@@ -148,7 +148,7 @@ def report_skipped(paths: RunPaths, splits: DataSplits, data_root: str | os.Path
 
     atomic_write_text(
         paths.skipped_files,
-        f"# Files under {root.resolve()} left out of {paths.root} because they cannot be read\n"
+        f"# Files under {display_path(root.resolve())} left out of this run: they cannot be read\n"
         + "".join(f"{name(path)}\t{reason}\n" for path, reason in splits.skipped),
     )
     total = len(splits.skipped) + sum(
