@@ -247,6 +247,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(reference, tmp
     assert_same_run(run, reference_run)
 
 
+@pytest.mark.large
 def test_no_readable_checkpoint_is_refused_and_nothing_is_touched(reference, tmp_path):
     data, reference_run, _ = reference
     run = tmp_path / "unreadable"
@@ -261,6 +262,7 @@ def test_no_readable_checkpoint_is_refused_and_nothing_is_touched(reference, tmp
     assert snapshot(run, skip=()) == before
 
 
+@pytest.mark.large
 def test_a_run_of_another_config_is_refused_and_overwrite_replaces_it(reference, tmp_path):
     data, reference_run, _ = reference
     run = tmp_path / "other"
@@ -285,6 +287,7 @@ def test_a_run_of_another_config_is_refused_and_overwrite_replaces_it(reference,
     assert not [p for p in run.rglob(".*") if p.name != ".lock"]
 
 
+@pytest.mark.large
 def test_a_second_trainer_on_the_same_folder_is_refused(reference, tmp_path):
     from keras_vqpix.training.artifacts import RunPaths, run_folder_lock
 
