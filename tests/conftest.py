@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 
@@ -114,3 +115,13 @@ def odd_adni(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
     """`tiny_adni`'s layout plus `add_odd_files`: (root, names of the odd files added)."""
     root = make_adni_folder(tmp_path_factory.mktemp("odd_adni"))
     return root, add_odd_files(root)
+
+
+@pytest.fixture(scope="module")
+def time_limit():
+    """Bound a whole test module in time: should anything hang (a training run, a decoder), the
+    test process exits after 20 minutes with every thread's traceback instead of waiting forever.
+    (Subprocesses have their own timeouts.)"""
+    faulthandler.dump_traceback_later(20 * 60, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()

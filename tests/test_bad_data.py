@@ -19,6 +19,7 @@ from PIL import Image
 
 from keras_vqpix.data import DatasetLayoutError, discover_splits
 
+pytestmark = pytest.mark.usefixtures("time_limit")
 FUZZ_FILES = 320
 FUZZ_TIMEOUT = 150  # seconds, TensorFlow's import included
 

@@ -8,6 +8,8 @@ import pytest
 
 from keras_vqpix.io import atomic_path, atomic_write_text
 
+pytestmark = pytest.mark.usefixtures("time_limit")
+
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "history.csv"

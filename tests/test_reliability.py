@@ -26,6 +26,8 @@ from keras_vqpix_cli.main import main
 
 from keras_vqpix.data.discover import display_path
 
+pytestmark = pytest.mark.usefixtures("time_limit")
+
 EPOCHS = 3
 BATCH = 4
 TIMEOUT = 300  # seconds for one `vqpix train` subprocess, TensorFlow's import included
@@ -93,7 +95,7 @@ def snapshot(run: Path, skip: tuple[str, ...] = ("logs",)) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(odd_adni, tmp_path_factory) -> tuple[Path, Path, str]:
+def reference(time_limit, odd_adni, tmp_path_factory) -> tuple[Path, Path, str]:
     """An uninterrupted run: (data folder, run folder, its output)."""
     data, _ = odd_adni
     run = tmp_path_factory.mktemp("reference") / "run"
