@@ -166,7 +166,7 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_exactly(reference, tmp_
         # Kill once epoch 1 is checkpointed and epoch 2 has finished a step.
         while True:
             text = output.text()
-            in_epoch_2 = re.search(r"\d+/\d+", text.partition("Epoch 2/")[2][2:])
+            in_epoch_2 = re.search(r"Epoch 2/\d+\s.*?\d+/\d+", text, re.DOTALL)  # a step's progress
             if (run / "checkpoints" / "vqvae" / "checkpoint").is_file() and in_epoch_2:
                 break
             assert process.poll() is None, f"ended before it could be killed:\n{text[-3000:]}"
