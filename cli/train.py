@@ -65,7 +65,7 @@ from .common import InputError, resolve_data, user_errors
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(0, 2**32 - 1),
     default=0,
     show_default=True,
     help="Seed of the split, shuffling and initialisation.",
@@ -74,6 +74,13 @@ from .common import InputError, resolve_data, user_errors
     "--overwrite",
     is_flag=True,
     help="Replace a run of another config in --out instead of refusing.",
+)
+@click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Use only deterministic TensorFlow kernels (tf.config.experimental."
+    "enable_op_determinism): identical results on GPU too, somewhat slower there. "
+    "CPU runs are deterministic for a --seed without it.",
 )
 @click.pass_context
 def train(
@@ -88,10 +95,13 @@ def train(
     image_size,
     seed,
     overwrite,
+    deterministic,
 ) -> None:
     """Train on --data (default: the demo set) into the run folder --out.
 
     Run again with the same options to resume after an interruption; --epochs may grow.
+    Exit codes: 0 done, 2 bad options or input (nothing written), 1 training failed or
+    diverged (the run folder keeps its last complete epoch).
     """
     from keras_vqpix.config import get_config
     from keras_vqpix.training.artifacts import RunPaths, read_config
@@ -124,9 +134,21 @@ def train(
     data = resolve_data(data)
 
     from keras_vqpix.training import train_run
+    from keras_vqpix.training.callbacks import TrainingDivergedError
 
-    with user_errors():
-        result = train_run(run_dir, data, config, stage=stage, overwrite=overwrite)
+    if deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    try:
+        with user_errors():
+            result = train_run(run_dir, data, config, stage=stage, overwrite=overwrite)
+    except TrainingDivergedError as error:
+        click.echo()  # end the line Keras' progress bar left open
+        raise click.ClickException(
+            f"training diverged: {error}. {run_dir} keeps the checkpoint and best model of the "
+            "last complete epoch; start again with another --seed, in a new --out or with --overwrite"
+        ) from error
     if result is None:
         raise InputError("nothing was trained")
     click.echo(result.summary())

@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny ADNI-layout folders made on the fly (no demo template needed)."""
+"""Shared fixtures: tiny ADNI-layout folders made on the fly (no demo template needed), with odd files."""
 
 from __future__ import annotations
 
+import faulthandler
+import io
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -48,6 +50,81 @@ def make_adni_folder(
 def tiny_adni(tmp_path_factory) -> Path:
     """ROOT/{train,test}/{AD,NC}: 5 train and 2 test patients per class, 4 slices each."""
     return make_adni_folder(tmp_path_factory.mktemp("adni"))
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def add_odd_files(root: Path, seed: int = 1) -> dict[str, list[str]]:
+    """Add to an ADNI folder what real exports hold besides clean slices.
+
+    Extra slices of existing patients that must be converted (RGB, 16-bit, gray + alpha, BMP
+    under a .png name, odd sizes, odd names: a space and an upper-case suffix, a name that is not
+    UTF-8), files that must be skipped (empty, truncated, text, TIFF), and entries that are no
+    slice at all (hidden files, other suffixes, folders). Returns the names of the readable and
+    of the unreadable files added (paths relative to `root`, as `os.fsdecode` spells them).
+    """
+    rng = np.random.default_rng(seed)
+    gray = np.clip(rng.normal(120, 40, (240, 256)), 0, 255).astype(np.uint8)
+    jpeg = encoded(Image.fromarray(gray), "JPEG", quality=90)
+    png = encoded(Image.fromarray(gray), "PNG")
+    readable = {
+        "train/AD/trAD000_S_0000_80.png": encoded(
+            Image.fromarray(np.stack([gray[:128, :128]] * 3, -1)), "PNG"
+        ),
+        "train/AD/trAD001_S_0001_81.png": encoded(
+            Image.fromarray(gray.astype(np.uint16) * 257), "PNG"
+        ),
+        "train/AD/trAD002_S_0002_82.png": encoded(Image.fromarray(gray).convert("RGB"), "BMP"),
+        "train/NC/trNC000_S_0000_80.jpeg": encoded(Image.fromarray(gray[:50]), "JPEG"),
+        "train/NC/trNC001_S_0001_81 copy.JPG": encoded(
+            Image.fromarray(gray).convert("RGB").resize((300, 300)), "JPEG"
+        ),
+        os.fsdecode(b"train/NC/trNC002_S_0002_\xff82.jpeg"): jpeg,
+        "test/AD/teAD000_S_0000_80.png": encoded(
+            Image.fromarray(np.stack([gray[:64, :64], gray[:64, :64]], -1)), "PNG"
+        ),
+    }
+    unreadable = {
+        "train/AD/trAD000_S_0000_90.jpeg": b"",
+        "train/AD/trAD001_S_0001_91.jpeg": jpeg[: len(jpeg) // 2],
+        os.fsdecode(b"train/AD/trAD003_S_0003_\xfe92.jpeg"): b"",
+        "train/NC/trNC000_S_0000_90.png": b"not an image\n",
+        "train/NC/trNC001_S_0001_91.png": png[: len(png) // 3],
+        "test/NC/teNC000_S_0000_90.jpeg": encoded(Image.fromarray(gray), "TIFF"),
+    }
+    ignored = {
+        "train/AD/.DS_Store": b"\0\0\0\1Bud1",
+        "train/AD/._trAD000_S_0000_70.jpeg": b"\0\5\26\7AppleDouble",
+        "train/NC/Thumbs.db": b"\xd0\xcf\x11\xe0",
+        "train/AD/notes.txt": b"scanner notes\n",
+        "train/AD/extra/trAD000_S_0000_99.jpeg": jpeg,
+    }
+    for name, data in {**readable, **unreadable, **ignored}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "train" / "NC" / "trNC003_S_0003_95.jpeg").mkdir()  # a folder named like a slice
+    return {"readable": sorted(readable), "unreadable": sorted(unreadable)}
+
+
+@pytest.fixture(scope="session")
+def odd_adni(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    """`tiny_adni`'s layout plus `add_odd_files`: (root, names of the odd files added)."""
+    root = make_adni_folder(tmp_path_factory.mktemp("odd_adni"))
+    return root, add_odd_files(root)
+
+
+@pytest.fixture(scope="module")
+def time_limit():
+    """Bound a whole test module in time: should anything hang (a training run, a decoder), the
+    test process exits after 20 minutes with every thread's traceback instead of waiting forever.
+    (Subprocesses have their own timeouts.)"""
+    faulthandler.dump_traceback_later(20 * 60, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")

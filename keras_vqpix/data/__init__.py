@@ -1,7 +1,8 @@
 """Data: discover ADNI-style slices, split by patient, build `tf.data` pipelines, make demo data.
 
-`discover` needs only NumPy; `pipeline` imports TensorFlow and `adni` (NIfTI volumes -> slice
-layout) imports nibabel; both are loaded on first use, so tools that only list files start fast.
+`discover` needs only NumPy; `pipeline` and `screen` (which files cannot be read) import
+TensorFlow and `adni` (NIfTI volumes -> slice layout) imports nibabel; they are loaded on first
+use, so tools that only list files start fast.
 """
 
 from keras_vqpix.data.discover import (

@@ -40,11 +40,15 @@ class SliceRecord:
 
 @dataclass(frozen=True)
 class DataSplits:
-    """Train / validation / test records; train and validation share no patient."""
+    """Train / validation / test records; train and validation share no patient.
+
+    `skipped` lists the `(path, reason)` of files left out because they cannot be read.
+    """
 
     train: tuple[SliceRecord, ...]
     validation: tuple[SliceRecord, ...]
     test: tuple[SliceRecord, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Counts of images and patients per split and class."""
@@ -57,6 +61,11 @@ class DataSplits:
                 **{f"images_{c}": sum(r.label == LABELS[c] for r in records) for c in CLASS_NAMES},
             }
         return out
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` fit for a message: bytes of a file name that are not UTF-8 shown as `\\xff`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def patient_and_slice(filename: str) -> tuple[str, int]:
@@ -136,21 +145,56 @@ def split_by_patient(
 
 
 def discover_splits(
-    root: str | os.PathLike, validation_fraction: float = 0.2, seed: int = 0
+    root: str | os.PathLike,
+    validation_fraction: float = 0.2,
+    seed: int = 0,
+    *,
+    skip_unreadable: bool = False,
 ) -> DataSplits:
-    """Read `root/train` and `root/test` and split train by patient into train/validation."""
+    """Read `root/train` and `root/test` and split train by patient into train/validation.
+
+    Args:
+        root: the ADNI-layout folder.
+        validation_fraction: share of the train folder's patients held out, per class.
+        seed: seed of the split.
+        skip_unreadable: decode every file once (`keras_vqpix.data.screen`, needs TensorFlow)
+            and leave out those that are no readable image, before splitting; they are listed
+            in `DataSplits.skipped`.
+
+    Raises:
+        DatasetLayoutError: a folder is missing or not in the layout, no file of `train/` or of
+            `test/` can be read, or the patients do not allow the split.
+    """
+    root = Path(root)
     train_records = discover_folder(root, "train")
     test_records = discover_folder(root, "test")
+    skipped: tuple[tuple[str, str], ...] = ()
+    if skip_unreadable:
+        from keras_vqpix.data.screen import unreadable_files
+
+        every = train_records + test_records
+        reasons = unreadable_files([r.path for r in every])
+        skipped = tuple((every[i].path, reasons[i]) for i in sorted(reasons))
+        unreadable = {path for path, _ in skipped}
+        train_records = [r for r in train_records if r.path not in unreadable]
+        test_records = [r for r in test_records if r.path not in unreadable]
+    for split, kept in (("train", train_records), ("test", test_records)):
+        if not kept:
+            path, reason = next((p, r) for p, r in skipped if Path(p).parent.parent == root / split)
+            raise DatasetLayoutError(
+                f"no image file in {root / split} can be read (e.g. {display_path(path)}: {reason}); "
+                "the folders must hold JPEG or PNG images"
+            )
     train, validation = split_by_patient(train_records, validation_fraction, seed)
     if not validation:
         raise DatasetLayoutError(
-            f"{Path(root) / 'train'} has too few patients to hold out a validation set; "
+            f"{root / 'train'} has too few patients to hold out a validation set; "
             "each class needs at least two patients"
         )
     overlap = {r.patient for r in train_records} & {r.patient for r in test_records}
     if overlap:
         raise DatasetLayoutError(
-            f"patient {sorted(overlap)[0]!r} appears in both {Path(root) / 'train'} and {Path(root) / 'test'}; "
+            f"patient {sorted(overlap)[0]!r} appears in both {root / 'train'} and {root / 'test'}; "
             "the test set must hold different patients"
         )
-    return DataSplits(train, validation, tuple(test_records))
+    return DataSplits(train, validation, tuple(test_records), skipped)

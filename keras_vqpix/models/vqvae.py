@@ -344,9 +344,16 @@ class VQVAE(keras.Model):
         return outputs, reconstruction_loss, loss
 
     def _update_metrics(self, images, outputs, reconstruction_loss, loss):
-        self.loss_tracker.update_state(loss)
-        self.reconstruction_tracker.update_state(reconstruction_loss)
-        self.vq_tracker.update_state(outputs["vq_loss"])
+        # Scalars go in as one-element vectors (the same mean): a Keras metric adds by
+        # `total.assign(total + value)`, and Grappler's arithmetic optimizer folded the sum that
+        # makes `loss` into that add, so the validation loss varied in its last bit between
+        # identical runs.
+        for tracker, value in (
+            (self.loss_tracker, loss),
+            (self.reconstruction_tracker, reconstruction_loss),
+            (self.vq_tracker, outputs["vq_loss"]),
+        ):
+            tracker.update_state(ops.reshape(value, (1,)))
         self.ssim_tracker.update_state(fast_ssim_per_image(images, outputs["reconstruction"]))
         foreground = fast_ssim_foreground_per_image(images, outputs["reconstruction"])
         # Blank slices have no brain (NaN): they do not count.

@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keras_vqpix.config import RunConfig
-from keras_vqpix.data.discover import DataSplits, discover_splits
+from keras_vqpix.data.discover import DataSplits, discover_splits, display_path
+from keras_vqpix.io import atomic_write_text
 from keras_vqpix.training.artifacts import (
     RunFolderError,
     RunPaths,
+    check_run_folder,
     prepare_run_folder,
     read_config,
     read_json,
+    run_folder_lock,
     write_json,
 )
 
@@ -55,8 +58,13 @@ def split_record(splits: DataSplits) -> dict:
 def load_splits(
     data_root: str | os.PathLike, config: RunConfig, paths: RunPaths | None = None
 ) -> DataSplits:
-    """The run's data splits; when the run folder recorded its split, the data must match it."""
-    splits = discover_splits(data_root, config.data.validation_fraction, config.seed)
+    """The run's data splits; when the run folder recorded its split, the data must match it.
+
+    Files that cannot be read are left out (and listed in `DataSplits.skipped`).
+    """
+    splits = discover_splits(
+        data_root, config.data.validation_fraction, config.seed, skip_unreadable=True
+    )
     if paths is not None and paths.split.is_file():
         recorded = read_json(paths.split)
         if {k: recorded.get(k) for k in ("train", "validation", "test")} != split_record(splits):
@@ -98,28 +106,65 @@ def train_run(
             raise RunFolderError(
                 f"--stage prior trains on the VQ-VAE of {paths.root}; its config differs from the one given"
             )
+    # Everything is checked before anything is written: a refused run leaves no trace.
+    check_run_folder(paths, config, overwrite=overwrite)
     splits = load_splits(
         data_root, config, paths if paths.config.is_file() and not overwrite else None
     )
-    prepare_run_folder(paths, config, overwrite=overwrite)
-    write_json(
-        paths.split,
-        {
-            **split_record(splits),
-            "data": str(Path(data_root).resolve()),
-            "summary": splits.summary(),
-        },
-    )
-    result = TrainResult(paths.root, [])
-    if stage in ("vqvae", "all"):
-        from keras_vqpix.training.vqvae_training import train_vqvae
+    with run_folder_lock(paths):
+        prepare_run_folder(paths, config, overwrite=overwrite)
+        write_json(
+            paths.split,
+            {
+                **split_record(splits),
+                "data": str(Path(data_root).resolve()),
+                "summary": splits.summary(),
+            },
+        )
+        report_skipped(paths, splits, data_root, log)
+        result = TrainResult(paths.root, [])
+        if stage in ("vqvae", "all"):
+            from keras_vqpix.training.vqvae_training import train_vqvae
 
-        result.vqvae = train_vqvae(paths, splits, config, verbose=verbose, log=log)
-        result.stages.append("vqvae")
-    if stage in ("prior", "all"):
-        from keras_vqpix.training.prior_training import train_prior
+            result.vqvae = train_vqvae(paths, splits, config, verbose=verbose, log=log)
+            result.stages.append("vqvae")
+        if stage in ("prior", "all"):
+            from keras_vqpix.training.prior_training import train_prior
 
-        result.prior = train_prior(paths, splits, config, verbose=verbose, log=log)
-        result.stages.append("prior")
+            result.prior = train_prior(paths, splits, config, verbose=verbose, log=log)
+            result.stages.append("prior")
     result.seconds = time.time() - started
     return result
+
+
+def report_skipped(paths: RunPaths, splits: DataSplits, data_root: str | os.PathLike, log=print,
+                   shown: int = 5) -> None:  # fmt: skip
+    """Warn in one line about unreadable files left out, and list them in `RUN/skipped_files.txt`.
+
+    The list is rewritten on every run (removed when nothing is skipped), so it always describes
+    the data the last run used.
+    """
+    if not splits.skipped:
+        paths.skipped_files.unlink(missing_ok=True)
+        return
+    root = Path(data_root)
+
+    def name(path: str) -> str:
+        return display_path(
+            os.path.relpath(path, root) if Path(path).is_relative_to(root) else path
+        )
+
+    atomic_write_text(
+        paths.skipped_files,
+        f"# Files under {display_path(root.resolve())} left out of this run: they cannot be read\n"
+        + "".join(f"{name(path)}\t{reason}\n" for path, reason in splits.skipped),
+    )
+    total = len(splits.skipped) + sum(
+        len(getattr(splits, s)) for s in ("train", "validation", "test")
+    )
+    listed = ", ".join(f"{name(path)} ({reason})" for path, reason in splits.skipped[:shown])
+    more = f", and {len(splits.skipped) - shown} more" if len(splits.skipped) > shown else ""
+    log(
+        f"warning: skipped {len(splits.skipped)} of {total} image files that cannot be read "
+        f"(all listed in {paths.skipped_files}): {listed}{more}"
+    )

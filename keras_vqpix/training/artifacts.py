@@ -10,6 +10,8 @@ RUN/checkpoints/vqvae/     last complete epochs (model + optimizer), for resumin
 RUN/logs/vqvae/            TensorBoard
 RUN/plots/*.png            curves, reconstructions, codebook usage, samples
 RUN/codes/*.npz            cached code maps of each split (with the VQ-VAE fingerprint)
+RUN/skipped_files.txt      data files that cannot be read, left out (only when there are any)
+RUN/.lock                  held by the `vqpix train` working in the folder
 RUN/prior.keras            best PixelCNN prior by validation bits per code
 RUN/prior.json             its epoch, validation and test bits per code, fingerprint, and the
                            fingerprint of the VQ-VAE whose codes it learnt (`load_prior` checks it)
@@ -21,10 +23,14 @@ RUN/logs/prior/            TensorBoard
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +63,7 @@ class RunPaths:
     vqvae_logs = property(lambda self: self.root / "logs" / "vqvae")
     plots = property(lambda self: self.root / "plots")
     codes = property(lambda self: self.root / "codes")
+    skipped_files = property(lambda self: self.root / "skipped_files.txt")
     prior_model = property(lambda self: self.root / "prior.keras")
     prior_meta = property(lambda self: self.root / "prior.json")
     prior_history = property(lambda self: self.root / "prior_history.csv")
@@ -96,39 +103,93 @@ def read_config(paths: RunPaths) -> RunConfig:
         raise RunFolderError(f"{paths.config} is not a valid run config: {error}") from error
 
 
+def check_run_folder(paths: RunPaths, config: RunConfig, *, overwrite: bool = False) -> bool:
+    """Whether `config` may train in `paths.root`; True when an earlier run of it is there.
+
+    Reads only. A folder holding a run of a different config is refused (unless `overwrite`),
+    so a typo in `--out` never clobbers finished work; differences only in epochs are allowed
+    (train longer). A non-empty folder that holds no run is refused too.
+
+    Raises:
+        RunFolderError: naming the differing fields with both values, and how to go on.
+    """
+    if paths.root.exists() and not paths.root.is_dir():
+        raise RunFolderError(f"--out {paths.root} is a file; choose a folder")
+    if overwrite or not paths.root.is_dir():
+        return False
+    if not paths.config.is_file():
+        if any(not p.name.startswith(".") for p in paths.root.iterdir()):
+            raise RunFolderError(
+                f"--out {paths.root} exists, is not empty and holds no run; choose another folder or pass --overwrite"
+            )
+        return False
+    old = read_config(paths)
+    differences = [d for d in config_differences(old, config) if d not in RESUMABLE_FIELDS]
+    if differences:
+        flat_old, flat_new = _flatten(old.to_dict()), _flatten(config.to_dict())
+        shown = "; ".join(
+            f"{name}: {flat_old.get(name)!r} there, {flat_new.get(name)!r} here"
+            for name in differences[:3]
+        ) + ("; ..." if len(differences) > 3 else "")
+        raise RunFolderError(
+            f"--out {paths.root} holds a run of another config ({shown}); "
+            "repeat its options to resume it, choose another --out, or pass --overwrite to replace it"
+        )
+    return True
+
+
 def prepare_run_folder(paths: RunPaths, config: RunConfig, *, overwrite: bool = False) -> bool:
     """Claim `paths.root` for `config`; True when an earlier run of the same config is there.
 
-    A folder holding a run of a different config is refused (unless `overwrite`), so a typo in
-    `--out` never clobbers finished work; differences only in epochs are allowed (train longer).
+    Checks as `check_run_folder`; with `overwrite`, the folder's contents are moved into a
+    hidden folder inside it and deleted, `config.json` first (a kill midway leaves a folder that
+    no longer claims the old run, never a mix of two runs). The lock file stays, so call this
+    holding `run_folder_lock`.
     """
-    existing_config = paths.config.is_file()
-    if paths.root.exists() and not paths.root.is_dir():
-        raise RunFolderError(f"--out {paths.root} is a file; choose a folder")
-    if overwrite and paths.root.exists():
-        import shutil
-
-        shutil.rmtree(paths.root)
-        existing_config = False
-    elif (
-        paths.root.is_dir()
-        and not existing_config
-        and any(p for p in paths.root.iterdir() if not p.name.startswith("."))
-    ):
-        raise RunFolderError(
-            f"--out {paths.root} exists, is not empty and holds no run; choose another folder or pass --overwrite"
-        )
-    if existing_config:
-        old = read_config(paths)
-        differences = [d for d in config_differences(old, config) if d not in RESUMABLE_FIELDS]
-        if differences:
-            raise RunFolderError(
-                f"--out {paths.root} holds a run of another config (differs in {', '.join(differences)}); "
-                "repeat its options to resume it, choose another --out, or pass --overwrite to replace it"
-            )
+    resuming = check_run_folder(paths, config, overwrite=overwrite)
+    if overwrite and paths.root.is_dir():
+        trash = Path(tempfile.mkdtemp(prefix=".overwritten.", dir=paths.root))
+        for entry in sorted(paths.root.iterdir(), key=lambda p: p.name != paths.config.name):
+            if entry.name != LOCK_NAME and entry != trash:
+                os.replace(entry, trash / entry.name)
+        shutil.rmtree(trash, ignore_errors=True)
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.config, config.to_json())
-    return existing_config
+    return resuming
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(paths: RunPaths) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder (`RUN/.lock`, created with the folder).
+
+    A second `vqpix train` on the same folder is refused instead of interleaving its
+    checkpoints with the first one's. The kernel drops the lock when its process ends, even by
+    SIGKILL, so a killed run never leaves a stale lock behind. (No lock where `fcntl` is
+    missing, i.e. on Windows.)
+
+    Raises:
+        RunFolderError: another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with open(paths.root / LOCK_NAME, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RunFolderError(
+                f"--out {paths.root} is in use by another vqpix train; wait for it to finish or choose another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def weights_fingerprint(model) -> str:

@@ -12,10 +12,11 @@ import keras
 import tensorflow as tf
 
 from keras_vqpix.io import atomic_write_text
+from keras_vqpix.training.artifacts import RunFolderError
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite (the message names the epoch, and the step if known)."""
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -44,9 +45,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """After every epoch: history row, resumable checkpoint, and the best model so far.
 
     Order matters for a kill at any moment: the history row is written first, then the
-    checkpoint (model, optimizer, finished-epoch count) via `tf.train.CheckpointManager`, whose
-    index file is replaced atomically, so a resumed run starts after the last epoch whose
-    checkpoint is complete and drops history rows beyond it.
+    checkpoint (see `training_checkpoint`) via `tf.train.CheckpointManager`, whose index file is
+    replaced atomically, then the best model. A resumed run starts after the last epoch whose
+    checkpoint is complete and drops history rows beyond it; a kill between an epoch's
+    checkpoint and its best-model save is mended by `save_missing_best` on resuming (the
+    restored weights are that epoch's).
 
     Args:
         history_path: CSV file, one row per epoch.
@@ -93,15 +96,29 @@ class EpochCheckpoint(keras.callbacks.Callback):
             )
         self.rows.append({"epoch": epoch + 1, **logs})
         write_history(self.history_path, self.rows)
+        self.epoch_variable.assign(epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1)
+        self._save_if_best(epoch + 1, logs)
+
+    def save_missing_best(self) -> None:
+        """After a restore: save the restored epoch as the best model if it is and was not saved.
+
+        A kill between an epoch's checkpoint and its best-model save leaves that epoch's history
+        row beating the saved best; the restored weights are that epoch's, so save them now.
+        """
+        finished = int(self.epoch_variable.numpy())
+        if self.rows and self.rows[-1]["epoch"] == finished:
+            row = self.rows[-1]
+            self._save_if_best(finished, {k: v for k, v in row.items() if k != "epoch"})
+
+    def _save_if_best(self, epoch: int, logs: dict) -> None:
         value = logs.get(self.monitor)
         improved = value is not None and (
             value > self.best if self.mode == "max" else value < self.best
         )
         if improved:
             self.best = value
-            self.on_best(epoch + 1, logs)
-        self.epoch_variable.assign(epoch + 1)
-        self.manager.save(checkpoint_number=epoch + 1)
+            self.on_best(epoch, logs)
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -126,13 +143,60 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
+def training_checkpoint(model: keras.Model, epoch_variable: tf.Variable) -> tf.train.Checkpoint:
+    """A checkpoint of everything a resumed `fit` needs to continue exactly where it stopped.
+
+    The model's weights, the optimizer (slots and iteration count), the finished-epoch count,
+    and the random state of the model's seeded layers: the states of their
+    `keras.random.SeedGenerator`s are in `model.variables` but not in `model.weights`, and
+    `tf.train.Checkpoint(model=model)` does not reach them. Without them a resumed run draws other
+    random numbers than an uninterrupted one (the VQ quantizer's dead-code restarts did). They are
+    saved by position, which is fixed by the architecture (their names are not: Keras numbers
+    them per process).
+
+    Args:
+        model: a compiled, built Keras model (its optimizer built too, so restored slots land in
+            existing variables).
+        epoch_variable: int64 `tf.Variable` counting finished epochs.
+    """
+    weights = {id(variable) for variable in model.weights}
+    random_state = [variable for variable in model.variables if id(variable) not in weights]
+    return tf.train.Checkpoint(
+        model=model, optimizer=model.optimizer, epoch=epoch_variable, random_state=random_state
+    )
+
+
 def restore_latest(
     manager: tf.train.CheckpointManager,
     checkpoint: tf.train.Checkpoint,
     epoch_variable: tf.Variable,
+    log: Callable[[str], None] = print,
 ) -> int:
-    """Restore the newest complete checkpoint, if any; the number of finished epochs."""
-    if manager.latest_checkpoint is None:
-        return 0
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    return int(epoch_variable.numpy())
+    """Restore the newest checkpoint that reads back; the number of finished epochs (0: none).
+
+    A checkpoint whose files were damaged or removed after it was written is reported and the
+    next older one is tried (the manager keeps `max_to_keep`). When none reads back, nothing is
+    restarted from scratch behind the user's back: `RunFolderError` says what to do.
+    """
+    for path in reversed(manager.checkpoints):
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        # Damaged files raise tf.errors.OpError, IndexError ("Read less bytes than requested")
+        # or ValueError/AssertionError (objects not matched): any failure means "try older".
+        except Exception as error:  # noqa: BLE001
+            log(
+                f"warning: checkpoint {path} cannot be read ({_first_line(error)}); trying an older one"
+            )
+            continue
+        return int(epoch_variable.numpy())
+    if manager.checkpoints:
+        raise RunFolderError(
+            f"no checkpoint in {manager.directory} can be read; move the folder away to keep it, "
+            "or pass --overwrite to train the run again from scratch"
+        )
+    return 0
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]

@@ -8,6 +8,7 @@ split's files, so a retrained VQ-VAE or a changed data folder never reuses stale
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ def records_digest(records: Sequence[SliceRecord]) -> str:
     """Hash of the split's file paths and labels (which images the codes belong to)."""
     digest = hashlib.sha256()
     for record in records:
-        digest.update(f"{record.path}\t{record.label}\n".encode())
+        digest.update(os.fsencode(record.path) + f"\t{record.label}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -24,6 +22,7 @@ from keras_vqpix.training.callbacks import (
     StopOnNonFiniteLoss,
     read_history,
     restore_latest,
+    training_checkpoint,
     write_history,
 )
 from keras_vqpix.training.codes import cached_codes
@@ -76,16 +75,40 @@ def train_vqvae(
     steps = steps_per_epoch(len(splits.train), config.data.batch_size)
     model = build_vqvae(config, steps)
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable)
+    checkpoint = training_checkpoint(model, epoch_variable)
     manager = tf.train.CheckpointManager(checkpoint, str(paths.vqvae_checkpoints), max_to_keep=2)
-    first_epoch = restore_latest(manager, checkpoint, epoch_variable)
+    first_epoch = restore_latest(manager, checkpoint, epoch_variable, log=log)
     history = [row for row in read_history(paths.history) if row["epoch"] <= first_epoch]
     best = read_json(paths.vqvae_meta) if first_epoch and paths.vqvae_meta.is_file() else {}
+    epochs = config.vqvae.epochs
     if first_epoch:
-        log(f"VQ-VAE: resuming from epoch {first_epoch} (checkpoint {manager.latest_checkpoint})")
+        todo = f"epochs {first_epoch + 1}-{epochs} to go" if first_epoch < epochs else "all done"
+        log(
+            f"VQ-VAE: resuming from epoch {first_epoch} (checkpoint {manager.latest_checkpoint}); {todo}"
+        )
         write_history(paths.history, history)
 
-    epochs = config.vqvae.epochs
+    def save_best(epoch: int, logs: dict) -> None:
+        save_model(model, paths.vqvae_model)
+        meta = {
+            "epoch": epoch,
+            MONITOR: logs.get(MONITOR),
+            "val_ssim": logs.get("val_ssim"),
+            "fingerprint": weights_fingerprint(model),
+        }
+        write_json(paths.vqvae_meta, {**meta, "metrics": logs})
+        best.update(meta)
+
+    epoch_checkpoint = EpochCheckpoint(
+        paths.history,
+        manager,
+        epoch_variable,
+        MONITOR,
+        save_best,
+        best=best.get(MONITOR),
+        history=history,
+    )
+    epoch_checkpoint.save_missing_best()
     if first_epoch < epochs:
         data = config.data
         train_data = make_dataset(
@@ -101,29 +124,9 @@ def train_vqvae(
         validation_data = make_dataset(
             splits.validation, data.image_size, data.batch_size, cache=data.cache
         )
-
-        def save_best(epoch: int, logs: dict) -> None:
-            save_model(model, paths.vqvae_model)
-            meta = {
-                "epoch": epoch,
-                MONITOR: logs.get(MONITOR),
-                "val_ssim": logs.get("val_ssim"),
-                "fingerprint": weights_fingerprint(model),
-            }
-            write_json(paths.vqvae_meta, {**meta, "metrics": logs})
-            best.update(meta)
-
         callbacks = [
             StopOnNonFiniteLoss(),
-            EpochCheckpoint(
-                paths.history,
-                manager,
-                epoch_variable,
-                MONITOR,
-                save_best,
-                best=best.get(MONITOR) or -math.inf,
-                history=history,
-            ),
+            epoch_checkpoint,
             keras.callbacks.TensorBoard(str(paths.vqvae_logs), write_graph=False, profile_batch=0),
         ]
         model.fit(

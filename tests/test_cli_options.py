@@ -1,0 +1,89 @@
+"""Bad options: exit code 2, one line naming the option, before any model or file exists."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from keras_vqpix_cli.main import main
+
+TRAIN_CASES = {
+    "zero epochs": (["--epochs", "0"], "--epochs"),
+    "zero prior epochs": (["--prior-epochs", "0"], "--prior-epochs"),
+    "negative batch size": (["--batch-size", "-4"], "--batch-size"),
+    "image size not divisible by the factor 4": (["--image-size", "30"], "--image-size"),
+    "image size too small": (["--image-size", "4"], "--image-size"),
+    "missing data folder": (["--data", "{tmp}/no_such_data"], "--data"),
+    "data folder is a file": (["--data", "{tmp}/file.txt"], "--data"),
+    "unknown config": (["--config", "huge"], "--config"),
+    "unknown stage": (["--stage", "decoder"], "--stage"),
+    "negative seed": (["--seed", "-1"], "--seed"),
+    "out is a file": (["--out", "{tmp}/file.txt"], "--out"),
+}
+
+SAMPLE_CASES = {
+    "label MCI": (["--label", "MCI"], "--label"),
+    "zero samples": (["--num", "0"], "--num"),
+    "negative samples": (["--num", "-3"], "--num"),
+    "zero temperature": (["--temperature", "0"], "--temperature"),
+    "negative temperature": (["--temperature", "-1.5"], "--temperature"),
+}
+
+
+def error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail loudly should a command get as far as training (and so building a model)."""
+    import keras_vqpix.training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("train_run was reached")
+
+    monkeypatch.setattr(keras_vqpix.training, "train_run", refuse)
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_bad_train_option_exits_2_naming_it_before_anything_is_written(
+    case, tiny_adni, tmp_path, no_training
+):
+    args, option = TRAIN_CASES[case]
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    out = tmp_path / "run"
+    given = [arg.format(tmp=tmp_path) for arg in args]
+    defaults = ["--config", "quick", "--data", str(tiny_adni), "--out", str(out)]
+    result = CliRunner().invoke(main, ["train", *defaults, *given])
+    assert result.exit_code == 2, result.output
+    assert option in error_line(result.output)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+@pytest.mark.parametrize("case", sorted(SAMPLE_CASES))
+def test_bad_sample_option_exits_2_naming_it_before_anything_is_written(case, tmp_path):
+    args, option = SAMPLE_CASES[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    out = tmp_path / "samples"
+    result = CliRunner().invoke(main, ["sample", str(run), "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert option in error_line(result.output)
+    assert not out.exists() and not any(run.iterdir())
+
+
+def test_negative_evaluate_samples_exit_2(tmp_path):
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--samples", "-1"])
+    assert result.exit_code == 2, result.output
+    assert "--samples" in error_line(result.output)
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_help_lists_the_reliability_options():
+    result = CliRunner().invoke(main, ["train", "--help"])
+    assert result.exit_code == 0
+    for option in ("--overwrite", "--deterministic", "--seed"):
+        assert option in result.output
