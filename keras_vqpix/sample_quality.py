@@ -129,8 +129,14 @@ def ssim_matrix_max(
         chunk = tf.constant(references[start : start + reference_block])
         chunk_mu, chunk_sq = _blur(chunk), _blur(chunk * chunk)
         for q in range(0, count, query_block):
-            block = _ssim_block(queries[q : q + query_block], query_mu[q : q + query_block],
-                                query_sq[q : q + query_block], chunk, chunk_mu, chunk_sq).numpy()  # fmt: skip
+            block = _ssim_block(
+                queries[q : q + query_block],
+                query_mu[q : q + query_block],
+                query_sq[q : q + query_block],
+                chunk,
+                chunk_mu,
+                chunk_sq,
+            ).numpy()
             if exclude is not None:
                 for row, skip in enumerate(exclude[q : q + query_block]):
                     if start <= skip < start + len(chunk):
@@ -165,10 +171,19 @@ def pairwise_diversity(images: np.ndarray) -> tuple[float | None, str]:
 
 
 # -- Pictures -------------------------------------------------------------------------------------
-def plot_samples_vs_real(path: Path, prior, vqvae, records: Sequence[SliceRecord], config, *,
-                         samples_per_class: int, seed: int, title: str,
-                         samples: tuple[np.ndarray, np.ndarray] | None = None,
-                         real: tuple[np.ndarray, np.ndarray] | None = None) -> Path:  # fmt: skip
+def plot_samples_vs_real(
+    path: Path,
+    prior,
+    vqvae,
+    records: Sequence[SliceRecord],
+    config,
+    *,
+    samples_per_class: int,
+    seed: int,
+    title: str,
+    samples: tuple[np.ndarray, np.ndarray] | None = None,
+    real: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Path:
     """A grid: for each class, a row of samples above a row of real slices of `records`.
 
     `samples` / `real`: `(images, labels)` already at hand; otherwise `samples_per_class`
@@ -197,8 +212,17 @@ def plot_samples_vs_real(path: Path, prior, vqvae, records: Sequence[SliceRecord
 
 
 # -- vqpix evaluate --samples ---------------------------------------------------------------------
-def evaluate_prior(paths, model, meta: dict, splits, config, *, split: str = "test", num_samples: int = 0,
-                   seed: int = 0) -> dict:  # fmt: skip
+def evaluate_prior(
+    paths,
+    model,
+    meta: dict,
+    splits,
+    config,
+    *,
+    split: str = "test",
+    num_samples: int = 0,
+    seed: int = 0,
+) -> dict:
     """Prior metrics of a run on one split (see the module docstring).
 
     Args:
@@ -251,10 +275,21 @@ def evaluate_prior(paths, model, meta: dict, splits, config, *, split: str = "te
             "sample_diversity": sample_diversity,
             "real_diversity": real_diversity,
             "sample_nn_ssim": float(np.mean(ssim_matrix_max(samples, train_images))),
-            "real_nn_ssim": float(np.mean(ssim_matrix_max(real, train_images, exclude))) if len(real) else None,
+            "real_nn_ssim": float(np.mean(ssim_matrix_max(real, train_images, exclude)))
+            if len(real)
+            else None,
         }
-    )  # fmt: skip
-    plot_samples_vs_real(paths.plots / "samples_vs_real.png", prior, model, records, config, samples_per_class=0,
-                         seed=seed, title=f"Samples (seed {seed}) beside real {split} slices",
-                         samples=(samples, sample_labels), real=(real, np.array([r.label for r in chosen])))  # fmt: skip
+    )
+    plot_samples_vs_real(
+        paths.plots / "samples_vs_real.png",
+        prior,
+        model,
+        records,
+        config,
+        samples_per_class=0,
+        seed=seed,
+        title=f"Samples (seed {seed}) beside real {split} slices",
+        samples=(samples, sample_labels),
+        real=(real, np.array([r.label for r in chosen])),
+    )
     return metrics

@@ -199,8 +199,16 @@ def _row_sampler(prior, height: int, width: int):
     return sample_row
 
 
-def sample_codes_reference(prior, num_samples: int, seed: int = 0, labels=None, temperature: float = 1.0, *,
-                           code_shape=None, on_row: Callable[[int, int], None] | None = None) -> np.ndarray:  # fmt: skip
+def sample_codes_reference(
+    prior,
+    num_samples: int,
+    seed: int = 0,
+    labels=None,
+    temperature: float = 1.0,
+    *,
+    code_shape=None,
+    on_row: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 drawn by the straightforward reference sampler.
 
     Keeps the seeding contract of the module docstring with one full forward pass of the prior
@@ -233,15 +241,24 @@ def sample_codes_reference(prior, num_samples: int, seed: int = 0, labels=None, 
     return codes.numpy()
 
 
-def sample_codes(prior, num_samples: int, seed: int = 0, labels=None, temperature: float = 1.0, *,
-                 code_shape=None, on_row: Callable[[int, int], None] | None = None) -> np.ndarray:  # fmt: skip
+def sample_codes(
+    prior,
+    num_samples: int,
+    seed: int = 0,
+    labels=None,
+    temperature: float = 1.0,
+    *,
+    code_shape=None,
+    on_row: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 from `prior`: the public entry point.
 
     Arguments as `sample_codes_reference`, which it runs today; a faster sampler keeping the
     same seeding contract (hence drawing the same codes) can replace it here.
     """
-    return sample_codes_reference(prior, num_samples, seed, labels, temperature, code_shape=code_shape,
-                                  on_row=on_row)  # fmt: skip
+    return sample_codes_reference(
+        prior, num_samples, seed, labels, temperature, code_shape=code_shape, on_row=on_row
+    )
 
 
 def decode_codes(vqvae, codes, batch_size: int = 32) -> np.ndarray:
@@ -262,9 +279,16 @@ def label_name(label: int) -> str:
 
 
 # -- vqpix sample ---------------------------------------------------------------------------------------
-def sample_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, num_samples: int = 16, seed: int = 0,
-               label: str | int | None = None, temperature: float = 1.0, *,
-               on_row: Callable[[int, int], None] | None = None) -> int:  # fmt: skip
+def sample_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    num_samples: int = 16,
+    seed: int = 0,
+    label: str | int | None = None,
+    temperature: float = 1.0,
+    *,
+    on_row: Callable[[int, int], None] | None = None,
+) -> int:
     """Sample `num_samples` slices from the run's prior into the new folder `out_dir`; the count written.
 
     Writes `sample_<i>_<label>.png` (8-bit grayscale), `sample_<i>_<label>.npy` (the code map,

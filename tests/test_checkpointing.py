@@ -69,9 +69,14 @@ def test_save_missing_best_saves_the_restored_epoch_only_when_it_beat_the_saved_
 
     rows = [{"epoch": 1, "val_ssim": 0.1}, {"epoch": 2, "val_ssim": 0.3}]
     saved = []
-    callback = EpochCheckpoint(tmp_path / "history.csv", _Checkpoints(),
-                               tf.Variable(restored_epoch, dtype=tf.int64), "val_ssim",
-                               lambda epoch, logs: saved.append(epoch), best=saved_best,
-                               history=rows)  # fmt: skip
+    callback = EpochCheckpoint(
+        tmp_path / "history.csv",
+        _Checkpoints(),
+        tf.Variable(restored_epoch, dtype=tf.int64),
+        "val_ssim",
+        lambda epoch, logs: saved.append(epoch),
+        best=saved_best,
+        history=rows,
+    )
     callback.save_missing_best()
     assert saved == expected

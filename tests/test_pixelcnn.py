@@ -191,7 +191,7 @@ def test_pixelcnn_and_config_reject_bad_arguments():
             dropout=0.1,
             code_shape=(4, 5),
             seed=3,
-        ),  # fmt: skip
+        ),
     ],
     ids=["MaskedConv2D", "GatedBlock", "PixelCNN"],
 )

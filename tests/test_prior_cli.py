@@ -176,8 +176,14 @@ def test_an_unconditional_prior_refuses_a_label(run_copy, tmp_path):
     from keras_vqpix.models.pixelcnn import PixelCNN
     from keras_vqpix.training.artifacts import save_model, weights_fingerprint, write_json
 
-    prior = PixelCNN(num_embeddings=16, num_layers=1, filters=8, embedding_dim=4, conditional=False,
-                     code_shape=(8, 8))  # fmt: skip
+    prior = PixelCNN(
+        num_embeddings=16,
+        num_layers=1,
+        filters=8,
+        embedding_dim=4,
+        conditional=False,
+        code_shape=(8, 8),
+    )
     prior(np.zeros((1, 8, 8), np.int32))
     save_model(prior, run_copy / "prior.keras")
     meta = read(run_copy / "prior.json") | {"fingerprint": weights_fingerprint(prior)}

@@ -60,8 +60,14 @@ class GatedBlock(layers.Layer):
     [TensorShape([2, 8, 8, 16]), TensorShape([2, 8, 8, 16]), TensorShape([2, 8, 8, 16])]
     """
 
-    def __init__(self, filters: int, kernel_size: int = 3, mask_type: str = "B", num_labels: int = 0,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int = 3,
+        mask_type: str = "B",
+        num_labels: int = 0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not isinstance(filters, (int, np.integer)) or filters < 1:
             raise ValueError(f"filters must be a positive int. Received: filters={filters}")
@@ -96,7 +102,9 @@ class GatedBlock(layers.Layer):
             self.vertical_label = layers.Embedding(
                 self.num_labels, 2 * p, name="vertical_label", dtype=policy
             )
-            self.horizontal_label = layers.Embedding(self.num_labels, 2 * p, name="horizontal_label", dtype=policy)  # fmt: skip
+            self.horizontal_label = layers.Embedding(
+                self.num_labels, 2 * p, name="horizontal_label", dtype=policy
+            )
 
     def build(self, vertical_shape, horizontal_shape, labels_shape=None):
         if self.mask_type == "B" and horizontal_shape[-1] != self.filters:

@@ -70,8 +70,16 @@ class MaskedConv2D(layers.Layer):
     TensorShape([2, 6, 6, 8])
     """
 
-    def __init__(self, filters: int, kernel_size, mask_type: str = "B", use_bias: bool = True,
-                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        mask_type: str = "B",
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not isinstance(filters, (int, np.integer)) or filters < 1:
             raise ValueError(f"filters must be a positive int. Received: filters={filters}")

@@ -57,19 +57,39 @@ class PixelCNN(keras.Model):
     TensorShape([2, 8, 8, 16])
     """
 
-    def __init__(self, num_embeddings: int, num_layers: int = 9, filters: int = 32, kernel_size: int = 3,
-                 embedding_dim: int = 32, conditional: bool = True, num_classes: int = 2,
-                 label_dropout: float = 0.1, dropout: float = 0.0, code_shape=None, seed: int | None = None,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        num_embeddings: int,
+        num_layers: int = 9,
+        filters: int = 32,
+        kernel_size: int = 3,
+        embedding_dim: int = 32,
+        conditional: bool = True,
+        num_classes: int = 2,
+        label_dropout: float = 0.1,
+        dropout: float = 0.0,
+        code_shape=None,
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         checks = (
-            (num_embeddings >= 2, f"num_embeddings must be >= 2. Received: num_embeddings={num_embeddings}"),
+            (
+                num_embeddings >= 2,
+                f"num_embeddings must be >= 2. Received: num_embeddings={num_embeddings}",
+            ),
             (num_layers >= 0, f"num_layers must be >= 0. Received: num_layers={num_layers}"),
-            (embedding_dim >= 1, f"embedding_dim must be >= 1. Received: embedding_dim={embedding_dim}"),
+            (
+                embedding_dim >= 1,
+                f"embedding_dim must be >= 1. Received: embedding_dim={embedding_dim}",
+            ),
             (num_classes >= 1, f"num_classes must be >= 1. Received: num_classes={num_classes}"),
-            (0.0 <= label_dropout < 1.0, f"label_dropout must be in [0, 1). Received: label_dropout={label_dropout}"),
+            (
+                0.0 <= label_dropout < 1.0,
+                f"label_dropout must be in [0, 1). Received: label_dropout={label_dropout}",
+            ),
             (0.0 <= dropout < 1.0, f"dropout must be in [0, 1). Received: dropout={dropout}"),
-        )  # fmt: skip
+        )
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -96,9 +116,16 @@ class PixelCNN(keras.Model):
             num_embeddings, embedding_dim, name="code_embedding", dtype=policy
         )
         self.blocks = [
-            GatedBlock(filters, kernel_size, "A" if i == 0 else "B", num_labels, name=f"gated_{i}", dtype=policy)
+            GatedBlock(
+                filters,
+                kernel_size,
+                "A" if i == 0 else "B",
+                num_labels,
+                name=f"gated_{i}",
+                dtype=policy,
+            )
             for i in range(num_layers + 1)
-        ]  # fmt: skip
+        ]
         self.head_hidden = layers.Conv2D(filters, 1, name="head_hidden", dtype=policy)
         self.head_dropout = layers.Dropout(dropout, seed=seed, name="head_dropout", dtype=policy)
         # Logits stay float32 under mixed precision: the loss and the sampler read them.
@@ -124,7 +151,7 @@ class PixelCNN(keras.Model):
             dropout=config.dropout,
             code_shape=code_shape,
             seed=seed,
-        )  # fmt: skip
+        )
 
     def build(self, codes_shape, labels_shape=None):
         batch = codes_shape[0]

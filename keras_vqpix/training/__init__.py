@@ -137,8 +137,9 @@ def train_run(
     return result
 
 
-def report_skipped(paths: RunPaths, splits: DataSplits, data_root: str | os.PathLike, log=print,
-                   shown: int = 5) -> None:  # fmt: skip
+def report_skipped(
+    paths: RunPaths, splits: DataSplits, data_root: str | os.PathLike, log=print, shown: int = 5
+) -> None:
     """Warn in one line about unreadable files left out, and list them in `RUN/skipped_files.txt`.
 
     The list is rewritten on every run (removed when nothing is skipped), so it always describes

@@ -34,6 +34,7 @@ from keras_vqpix.training.callbacks import (
     StopOnNonFiniteLoss,
     read_history,
     restore_latest,
+    training_checkpoint,
     write_history,
 )
 from keras_vqpix.training.codes import cached_codes
@@ -43,8 +44,15 @@ CURVE_PANELS = (("bits per code", ("bits_per_code",)),)
 VQVAE_MARKER = "vqvae_fingerprint.txt"
 
 
-def code_dataset(codes: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool = False,
-                 seed: int = 0, first_epoch: int = 0) -> tf.data.Dataset:  # fmt: skip
+def code_dataset(
+    codes: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    first_epoch: int = 0,
+) -> tf.data.Dataset:
     """Batches of `(codes [B, h, w] int32, labels [B] int32)`.
 
     Without `shuffle`: one pass in order. With `shuffle`: endless epochs `first_epoch, ...`,
@@ -123,8 +131,14 @@ def _discard_stale_prior(paths: RunPaths, vqvae_fingerprint: str, log) -> None:
     atomic_write_text(marker, vqvae_fingerprint + "\n")
 
 
-def train_prior(paths: RunPaths, splits: DataSplits, config: RunConfig, *, verbose: int | str = "auto",
-                log=print) -> dict:  # fmt: skip
+def train_prior(
+    paths: RunPaths,
+    splits: DataSplits,
+    config: RunConfig,
+    *,
+    verbose: int | str = "auto",
+    log=print,
+) -> dict:
     """Train (or resume) the prior of a run on its VQ-VAE's codes; return the best epoch's metadata.
 
     The metadata (`prior.json`) holds `epoch`, `val_bits_per_code`, `test_bits_per_code`
@@ -141,9 +155,10 @@ def train_prior(paths: RunPaths, splits: DataSplits, config: RunConfig, *, verbo
 
     prior = build_prior(config)
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(model=prior, optimizer=prior.optimizer, epoch=epoch_variable)
+    # The label-dropout random state is part of it, so a resumed run draws what an uninterrupted one would.
+    checkpoint = training_checkpoint(prior, epoch_variable)
     manager = tf.train.CheckpointManager(checkpoint, str(paths.prior_checkpoints), max_to_keep=2)
-    first_epoch = restore_latest(manager, checkpoint, epoch_variable)
+    first_epoch = restore_latest(manager, checkpoint, epoch_variable, log=log)
     history = [row for row in read_history(paths.prior_history) if row["epoch"] <= first_epoch]
     best = read_json(paths.prior_meta) if first_epoch and paths.prior_meta.is_file() else {}
     if first_epoch:
@@ -151,37 +166,45 @@ def train_prior(paths: RunPaths, splits: DataSplits, config: RunConfig, *, verbo
         write_history(paths.prior_history, history)
 
     epochs, batch_size = config.prior.epochs, config.prior.batch_size
+
+    def save_best(epoch: int, logs: dict) -> None:
+        save_model(prior, paths.prior_model)
+        meta = {
+            "epoch": epoch,
+            "val_bits_per_code": logs.get("val_bits_per_code"),
+            "max_bits_per_code": max_bits_per_code(config.vqvae.num_embeddings),
+            "fingerprint": weights_fingerprint(prior),
+            "vqvae_fingerprint": vqvae_fingerprint,
+        }
+        write_json(paths.prior_meta, {**meta, "metrics": logs})
+        best.clear()
+        best.update(meta)
+
+    epoch_checkpoint = EpochCheckpoint(
+        paths.prior_history,
+        manager,
+        epoch_variable,
+        "val_bits_per_code",
+        save_best,
+        best=best.get("val_bits_per_code"),
+        history=history,
+        mode="min",
+    )
+    epoch_checkpoint.save_missing_best()
     if first_epoch < epochs:
         train_codes, train_labels = codes["train"]
-        train_data = code_dataset(train_codes, train_labels, batch_size, shuffle=True, seed=config.seed,
-                                  first_epoch=first_epoch)  # fmt: skip
+        train_data = code_dataset(
+            train_codes,
+            train_labels,
+            batch_size,
+            shuffle=True,
+            seed=config.seed,
+            first_epoch=first_epoch,
+        )
         validation_data = code_dataset(*codes["validation"], batch_size)
-
-        def save_best(epoch: int, logs: dict) -> None:
-            save_model(prior, paths.prior_model)
-            meta = {
-                "epoch": epoch,
-                "val_bits_per_code": logs.get("val_bits_per_code"),
-                "max_bits_per_code": max_bits_per_code(config.vqvae.num_embeddings),
-                "fingerprint": weights_fingerprint(prior),
-                "vqvae_fingerprint": vqvae_fingerprint,
-            }
-            write_json(paths.prior_meta, {**meta, "metrics": logs})
-            best.clear()
-            best.update(meta)
-
         callbacks = [
             StopOnNonFiniteLoss(),
-            EpochCheckpoint(
-                paths.prior_history,
-                manager,
-                epoch_variable,
-                "val_bits_per_code",
-                save_best,
-                best=best.get("val_bits_per_code"),
-                history=history,
-                mode="min",
-            ),  # fmt: skip
+            epoch_checkpoint,
             keras.callbacks.TensorBoard(str(paths.prior_logs), write_graph=False, profile_batch=0),
         ]
         prior.fit(
@@ -209,8 +232,16 @@ def train_prior(paths: RunPaths, splits: DataSplits, config: RunConfig, *, verbo
     return meta
 
 
-def plot_prior(paths: RunPaths, splits: DataSplits, config: RunConfig, vqvae, prior, meta: dict, *,
-               samples: bool = True) -> None:  # fmt: skip
+def plot_prior(
+    paths: RunPaths,
+    splits: DataSplits,
+    config: RunConfig,
+    vqvae,
+    prior,
+    meta: dict,
+    *,
+    samples: bool = True,
+) -> None:
     """Bits-per-code curves, and (`samples`) samples of each class beside real test slices."""
     from keras_vqpix import plots
     from keras_vqpix.sample_quality import plot_samples_vs_real
