@@ -28,8 +28,50 @@ def _num_downsamplings(downsample_factor: int) -> int:
     return steps
 
 
+class _ConvStack(layers.Layer):
+    """What the encoder and decoder share: their arguments, a residual stack and the config."""
+
+    def __init__(
+        self,
+        hidden_channels: int,
+        residual_channels: int,
+        num_residual_blocks: int,
+        downsample_factor: int,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.steps = _num_downsamplings(downsample_factor)
+        self.hidden_channels = hidden_channels
+        self.residual_channels = residual_channels
+        self.num_residual_blocks = num_residual_blocks
+        self.downsample_factor = downsample_factor
+        self.conv = layers.Conv2D(
+            hidden_channels, 3, padding="same", name="conv", dtype=self.dtype_policy
+        )
+        self.blocks = [
+            ResidualBlock(residual_channels, name=f"residual_{i}", dtype=self.dtype_policy)
+            for i in range(num_residual_blocks)
+        ]
+
+    def residual_stack(self, x):
+        """3x3 convolution, the residual blocks, ReLU (the paper's stack)."""
+        x = self.conv(x)
+        for block in self.blocks:
+            x = block(x)
+        return ops.relu(x)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_channels": self.hidden_channels,
+            "residual_channels": self.residual_channels,
+            "num_residual_blocks": self.num_residual_blocks,
+            "downsample_factor": self.downsample_factor,
+        }
+
+
 @keras.saving.register_keras_serializable(package="keras_vqpix")
-class Encoder(layers.Layer):
+class Encoder(_ConvStack):
     """Image `[B, H, W, 1]` -> continuous latents `[B, H/f, W/f, D]`.
 
     A space-to-depth rearrangement (2x2 pixels -> 4 channels) and a 3x3 convolution, then
@@ -60,15 +102,12 @@ class Encoder(layers.Layer):
         embedding_dim: int,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        steps = _num_downsamplings(downsample_factor)
-        self.hidden_channels = hidden_channels
-        self.residual_channels = residual_channels
-        self.num_residual_blocks = num_residual_blocks
-        self.downsample_factor = downsample_factor
+        super().__init__(
+            hidden_channels, residual_channels, num_residual_blocks, downsample_factor, **kwargs
+        )
         self.embedding_dim = embedding_dim
         policy = self.dtype_policy
-        widths = [max(hidden_channels // 2 ** (steps - 1 - i), 1) for i in range(steps)]
+        widths = [max(hidden_channels // 2 ** (self.steps - 1 - i), 1) for i in range(self.steps)]
         self.stem = layers.Conv2D(
             widths[0], 3, padding="same", activation="relu", name="stem", dtype=policy
         )
@@ -84,35 +123,20 @@ class Encoder(layers.Layer):
             )
             for i, width in enumerate(widths[1:])
         ]
-        self.conv = layers.Conv2D(hidden_channels, 3, padding="same", name="conv", dtype=policy)
-        self.blocks = [
-            ResidualBlock(residual_channels, name=f"residual_{i}", dtype=policy)
-            for i in range(num_residual_blocks)
-        ]
         self.project = layers.Conv2D(embedding_dim, 1, name="project", dtype=policy)
 
     def call(self, images):
         x = self.stem(tf.nn.space_to_depth(images, 2))
         for layer in self.downsamplers:
             x = layer(x)
-        x = self.conv(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.project(ops.relu(x))
+        return self.project(self.residual_stack(x))
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "hidden_channels": self.hidden_channels,
-            "residual_channels": self.residual_channels,
-            "num_residual_blocks": self.num_residual_blocks,
-            "downsample_factor": self.downsample_factor,
-            "embedding_dim": self.embedding_dim,
-        }
+        return {**super().get_config(), "embedding_dim": self.embedding_dim}
 
 
 @keras.saving.register_keras_serializable(package="keras_vqpix")
-class Decoder(layers.Layer):
+class Decoder(_ConvStack):
     """Quantized latents `[B, h, w, D]` -> image `[B, h*f, w*f, 1]` in [0, 1].
 
     A 3x3 convolution, residual blocks, ReLU, `log2(f) - 1` stride-2 4x4 transposed
@@ -136,18 +160,10 @@ class Decoder(layers.Layer):
         downsample_factor: int,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        steps = _num_downsamplings(downsample_factor)
-        self.hidden_channels = hidden_channels
-        self.residual_channels = residual_channels
-        self.num_residual_blocks = num_residual_blocks
-        self.downsample_factor = downsample_factor
+        super().__init__(
+            hidden_channels, residual_channels, num_residual_blocks, downsample_factor, **kwargs
+        )
         policy = self.dtype_policy
-        self.conv = layers.Conv2D(hidden_channels, 3, padding="same", name="conv", dtype=policy)
-        self.blocks = [
-            ResidualBlock(residual_channels, name=f"residual_{i}", dtype=policy)
-            for i in range(num_residual_blocks)
-        ]
         self.upsamplers = [
             layers.Conv2DTranspose(
                 max(hidden_channels // 2 ** (i + 1), 1),
@@ -158,28 +174,16 @@ class Decoder(layers.Layer):
                 name=f"up_{i}",
                 dtype=policy,
             )
-            for i in range(steps - 1)
+            for i in range(self.steps - 1)
         ]
         # The output stays float32 under mixed precision: it is what SSIM and the loss read.
         self.output_conv = layers.Conv2D(4, 3, padding="same", name="output", dtype="float32")
 
     def call(self, latents):
-        x = self.conv(latents)
-        for block in self.blocks:
-            x = block(x)
-        x = ops.relu(x)
+        x = self.residual_stack(latents)
         for layer in self.upsamplers:
             x = layer(x)
         return ops.sigmoid(tf.nn.depth_to_space(self.output_conv(x), 2))
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "hidden_channels": self.hidden_channels,
-            "residual_channels": self.residual_channels,
-            "num_residual_blocks": self.num_residual_blocks,
-            "downsample_factor": self.downsample_factor,
-        }
 
 
 @keras.saving.register_keras_serializable(package="keras_vqpix")
