@@ -1,9 +1,9 @@
 """vqpix export: versioned SavedModels that TensorFlow alone loads and runs, as TF Serving would.
 
-The session's quick run is exported once per module (through the CLI). Every export is then
-loaded in fresh Python processes that never import keras_vqpix (`tf.saved_model.load`,
-`saved_model_cli`) and by a small C program on TensorFlow's C API (the loader TF Serving uses);
-these run side by side in the background while the other tests go on.
+The session's quick run is exported once per module (through the CLI). The export is then
+loaded in fresh Python processes that never import keras_vqpix (`tf.saved_model.load` of both
+models in one process, `saved_model_cli`) and by a small C program on TensorFlow's C API (the
+loader TF Serving uses); these run side by side in the background while the other tests go on.
 """
 
 from __future__ import annotations
@@ -42,37 +42,35 @@ def invoke(*args):
 
 
 # -- Scripts run in fresh processes (they must never import keras_vqpix) -----------------------------
-LOADER_PRELUDE = """\
+LOADER_SCRIPT = """\
 import json, sys
 import numpy as np
 import tensorflow as tf
 
-export_dir, work = sys.argv[1], sys.argv[2]
-loaded = tf.saved_model.load(export_dir)
-report = {"signatures": {}, "errors": {}}
-for key, fn in loaded.signatures.items():
-    report["signatures"][key] = {
-        "inputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_input_signature[1].items()},
-        "outputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_outputs.items()},
+vqvae_dir, generator_dir, work, cases = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+
+
+def describe(loaded):
+    return {
+        key: {
+            "inputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_input_signature[1].items()},
+            "outputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_outputs.items()},
+        }
+        for key, fn in loaded.signatures.items()
     }
 
-def error_of(name, fn, **inputs):
+
+def error_of(errors, name, fn, **inputs):
     try:
         fn(**inputs)
-        report["errors"][name] = ""
+        errors[name] = ""
     except Exception as error:
-        report["errors"][name] = type(error).__name__ + ": " + " ".join(str(error).split())
-"""
+        errors[name] = type(error).__name__ + ": " + " ".join(str(error).split())
 
-LOADER_EPILOGUE = """\
-report["keras_vqpix_imported"] = any(m.split(".")[0] == "keras_vqpix" for m in sys.modules)
-with open(f"{work}/{sys.argv[3]}.json", "w") as handle:
-    json.dump(report, handle)
-"""
 
-VQVAE_SCRIPT = (
-    LOADER_PRELUDE
-    + """
+# -- vqvae
+loaded = tf.saved_model.load(vqvae_dir)
+vqvae = {"signatures": describe(loaded), "errors": {}}
 images = np.load(f"{work}/images.npy")
 codes_in = np.load(f"{work}/codes_in.npy")
 signatures = loaded.signatures
@@ -84,26 +82,24 @@ np.savez(
     encoded=signatures["encode"](images=tf.constant(images))["codes"].numpy(),
     decoded=signatures["decode"](codes=tf.constant(codes_in))["images"].numpy(),
 )
-serve, decode = signatures["serving_default"], signatures["decode"]
-error_of("images_float64", serve, images=tf.constant(images, tf.float64))
-error_of("images_rank_3", serve, images=tf.constant(images[..., 0]))
-error_of("images_too_small", serve, images=tf.constant(images[:, :16, :16]))
-error_of("images_above_1", serve, images=tf.constant(images * 255.0))
-error_of("images_nan", serve, images=tf.constant(np.full_like(images, np.nan)))
-error_of("encode_rank_5", signatures["encode"], images=tf.constant(images[None]))
-error_of("codes_too_large", decode, codes=tf.constant(np.full_like(codes_in, 10**6)))
-error_of("codes_negative", decode, codes=tf.constant(-np.ones_like(codes_in)))
-error_of("codes_float", decode, codes=tf.constant(codes_in, tf.float32))
-error_of("codes_rank_2", decode, codes=tf.constant(codes_in[0]))
-"""
-    + LOADER_EPILOGUE
-)
+serve, decode, errors = signatures["serving_default"], signatures["decode"], vqvae["errors"]
+error_of(errors, "images_float64", serve, images=tf.constant(images, tf.float64))
+error_of(errors, "images_rank_3", serve, images=tf.constant(images[..., 0]))
+error_of(errors, "images_too_small", serve, images=tf.constant(images[:, :16, :16]))
+error_of(errors, "images_above_1", serve, images=tf.constant(images * 255.0))
+error_of(errors, "images_nan", serve, images=tf.constant(np.full_like(images, np.nan)))
+error_of(errors, "encode_rank_5", signatures["encode"], images=tf.constant(images[None]))
+error_of(errors, "codes_too_large", decode, codes=tf.constant(np.full_like(codes_in, 10**6)))
+error_of(errors, "codes_negative", decode, codes=tf.constant(-np.ones_like(codes_in)))
+error_of(errors, "codes_float", decode, codes=tf.constant(codes_in, tf.float32))
+error_of(errors, "codes_rank_2", decode, codes=tf.constant(codes_in[0]))
 
-GENERATOR_SCRIPT = (
-    LOADER_PRELUDE
-    + """
+# -- vqpix_generator
+loaded = tf.saved_model.load(generator_dir)
+generator = {"signatures": describe(loaded), "errors": {}}
+generator["variables"] = [v.name for v in loaded.variables]
 sample = loaded.signatures["sample"]
-report["variables"] = [v.name for v in loaded.variables]
+
 
 def inputs(num_samples, seed, label, temperature):
     return dict(
@@ -113,7 +109,7 @@ def inputs(num_samples, seed, label, temperature):
         temperature=tf.constant(temperature, tf.float32),
     )
 
-cases = json.loads(sys.argv[4])
+
 outputs = {}
 for i, case in enumerate(cases):
     for name, fn in (("sample", sample), ("serving_default", loaded.signatures["serving_default"])):
@@ -135,10 +131,14 @@ for name, changes in {
     "seed_rank_1": dict(seed=tf.constant([7])),
     "temperature_rank_1": dict(temperature=tf.constant([1.0, 1.0])),
 }.items():
-    error_of(name, sample, **{**good, **changes})
+    error_of(generator["errors"], name, sample, **{**good, **changes})
+
+imported = any(module.split(".")[0] == "keras_vqpix" for module in sys.modules)
+for name, report in (("vqvae", vqvae), ("generator", generator)):
+    report["keras_vqpix_imported"] = imported
+    with open(f"{work}/{name}.json", "w") as handle:
+        json.dump(report, handle)
 """
-    + LOADER_EPILOGUE
-)
 
 
 class Job:
@@ -261,10 +261,8 @@ def jobs(exported, reference, c_loader):
 
     base, _ = exported
     work = reference["work"]
-    scripts = {}
-    for name, text in (("load_vqvae", VQVAE_SCRIPT), ("load_generator", GENERATOR_SCRIPT)):
-        scripts[name] = work / f"{name}.py"
-        scripts[name].write_text(text)
+    script = work / "load_exports.py"
+    script.write_text(LOADER_SCRIPT)
     cli = Path(sys.executable).with_name("saved_model_cli")
     # The C program feeds the tensors the SavedModel's own signature names.
     saved_model = saved_model_pb2.SavedModel()
@@ -281,22 +279,17 @@ def jobs(exported, reference, c_loader):
         feeds += [signature_tensor(meta, "sample", "inputs", key), dtype, value]
     fetches = ["-o", signature_tensor(meta, "sample", "outputs", "codes"), work / "c_codes.bin"]
     started = {
-        "vqvae": Job(
-            [sys.executable, scripts["load_vqvae"], base / "vqvae" / "1", work, "vqvae"],
-            work,
-            "vqvae",
-        ),
-        "generator": Job(
+        "loader": Job(
             [
                 sys.executable,
-                scripts["load_generator"],
+                script,
+                base / "vqvae" / "1",
                 base / "vqpix_generator" / "1",
                 work,
-                "generator",
                 json.dumps(SAMPLE_CASES),
             ],
             work,
-            "generator",
+            "loader",
         ),
         "saved_model_cli": Job(
             [
@@ -331,7 +324,8 @@ def jobs(exported, reference, c_loader):
 
 
 def report(jobs, reference, name: str) -> dict:
-    jobs[name].ok()
+    """What the fresh process (`LOADER_SCRIPT`) found in the export `name`."""
+    jobs["loader"].ok()
     values = json.loads((reference["work"] / f"{name}.json").read_text())
     assert values["keras_vqpix_imported"] is False
     return values
