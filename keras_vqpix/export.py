@@ -32,8 +32,8 @@ Python code of this package (the tests load the exports in a process that never 
 and through the C API that TF Serving's loader uses).
 
 Inputs are checked inside the graph, with messages naming the input: dtypes by the signatures;
-shapes by a `tf.ensure_shape` first (a loaded signature, and TF Serving, do not check the
-shapes they are fed); then `images` in [0, 1], `codes` in [0, K), `num_samples` >= 1,
+shapes by a `tf.ensure_shape` first (a signature loaded by `tf.saved_model.load` does not
+check the shapes it is fed); then `images` in [0, 1], `codes` in [0, K), `num_samples` >= 1,
 `temperature` > 0 and finite, and `label` in {-1 (unconditional), 0 (NC), 1 (AD)} for a
 conditional prior but exactly -1 for an unconditional one (as
 `keras_vqpix.sampling.resolve_labels`: a class label given to a prior that cannot honour it is
@@ -67,8 +67,8 @@ SAMPLER_METHOD = "reference"
 def _checked_shape(value, spec: tf.TensorSpec):
     """`value` with its runtime shape checked against `spec`.
 
-    A loaded signature (and TF Serving) does not check the shapes it is fed, only dtypes: without
-    this a tensor of the wrong rank fails somewhere deep in the graph with an obscure message.
+    A signature loaded by `tf.saved_model.load` checks the dtypes it is fed but not the shapes:
+    without this a tensor of the wrong rank fails deep inside the graph with an obscure message.
     """
     return tf.ensure_shape(value, spec.shape, name=f"check_{spec.name}_shape")
 
