@@ -18,7 +18,7 @@ from .common import user_errors
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("exported"),
     show_default=True,
-    help="TF Serving base path: models go to BASE/<name>/<version>/.",
+    help="TF Serving base path: models go to BASE/<name>/<version>/, the config to BASE/models.config.",
 )
 @click.option(
     "--version",
@@ -27,11 +27,29 @@ from .common import user_errors
     default=None,
     help="Version number (default: the next free one). An existing version is never overwritten.",
 )
-def export(run_dir, base, version) -> None:
-    """Export the run RUN as SavedModels under --base."""
+@click.option(
+    "--serving-base-path",
+    default=None,
+    metavar="PATH",
+    help="BASE as the server sees it (e.g. /models in a container), for models.config; "
+    "default: BASE's absolute path.",
+)
+def export(run_dir, base, version, serving_base_path) -> None:
+    """Export the run RUN as SavedModels under --base, for TensorFlow Serving.
+
+    Writes BASE/vqvae/<version>/ and, when the run has a prior, BASE/vqpix_generator/<version>/,
+    and adds both models to BASE/models.config.
+    """
     from keras_vqpix.export import export_run
 
     with user_errors():
-        paths = export_run(run_dir, base, version=version)
+        paths = export_run(
+            run_dir,
+            base,
+            version=version,
+            serving_base_path=serving_base_path,
+            on_note=click.echo,
+        )
     for path in paths:
         click.echo(f"Exported {path}")
+    click.echo(f"TF Serving config: {Path(base) / 'models.config'}")

@@ -63,13 +63,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (threads may be writing)."""
+    with (
+        contextlib.suppress(OSError, ValueError, StopIteration),
+        open("/proc/self/status") as status,
+    ):
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary folder beside `path`; on success rename it to `path`.
 
     The temporary folder's name starts with a dot and is not an integer, so neither TF Serving
     (which treats integer-named children as versions) nor a reader of the layout mistakes it for
-    a finished folder. On any exception it is removed and `path` is untouched.
+    a finished folder. On any exception it is removed and `path` is untouched. Without
+    `overwrite`, a `path` that appeared meanwhile (another process) is never replaced: a
+    `FileExistsError` then. The folder gets the permissions of a plain `mkdir` (not the
+    owner-only ones of a temporary folder), so a server running as another user can read it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +93,9 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists (written meanwhile by another process)")
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "old")

@@ -261,6 +261,44 @@ def sample_codes(
     )
 
 
+GRAPH_METHODS = ("reference",)
+
+
+def codes_graph(
+    prior, num_samples, seed, labels, temperature, height: int, width: int, method="reference"
+):
+    """Code maps `[num_samples, height, width]` int32 drawn entirely in the graph (a TF function body).
+
+    The whole sampling loop is one `tf.while_loop`, so it runs inside a `tf.function` traced
+    without autograph (a SavedModel signature: `keras_vqpix.export`) and needs no Python at
+    run time. It keeps the seeding contract of the module docstring, so it draws the same codes
+    as `sample_codes` for the same seed, labels and temperature.
+
+    Args:
+        prior: a `PixelCNN`.
+        num_samples: int32 scalar tensor (dynamic), n >= 1.
+        seed: int32 scalar tensor.
+        labels: int32 tensor `[n]`, one label per map (-1: unconditional); already valid for
+            `prior` (see `resolve_labels`): nothing is checked here.
+        temperature: float32 scalar tensor > 0.
+        height, width: Python ints, the code map size (static).
+        method: "reference" (`sample_rows_reference`: one forward pass of the prior per code).
+            Every method draws the same codes; they differ in speed only.
+
+    Returns:
+        int32 tensor `[n, height, width]` with a static `[None, height, width]` shape.
+    """
+    if method not in GRAPH_METHODS:
+        raise ValueError(f"method must be one of {GRAPH_METHODS}. Received: method={method!r}")
+    num_samples = tf.cast(num_samples, tf.int32)
+    codes = tf.zeros(tf.stack([num_samples, height, width]), tf.int32)
+    codes = tf.ensure_shape(codes, [None, height, width])
+    labels = tf.cast(labels, tf.int32)
+    seed = tf.cast(seed, tf.int32)
+    temperature = tf.cast(temperature, tf.float32)
+    return sample_rows_reference(prior, codes, labels, seed, temperature, 0, height)
+
+
 def decode_codes(vqvae, codes, batch_size: int = 32) -> np.ndarray:
     """Images `[n, H, W, 1]` float32 in [0, 1] of code maps `[n, h, w]` (`vqvae.decode`)."""
     decode = tf.function(vqvae.decode)

@@ -11,6 +11,7 @@ import tensorflow_probability as tfp
 from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.sampling import (
     SEED_SALT,
+    codes_graph,
     resolve_labels,
     sample_codes,
     sample_codes_reference,
@@ -96,6 +97,31 @@ def test_rows_drawn_in_one_call_or_row_by_row_agree(prior):
     empty = tf.zeros((2, 4, 5), tf.int32)
     at_once = sample_rows_reference(prior, empty, labels, 9, 1.0, 0, 4).numpy()
     np.testing.assert_array_equal(sample_codes_reference(prior, 2, 9, [1, 0]), at_once)
+
+
+def test_codes_graph_runs_whole_in_a_graph_and_draws_the_codes_of_sample_codes(prior):
+    """What the exported generator runs: traced without autograph, n dynamic, same codes."""
+    spec = tf.TensorSpec
+
+    @tf.function(
+        autograph=False,
+        input_signature=[
+            spec([], tf.int32),
+            spec([], tf.int32),
+            spec([None], tf.int32),
+            spec([], tf.float32),
+        ],
+    )
+    def draw(num_samples, seed, labels, temperature):
+        return codes_graph(prior, num_samples, seed, labels, temperature, 4, 5)
+
+    labels = [0, 1, -1]
+    codes = draw(tf.constant(3), tf.constant(7), tf.constant(labels), tf.constant(0.8))
+    assert codes.dtype == tf.int32 and codes.shape == (3, 4, 5)
+    assert draw.get_concrete_function().structured_outputs.shape.as_list() == [None, 4, 5]
+    np.testing.assert_array_equal(codes.numpy(), sample_codes(prior, 3, 7, labels, 0.8))
+    with pytest.raises(ValueError, match="method"):
+        codes_graph(prior, 1, 0, [0], 1.0, 4, 5, method="nope")
 
 
 @pytest.mark.parametrize("temperature", [0, -1.0, float("nan"), float("inf"), "warm", None])

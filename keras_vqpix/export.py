@@ -1,0 +1,469 @@
+"""Versioned SavedModels of a run for TensorFlow Serving: the VQ-VAE and the sampling generator.
+
+```
+BASE/models.config                    TF Serving `model_config_list` naming both models
+BASE/vqvae/<version>/                 serving_default: images -> reconstruction, codes
+                                      encode: images -> codes;  decode: codes -> images
+BASE/vqpix_generator/<version>/       sample (= serving_default): num_samples, seed,
+                                      temperature, label -> images, codes
+each version also holds config.json (the run's), vqvae.json (and prior.json), README
+```
+
+How it is written: each version is built in a hidden temporary folder inside its model's folder
+(a name starting with a dot, not an integer, which TF Serving does not take for a version) and
+renamed to its number only when complete; both models of one export share the number (the
+next free one over both folders, or `version`) and are renamed together at the end, so a
+failure leaves neither a half-written version nor a temporary folder (a SIGKILL leaves the
+hidden folder, which TF Serving ignores and the next export removes). An existing version is
+never overwritten. Exports into one base take turns (a lock file, `BASE/.export.lock`), so
+concurrent ones never pick the same number. A run without a prior yet exports the VQ-VAE
+alone (and says so through `on_note`); a prior trained on another VQ-VAE is refused.
+
+Keras 3's `keras.export.ExportArchive` writes both models, not `tf.saved_model.save`: every
+signature is an `add_endpoint` with an explicit `input_signature` (named, typed inputs for TF
+Serving), the archive saves the variables of the models it tracks (the generator tracks the
+prior, the quantizer and the decoder, not the encoder), and the first endpoint doubles as
+`serving_default`. `add_endpoint` traces without autograph, which is no obstacle: the sampler
+is written with an explicit `tf.while_loop` (`keras_vqpix.sampling.codes_graph`), so
+hand-made `tf.function` signatures would bring nothing. The graphs hold only core TensorFlow
+ops, and every weight (the PixelCNN masks included) is a variable, not a constant folded into
+the graph, so `saved_model.pb` stays small and loading an export needs TensorFlow alone, no
+Python code of this package (the tests load the exports in a process that never imports it,
+and through the C API that TF Serving's loader uses).
+
+Inputs are checked inside the graph, with messages naming the input: dtypes by the signatures;
+shapes by a `tf.ensure_shape` first (a signature loaded by `tf.saved_model.load` does not
+check the shapes it is fed); then `images` in [0, 1], `codes` in [0, K), `num_samples` >= 1,
+`temperature` > 0 and finite, and `label` in {-1 (unconditional), 0 (NC), 1 (AD)} for a
+conditional prior but exactly -1 for an unconditional one (as
+`keras_vqpix.sampling.resolve_labels`: a class label given to a prior that cannot honour it is
+an error, not silently ignored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import tensorflow as tf
+
+from keras_vqpix.io import atomic_directory, atomic_write_text
+from keras_vqpix.sampling import UNCONDITIONAL, codes_graph
+from keras_vqpix.training.artifacts import RunPaths, load_prior, load_vqvae, read_config
+
+VQVAE_NAME = "vqvae"
+GENERATOR_NAME = "vqpix_generator"
+MODELS_CONFIG = "models.config"
+# The sampler the generator runs; `codes_graph` documents the methods (all draw the same codes).
+SAMPLER_METHOD = "reference"
+
+
+# -- Signatures -------------------------------------------------------------------------------------
+def _checked_shape(value, spec: tf.TensorSpec):
+    """`value` with its runtime shape checked against `spec`.
+
+    A signature loaded by `tf.saved_model.load` checks the dtypes it is fed but not the shapes:
+    without this a tensor of the wrong rank fails deep inside the graph with an obscure message.
+    """
+    return tf.ensure_shape(value, spec.shape, name=f"check_{spec.name}_shape")
+
+
+def _checked_images(images, spec: tf.TensorSpec):
+    """`images` checked for its shape and for values in [0, 1] (NaN fails too)."""
+    images = _checked_shape(images, spec)
+    in_range = tf.reduce_all(tf.logical_and(images >= 0.0, images <= 1.0))
+    message = "images must be float32 in [0, 1] (scale 8-bit pixels by 1/255)"
+    with tf.control_dependencies([tf.debugging.Assert(in_range, [message])]):
+        return tf.identity(images)
+
+
+def _checked_codes(codes, spec: tf.TensorSpec, num_embeddings: int):
+    """`codes` checked for its shape and for values in [0, K)."""
+    codes = _checked_shape(codes, spec)
+    in_range = tf.reduce_all(tf.logical_and(codes >= 0, codes < num_embeddings))
+    message = f"codes must be in [0, {num_embeddings}) (the VQ-VAE's codebook size)"
+    with tf.control_dependencies([tf.debugging.Assert(in_range, [message])]):
+        return tf.identity(codes)
+
+
+def _checked_sample_inputs(prior, specs, num_samples, seed, temperature, label):
+    """The inputs of `sample`, each checked for its shape (scalar) and its range."""
+    num_samples, seed, temperature, label = (
+        _checked_shape(value, spec)
+        for value, spec in zip((num_samples, seed, temperature, label), specs, strict=True)
+    )
+    if not prior.conditional:
+        label_ok = tf.equal(label, UNCONDITIONAL)
+        label_message = (
+            "label must be -1: this prior is unconditional (trained without labels). Received:"
+        )
+    else:
+        label_ok = tf.logical_and(label >= UNCONDITIONAL, label < prior.num_classes)
+        classes = "0 (NC) or 1 (AD)" if prior.num_classes == 2 else f"0 .. {prior.num_classes - 1}"
+        label_message = f"label must be -1 (unconditional), {classes}. Received:"
+    checks = [
+        tf.debugging.Assert(num_samples >= 1, ["num_samples must be >= 1. Received:", num_samples]),
+        tf.debugging.Assert(
+            tf.logical_and(temperature > 0.0, tf.math.is_finite(temperature)),
+            ["temperature must be a finite number > 0. Received:", temperature],
+        ),
+        tf.debugging.Assert(label_ok, [label_message, label]),
+    ]
+    with tf.control_dependencies(checks):
+        return tuple(tf.identity(v) for v in (num_samples, seed, temperature, label))
+
+
+def vqvae_archive(vqvae, image_shape: tuple[int, int]):
+    """A `keras.export.ExportArchive` of the VQ-VAE: `serving_default`, `encode`, `decode`."""
+    import keras
+
+    height, width = image_shape
+    factor = vqvae.downsample_factor
+    code_height, code_width = height // factor, width // factor
+    images_spec = tf.TensorSpec([None, height, width, 1], tf.float32, name="images")
+    codes_spec = tf.TensorSpec([None, code_height, code_width], tf.int32, name="codes")
+
+    def reconstruct(images):
+        images = _checked_images(images, images_spec)
+        outputs = vqvae(images, training=False)
+        return {"reconstruction": outputs["reconstruction"], "codes": outputs["codes"]}
+
+    def encode(images):
+        return {"codes": vqvae.encode(_checked_images(images, images_spec))}
+
+    def decode(codes):
+        return {"images": vqvae.decode(_checked_codes(codes, codes_spec, vqvae.num_embeddings))}
+
+    archive = keras.export.ExportArchive()
+    archive.track(vqvae)
+    archive.add_endpoint("serving_default", reconstruct, input_signature=[images_spec])
+    archive.add_endpoint("encode", encode, input_signature=[images_spec])
+    archive.add_endpoint("decode", decode, input_signature=[codes_spec])
+    return archive
+
+
+def generator_archive(vqvae, prior, code_shape: tuple[int, int], method: str = SAMPLER_METHOD):
+    """A `keras.export.ExportArchive` of the generator: `sample` (also `serving_default`).
+
+    The whole ancestral sampling loop runs inside the graph (`codes_graph`), then the VQ-VAE's
+    decoder turns the codes into images.
+    """
+    import keras
+
+    code_height, code_width = code_shape
+    specs = [
+        tf.TensorSpec([], tf.int32, name="num_samples"),
+        tf.TensorSpec([], tf.int32, name="seed"),
+        tf.TensorSpec([], tf.float32, name="temperature"),
+        tf.TensorSpec([], tf.int32, name="label"),
+    ]
+
+    def sample(num_samples, seed, temperature, label):
+        num_samples, seed, temperature, label = _checked_sample_inputs(
+            prior, specs, num_samples, seed, temperature, label
+        )
+        labels = tf.fill(tf.reshape(num_samples, [1]), label)
+        codes = codes_graph(
+            prior, num_samples, seed, labels, temperature, code_height, code_width, method=method
+        )
+        return {"images": vqvae.decode(codes), "codes": codes}
+
+    archive = keras.export.ExportArchive()
+    # The decoder's side of the VQ-VAE only: the encoder's weights have no use here.
+    for model in (prior, vqvae.quantizer, vqvae.decoder):
+        archive.track(model)
+    archive.add_endpoint("sample", sample, input_signature=specs)
+    # The first endpoint is also written as `serving_default`.
+    return archive
+
+
+# -- Versions and models.config ---------------------------------------------------------------------
+def existing_versions(model_dir: Path) -> list[int]:
+    """The version numbers TF Serving would see in `model_dir`: its integer-named folders."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def choose_version(model_dirs: list[Path], version: int | None = None) -> int:
+    """`version`, refused when any of `model_dirs` has it; by default the next free number.
+
+    The next free number is one more than the largest version of all the folders, so the models
+    of one export share their number.
+    """
+    taken = sorted({v for folder in model_dirs for v in existing_versions(folder)})
+    next_free = (taken[-1] if taken else 0) + 1
+    if version is None:
+        return next_free
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"--version must be an integer >= 1. Received: {version!r}")
+    for folder in model_dirs:
+        if (folder / str(version)).exists():
+            raise FileExistsError(
+                f"--version {version}: {folder / str(version)} already exists and versions are never "
+                f"overwritten; omit --version for the next free one ({next_free})"
+            )
+    return version
+
+
+def read_models_config(path: Path):
+    """The TF Serving config file `path` as a `ModelServerConfig` proto (empty when absent).
+
+    Parsed with TF Serving's own proto, so what passes here is what
+    `tensorflow_model_server --model_config_file` accepts.
+
+    Raises:
+        ValueError: the file is not a `model_config_list` in the proto's text format.
+    """
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    if path.exists():
+        try:
+            text_format.Parse(path.read_text(), config)
+        except (text_format.ParseError, UnicodeDecodeError) as error:
+            message = " ".join(str(error).split())
+            raise ValueError(
+                f"{path} is not a TF Serving model config ({message}); fix or remove it"
+            ) from error
+        if config.WhichOneof("config") == "custom_model_config":
+            raise ValueError(f"{path} holds a custom_model_config, not a model_config_list")
+    return config
+
+
+def update_models_config(path: Path, models: dict[str, str]) -> None:
+    """Add or update `models` (name -> base_path) in the TF Serving config file `path`.
+
+    Written with TF Serving's `ModelServerConfig` proto, atomically. Other models already
+    listed are kept, and so are the other fields of ours (e.g. a `model_version_policy` added
+    by hand); only `base_path` and `model_platform` are set.
+    """
+    from google.protobuf import text_format
+
+    config = read_models_config(path)
+    entries = config.model_config_list.config
+    for name, base_path in models.items():
+        entry = next((e for e in entries if e.name == name), None) or entries.add(name=name)
+        entry.base_path = base_path
+        entry.model_platform = "tensorflow"
+    atomic_write_text(path, text_format.MessageToString(config))
+
+
+def _serving_base_path(serving_base_path) -> str | None:
+    if serving_base_path is None:
+        return None
+    text = str(serving_base_path)
+    if not posixpath.isabs(text):
+        raise ValueError(
+            f"--serving-base-path must be an absolute path (as the server sees it). Received: {text!r}"
+        )
+    return posixpath.normpath(text)
+
+
+# -- The files beside each SavedModel ---------------------------------------------------------------
+def _write_file(path: Path, text: str) -> None:
+    """Write one file of a version (a function of its own so tests can interrupt an export)."""
+    path.write_text(text)
+
+
+_VQVAE_README = """\
+{name}, version {version}: the VQ-VAE of the run {run}.
+SavedModel (tag "serve") written by keras_vqpix {package_version} with TensorFlow {tf_version}.
+
+Signatures:
+  serving_default  images float32 [n, {height}, {width}, 1] in [0, 1]
+                   -> reconstruction float32 [n, {height}, {width}, 1], codes int32 [n, {h}, {w}]
+  encode           images float32 [n, {height}, {width}, 1] in [0, 1] -> codes int32 [n, {h}, {w}]
+  decode           codes int32 [n, {h}, {w}] in [0, {k}) -> images float32 [n, {height}, {width}, 1]
+
+VQ-VAE fingerprint: {vqvae_fingerprint} (epoch {vqvae_epoch}; see vqvae.json)
+Run config: config.json
+"""
+
+_GENERATOR_README = """\
+{name}, version {version}: the PixelCNN prior and VQ-VAE decoder of the run {run}.
+SavedModel (tag "serve") written by keras_vqpix {package_version} with TensorFlow {tf_version}.
+
+Signatures (serving_default is the same as sample):
+  sample  num_samples int32 scalar >= 1, seed int32 scalar, temperature float32 scalar > 0,
+          label int32 scalar ({labels})
+          -> images float32 [num_samples, {height}, {width}, 1] in [0, 1],
+             codes int32 [num_samples, {h}, {w}]
+The whole ancestral sampling loop runs in the graph ({method} sampler); the same seed, label
+and temperature give the same codes as `keras_vqpix.sampling.sample_codes`.
+
+Prior fingerprint: {prior_fingerprint} (epoch {prior_epoch}; see prior.json)
+VQ-VAE fingerprint: {vqvae_fingerprint} (epoch {vqvae_epoch}; see vqvae.json)
+Run config: config.json
+"""
+
+
+def _write_version_files(folder: Path, paths: RunPaths, readme: str, with_prior: bool) -> None:
+    _write_file(folder / "config.json", paths.config.read_text())
+    _write_file(folder / "vqvae.json", paths.vqvae_meta.read_text())
+    if with_prior:
+        _write_file(folder / "prior.json", paths.prior_meta.read_text())
+    _write_file(folder / "README", readme)
+
+
+# -- vqpix export -----------------------------------------------------------------------------------
+LOCK_NAME = ".export.lock"
+# What `atomic_directory` leaves when its process is killed: `.<version>.<random>.tmp` or `.old`.
+_LEFTOVER = re.compile(r"^\.\d+\..+\.(tmp|old)$")
+
+
+@contextlib.contextmanager
+def _base_lock(base: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the base folder (`BASE/.export.lock`) for one export.
+
+    Concurrent exports into one base wait for each other, so each sees the versions of the
+    others and none picks a number another is writing; a folder left by a killed export can
+    then be recognised as such. The kernel drops the lock when the process ends, even by
+    SIGKILL. (No lock where `fcntl` is missing, i.e. on Windows.)
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / LOCK_NAME, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_leftovers(model_dirs, on_note) -> None:
+    """Delete the hidden temporary folders of exports that were killed (call holding the lock)."""
+    for folder in model_dirs:
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if entry.is_dir() and _LEFTOVER.match(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+                if on_note is not None:
+                    on_note(f"Removed {entry}, left by an interrupted export")
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    base: str | os.PathLike = "exported",
+    version: int | None = None,
+    *,
+    serving_base_path: str | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Export the run `run_dir` under `base` for TF Serving; the version folders written.
+
+    Writes `base/vqvae/<version>/`, `base/vqpix_generator/<version>/` (when the run has a
+    prior) and adds or updates both models in `base/models.config` (see the module docstring).
+    Holds a lock on `base` meanwhile: concurrent exports into one base run one after the other.
+
+    Args:
+        run_dir: a run folder with a trained VQ-VAE (and prior).
+        base: the TF Serving base path, relative to the working directory.
+        version: int >= 1, or None for the next free number; an existing one is refused.
+        serving_base_path: the base path as the server sees it (e.g. `/models` inside a
+            container), written into `models.config`; default: `base`'s absolute path.
+        on_note: called with one-line notes (a run without a prior exports the VQ-VAE only).
+
+    Raises:
+        FileExistsError: `version` exists already (checked before any work).
+        ValueError: (`RunFolderError`) not a run, no VQ-VAE, a stale prior; a bad option or
+            a `models.config` that is not TF Serving's.
+    """
+    paths = RunPaths(Path(run_dir))
+    read_config(paths)
+    base = Path(base)
+    if base.exists() and not base.is_dir():
+        raise ValueError(f"--base {base} is a file; choose a folder")
+    served_base = _serving_base_path(serving_base_path)
+    model_dirs = {VQVAE_NAME: base / VQVAE_NAME, GENERATOR_NAME: base / GENERATOR_NAME}
+    # Refused before any work (and before the lock, so a mistake is reported at once).
+    choose_version(list(model_dirs.values()), version)
+    read_models_config(base / MODELS_CONFIG)
+    with _base_lock(base):
+        _remove_leftovers(model_dirs.values(), on_note)
+        version = choose_version(list(model_dirs.values()), version)
+        written = _export_versions(paths, model_dirs, version, on_note)
+        served = {
+            name: posixpath.join(served_base, name) if served_base else str(folder.resolve())
+            for name, folder in model_dirs.items()
+            if existing_versions(folder)
+        }
+        update_models_config(base / MODELS_CONFIG, served)
+    return written
+
+
+def _export_versions(paths: RunPaths, model_dirs: dict[str, Path], version: int, on_note):
+    """Write version `version` of the models of the run `paths` (see `export_run`)."""
+    from keras_vqpix import __version__
+
+    config = read_config(paths)
+    vqvae, _, vqvae_meta = load_vqvae(paths.root)
+    prior = prior_meta = None
+    if paths.prior_model.exists() or paths.prior_meta.exists():
+        prior, prior_meta = load_prior(paths.root, vqvae_meta)
+    elif on_note is not None:
+        on_note(
+            f"{paths.root} has no prior yet: exporting the VQ-VAE only "
+            f"(train the prior with `vqpix train --out {paths.root} --stage prior`)"
+        )
+
+    size = config.data.image_size
+    image_shape = (size, size)
+    factor = vqvae.downsample_factor
+    code_shape = tuple(prior.code_shape) if prior is not None and prior.code_shape else None
+    code_shape = code_shape or (size // factor, size // factor)
+    fields = {
+        "version": version,
+        "run": paths.root.resolve(),
+        "package_version": __version__,
+        "tf_version": tf.__version__,
+        "height": image_shape[0],
+        "width": image_shape[1],
+        "h": code_shape[0],
+        "w": code_shape[1],
+        "k": vqvae.num_embeddings,
+        "vqvae_fingerprint": vqvae_meta.get("fingerprint"),
+        "vqvae_epoch": vqvae_meta.get("epoch"),
+    }
+
+    written = []
+    with contextlib.ExitStack() as stack:
+        # Both versions are renamed into place only when both are complete (on leaving the
+        # stack); any exception removes both temporary folders.
+        folder = stack.enter_context(atomic_directory(model_dirs[VQVAE_NAME] / str(version)))
+        vqvae_archive(vqvae, image_shape).write_out(str(folder), verbose=False)
+        readme = _VQVAE_README.format(name=VQVAE_NAME, **fields)
+        _write_version_files(folder, paths, readme, with_prior=False)
+        written.append(model_dirs[VQVAE_NAME] / str(version))
+        if prior is not None:
+            folder = stack.enter_context(
+                atomic_directory(model_dirs[GENERATOR_NAME] / str(version))
+            )
+            generator_archive(vqvae, prior, code_shape).write_out(str(folder), verbose=False)
+            labels = (
+                "0 NC, 1 AD, -1 unconditional"
+                if prior.conditional
+                else "-1 only: the prior is unconditional"
+            )
+            readme = _GENERATOR_README.format(
+                name=GENERATOR_NAME,
+                labels=labels,
+                method=SAMPLER_METHOD,
+                prior_fingerprint=prior_meta.get("fingerprint"),
+                prior_epoch=prior_meta.get("epoch"),
+                **fields,
+            )
+            _write_version_files(folder, paths, readme, with_prior=True)
+            written.append(model_dirs[GENERATOR_NAME] / str(version))
+    return written
