@@ -83,19 +83,25 @@ def test_bad_image_size_names_the_option(tiny_adni: Path, tmp_path: Path):
 
 
 def test_train_without_data_uses_the_demo_set(monkeypatch, tiny_adni: Path, tmp_path: Path):
+    """No --data: the demo set is generated (once) and handed to training."""
+    from keras_vqpix import training
     from keras_vqpix.data import demo
 
-    calls = []
+    demo_calls, trained_on = [], []
 
     def fake_demo(seed: int = 0):
-        calls.append(seed)
+        demo_calls.append(seed)
         return tiny_adni, True
 
+    def fake_train_run(run_dir, data_root, config, **kwargs):
+        trained_on.append(Path(data_root))
+        return training.TrainResult(Path(run_dir), ["vqvae"])
+
     monkeypatch.setattr(demo, "ensure_demo_dataset", fake_demo)
-    run = tmp_path / "run"
+    monkeypatch.setattr(training, "train_run", fake_train_run)
     result = CliRunner().invoke(
-        main, ["train", "--config", "quick", "--stage", "vqvae", "--epochs", "1", "--out", str(run)]
+        main, ["train", "--config", "quick", "--out", str(tmp_path / "run")]
     )
     assert result.exit_code == 0, result.output
-    assert calls and "generated the demo data set" in result.output
-    assert (run / "vqvae.keras").is_file()
+    assert demo_calls and "generated the demo data set" in result.output
+    assert trained_on == [tiny_adni]
