@@ -33,8 +33,8 @@ def quick_prior(quick_run):
 
 @pytest.fixture(scope="module")
 def default_prior():
-    """The default architecture (10 blocks of 32 filters, K = 256), random weights, 6x9 maps."""
-    return random_prior((6, 9), **ARCHITECTURES["default"])
+    """The default architecture (10 blocks of 32 filters, K = 256), random weights, 5x7 maps."""
+    return random_prior((5, 7), **ARCHITECTURES["default"])
 
 
 @pytest.fixture(scope="module")
