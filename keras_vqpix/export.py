@@ -60,7 +60,7 @@ VQVAE_NAME = "vqvae"
 GENERATOR_NAME = "vqpix_generator"
 MODELS_CONFIG = "models.config"
 # The sampler the generator runs; `codes_graph` documents the methods (all draw the same codes).
-SAMPLER_METHOD = "reference"
+SAMPLER_METHOD = "fast"
 
 
 # -- Signatures -------------------------------------------------------------------------------------

@@ -23,6 +23,25 @@ one map at a time, a code depends only on the seed, its position, its map index 
 logits: not on the machine, the batch size or how rows are grouped into calls (the progress
 bar runs one row per call). And since the uniform is fixed by the seed, logits that differ by
 float rounding only change a code when the uniform falls within rounding of a CDF boundary.
+
+Two samplers keep the contract, and draw the same codes bit for bit:
+
+- the **reference** (`sample_codes_reference`, `sample_rows_reference`) computes the logits of
+  every position afresh from the codes drawn so far: `H * W` forward passes per map;
+- the **fast** sampler (`sample_codes_fast`, `sample_rows_fast`, `fast_codes_graph`; the
+  default of `sample_codes`) caches the activations of the rows and columns already drawn
+  (Ramachandran et al. 2017, https://arxiv.org/abs/1704.06001) and computes per position
+  only the new column of each stack: about one forward pass of arithmetic per map, plus the
+  `h * w` per-map draws.
+
+Bit for bit, not just to float rounding: CPU convolutions and matmuls round differently for
+different operand shapes (a 1 x 1 window and a whole map give logits a few ulps apart), so
+for a `PixelCNN` both samplers compute their logits with the same row and column steps
+(`keras_vqpix.models.pixelcnn_steps.PixelCNNSteps`): the reference recomputes every step for
+every position, the fast sampler reuses them; each step is the same operations on the same
+shapes and values in both. Those logits equal `PixelCNN.call`'s to float rounding (tested at
+every position). A prior that is no `PixelCNN` (e.g. a test double) is sampled by its `call`
+over the whole map, one position at a time, by either sampler.
 """
 
 from __future__ import annotations
@@ -35,14 +54,16 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 from keras_vqpix.data.discover import CLASS_NAMES, LABELS
+from keras_vqpix.models.pixelcnn import PixelCNN
+from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
 
 SEED_SALT = 1606  # arXiv 1606.05328
 UNCONDITIONAL = -1
 _INT32 = (-(2**31), 2**31 - 1)
 _ROW_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FAST_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # -- The seeding contract ---------------------------------------------------------------------------
@@ -76,23 +97,38 @@ def position_seed(seed, index):
     return tf.random.experimental.stateless_fold_in(pair, tf.cast(index, tf.int32), alg="philox")
 
 
+def map_seeds(at_position, num_maps):
+    """Seeds `int32 [num_maps, 2]` of maps `0 .. num_maps - 1` at a position: row i is
+    `stateless_fold_in(at_position, i, alg="philox")`.
+
+    Computed at once: `stateless_fold_in(s, i)` is `[x, i]`, where `x` is drawn from `s` alone
+    (tested against `stateless_fold_in` itself).
+    """
+    first = tf.random.experimental.stateless_fold_in(at_position, 0, alg="philox")[0]
+    return tf.stack([tf.fill([num_maps], first), tf.range(num_maps, dtype=tf.int32)], axis=1)
+
+
 def draw_codes(logits, seed, index, temperature):
     """Codes `[n]` int32 of the n maps at raster index `index`, from their `logits [n, K]`.
 
     Map i draws from `Categorical(logits[i] / temperature)` with the seed
-    `stateless_fold_in(position_seed(seed, index), i)`: see the module docstring.
+    `stateless_fold_in(position_seed(seed, index), i)`: see the module docstring. Each draw is
+    what `tfp.distributions.Categorical(logits=logits[i] / temperature, dtype=tf.int32)
+    .sample(seed=...)` runs, `tf.random.stateless_categorical(logits[i][None], 1, seed)`, one
+    map per kernel call.
     """
     logits = tf.cast(logits, tf.float32) / tf.cast(temperature, tf.float32)
-    at_position = position_seed(seed, index)
+    num_maps = tf.shape(logits)[0]
+    seeds = map_seeds(position_seed(seed, index), num_maps)
 
-    def draw_one(arguments):
-        map_logits, map_index = arguments
-        map_seed = tf.random.experimental.stateless_fold_in(at_position, map_index, alg="philox")
-        distribution = tfp.distributions.Categorical(logits=map_logits, dtype=tf.int32)
-        return distribution.sample(seed=map_seed)
+    def draw_one(i, drawn):
+        code = tf.random.stateless_categorical(logits[i][None], 1, seeds[i], dtype=tf.int32)
+        return i + 1, drawn.write(i, code[0, 0])
 
-    maps = tf.range(tf.shape(logits)[0], dtype=tf.int32)
-    return tf.map_fn(draw_one, (logits, maps), fn_output_signature=tf.int32)
+    _, drawn = tf.while_loop(
+        lambda i, _: i < num_maps, draw_one, (tf.constant(0), tf.TensorArray(tf.int32, num_maps))
+    )
+    return drawn.stack()
 
 
 # -- Labels -------------------------------------------------------------------------------------------
@@ -153,17 +189,24 @@ def _code_shape(prior, code_shape) -> tuple[int, int]:
 def sample_rows_reference(prior, codes, labels, seed, temperature, row_start, row_end):
     """Draw rows `row_start .. row_end - 1` of `codes [n, h, w]` (a TF function body).
 
-    One forward pass of the whole map per position: the logits of `(r, c)` are those of the
-    current map, whose codes at and after `(r, c)` the prior cannot see. Returns the codes
-    with those rows filled in; the other rows are returned unchanged.
+    One forward pass per position: the logits of `(r, c)` are computed afresh from the current
+    map, whose codes at and after `(r, c)` the prior cannot see. For a `PixelCNN` that pass is
+    its row and column steps over the rows above and the columns before `(r, c)`
+    (`PixelCNNSteps.position_logits`, the arithmetic the fast sampler shares); for another
+    prior, its `call` over the whole map. Returns the codes with those rows filled in; the
+    other rows are returned unchanged.
     """
     height, width = codes.shape[1], codes.shape[2]
     rows = tf.range(height)[:, None]
     cols = tf.range(width)[None, :]
+    steps = PixelCNNSteps(prior, labels, width) if isinstance(prior, PixelCNN) else None
 
     def body(index, codes):
         row, col = index // width, index % width
-        logits = prior(codes, labels, training=False)[:, row, col, :]
+        if steps is None:
+            logits = prior(codes, labels, training=False)[:, row, col, :]
+        else:
+            logits = steps.position_logits(codes, row, col)
         draws = draw_codes(logits, seed, index, temperature)
         here = tf.logical_and(tf.equal(rows, row), tf.equal(cols, col))
         return index + 1, tf.where(here[None], draws[:, None, None], codes)
@@ -190,13 +233,27 @@ def _row_sampler(prior, height: int, width: int):
             tf.TensorSpec([], tf.int32),
             tf.TensorSpec([], tf.float32),
             tf.TensorSpec([], tf.int32),
-        ]
+        ],
+        autograph=False,
     )
     def sample_row(codes, labels, seed, temperature, row):
         return sample_rows_reference(prior_ref(), codes, labels, seed, temperature, row, row + 1)
 
     _ROW_SAMPLERS.setdefault(prior, {})[(height, width)] = sample_row
     return sample_row
+
+
+def _checked_arguments(prior, num_samples, seed, labels, temperature, code_shape):
+    seed = check_seed(seed)
+    temperature = check_temperature(temperature)
+    labels = resolve_labels(prior, num_samples, labels)
+    height, width = _code_shape(prior, code_shape)
+    arguments = (
+        tf.constant(labels),
+        tf.constant(seed, tf.int32),
+        tf.constant(temperature, tf.float32),
+    )
+    return arguments, height, width
 
 
 def sample_codes_reference(
@@ -211,11 +268,12 @@ def sample_codes_reference(
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 drawn by the straightforward reference sampler.
 
-    Keeps the seeding contract of the module docstring with one full forward pass of the prior
-    per position (`h * w` passes per map), one graph-mode row per call.
+    Keeps the seeding contract of the module docstring with one forward pass of the prior per
+    position (`h * w` passes per map, `sample_rows_reference`), one graph-mode row per call.
 
     Args:
-        prior: a `PixelCNN`.
+        prior: a `PixelCNN` (or any callable prior `(codes, labels) -> logits [n, h, w, K]`
+            with `conditional`, `num_classes` and, unless `code_shape` is given, `code_shape`).
         num_samples: int >= 1.
         seed: int32; the same seed (and labels, temperature) gives the same codes.
         labels: see `resolve_labels`.
@@ -223,22 +281,161 @@ def sample_codes_reference(
         code_shape: (h, w); default: the prior's `code_shape`.
         on_row: called with `(rows done, h)` after each row (progress).
     """
-    seed = check_seed(seed)
-    temperature = check_temperature(temperature)
-    labels = resolve_labels(prior, num_samples, labels)
-    height, width = _code_shape(prior, code_shape)
+    arguments, height, width = _checked_arguments(
+        prior, num_samples, seed, labels, temperature, code_shape
+    )
     sample_row = _row_sampler(prior, height, width)
     codes = tf.zeros((num_samples, height, width), tf.int32)
-    arguments = (
-        tf.constant(labels),
-        tf.constant(seed, tf.int32),
-        tf.constant(temperature, tf.float32),
-    )
     for row in range(height):
         codes = sample_row(codes, *arguments, tf.constant(row, tf.int32))
         if on_row is not None:
             on_row(row + 1, height)
     return codes.numpy()
+
+
+# -- Fast sampler ---------------------------------------------------------------------------------------
+def sample_rows_fast(steps, codes, state, seed, temperature, row_start, row_end):
+    """Draw rows `row_start .. row_end - 1` of `codes [n, h, w]` from cached activations (a TF
+    function body).
+
+    Args:
+        steps: the prior's `PixelCNNSteps` for these maps' labels and width.
+        codes: `[n, h, w]` int32, rows before `row_start` drawn.
+        state: the steps' state after row `row_start - 1` (`steps.start()` for row 0).
+        seed, temperature, row_start, row_end: scalars (tensors or Python numbers).
+
+    Each position costs one `steps.column` (the new column of both stacks, and the head) and
+    one `draw_codes`; each row one `steps.finish_row` (its vertical stack). Returns
+    `(codes, state)`: the codes with those rows filled in (the others unchanged), and the state
+    to go on from at `row_end`: rows drawn in one call or over several give the same codes.
+    """
+    width = codes.shape[2]
+    rows = tf.range(codes.shape[1])[None, :, None]
+
+    def draw_row(row, codes, state):
+        def draw_column(col, row_state, drawn):
+            logits, row_state = steps.column(state, row_state, col)
+            draws = draw_codes(logits, seed, row * width + col, temperature)
+            return col + 1, steps.push_code(row_state, draws), drawn.write(col, draws)
+
+        _, _, drawn = tf.while_loop(
+            lambda col, *_: col < width,
+            draw_column,
+            (tf.constant(0), steps.start_row(), tf.TensorArray(tf.int32, width)),
+        )
+        row_codes = tf.transpose(drawn.stack())  # [n, w]
+        codes = tf.where(tf.equal(rows, row), row_codes[:, None, :], codes)
+        return row + 1, codes, steps.finish_row(state, row_codes)
+
+    _, codes, state = tf.while_loop(
+        lambda row, *_: row < row_end,
+        draw_row,
+        (tf.convert_to_tensor(row_start, tf.int32), codes, state),
+    )
+    return codes, state
+
+
+def fast_codes_graph(prior, num_samples, seed, labels, temperature, height: int, width: int):
+    """Code maps `int32 [num_samples, height, width]` drawn by the fast sampler, in graph mode.
+
+    For `tf.function`s and SavedModel signatures: `num_samples` (int32 scalar), `seed` (int32
+    scalar), `labels` (int32, one per sample or one for all; -1 unconditional) and
+    `temperature` (float32 scalar) may be symbolic tensors, the number of samples dynamic;
+    `height` and `width` are Python ints. The codes of `sample_codes_fast` (hence of the
+    reference sampler) for the same arguments. Arguments are not checked: see `check_seed`,
+    `check_temperature` and `resolve_labels` for what is valid.
+    """
+    num_samples = tf.convert_to_tensor(num_samples, tf.int32)
+    labels = tf.broadcast_to(tf.cast(labels, tf.int32), tf.reshape(num_samples, [1]))
+    codes = tf.zeros(tf.stack([num_samples, height, width]), tf.int32)
+    codes = tf.ensure_shape(codes, [None, height, width])
+    if not isinstance(prior, PixelCNN):
+        return sample_rows_reference(prior, codes, labels, seed, temperature, 0, height)
+    steps = PixelCNNSteps(prior, labels, width)
+    codes, _ = sample_rows_fast(steps, codes, steps.start(), seed, temperature, 0, height)
+    return codes
+
+
+def reference_codes_graph(prior, num_samples, seed, labels, temperature, height: int, width: int):
+    """`fast_codes_graph`'s counterpart drawn by the reference sampler (the same codes, slowly)."""
+    num_samples = tf.convert_to_tensor(num_samples, tf.int32)
+    labels = tf.broadcast_to(tf.cast(labels, tf.int32), tf.reshape(num_samples, [1]))
+    codes = tf.zeros(tf.stack([num_samples, height, width]), tf.int32)
+    codes = tf.ensure_shape(codes, [None, height, width])
+    return sample_rows_reference(prior, codes, labels, seed, temperature, 0, height)
+
+
+def _fast_row_sampler(prior, height: int, width: int):
+    """Traced-once `tf.function`s `start(labels) -> state` and
+    `sample_row(codes, state, labels, seed, temperature, row) -> (codes, state)`."""
+    cached = _FAST_SAMPLERS.get(prior, {}).get((height, width))
+    if cached is not None:
+        return cached
+    prior_ref = weakref.ref(prior)  # as in `_row_sampler`
+    labels_spec = tf.TensorSpec([None], tf.int32)
+
+    @tf.function(input_signature=[labels_spec], autograph=False)
+    def start(labels):
+        return PixelCNNSteps(prior_ref(), labels, width).start()
+
+    state_spec = tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape, t.dtype),
+        start.get_concrete_function().structured_outputs,
+    )
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, height, width], tf.int32),
+            state_spec,
+            labels_spec,
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([], tf.int32),
+        ],
+        autograph=False,
+    )
+    def sample_row(codes, state, labels, seed, temperature, row):
+        steps = PixelCNNSteps(prior_ref(), labels, width)
+        return sample_rows_fast(steps, codes, state, seed, temperature, row, row + 1)
+
+    _FAST_SAMPLERS.setdefault(prior, {})[(height, width)] = (start, sample_row)
+    return start, sample_row
+
+
+def sample_codes_fast(
+    prior,
+    num_samples: int,
+    seed: int = 0,
+    labels=None,
+    temperature: float = 1.0,
+    *,
+    code_shape=None,
+    on_row: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Code maps `[num_samples, h, w]` int32 drawn by the fast sampler: the reference's codes.
+
+    Arguments as `sample_codes_reference`. A `PixelCNN` is sampled from cached activations
+    (`sample_rows_fast`), one graph-mode row per call with the cache carried between calls;
+    any other prior by the reference sampler.
+    """
+    if not isinstance(prior, PixelCNN):
+        return sample_codes_reference(
+            prior, num_samples, seed, labels, temperature, code_shape=code_shape, on_row=on_row
+        )
+    arguments, height, width = _checked_arguments(
+        prior, num_samples, seed, labels, temperature, code_shape
+    )
+    start, sample_row = _fast_row_sampler(prior, height, width)
+    codes = tf.zeros((num_samples, height, width), tf.int32)
+    state = start(arguments[0])
+    for row in range(height):
+        codes, state = sample_row(codes, state, *arguments, tf.constant(row, tf.int32))
+        if on_row is not None:
+            on_row(row + 1, height)
+    return codes.numpy()
+
+
+SAMPLERS = {"fast": sample_codes_fast, "reference": sample_codes_reference}
 
 
 def sample_codes(
@@ -250,22 +447,25 @@ def sample_codes(
     *,
     code_shape=None,
     on_row: Callable[[int, int], None] | None = None,
+    method: str = "fast",
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 from `prior`: the public entry point.
 
-    Arguments as `sample_codes_reference`, which it runs today; a faster sampler keeping the
-    same seeding contract (hence drawing the same codes) can replace it here.
+    Arguments as `sample_codes_reference`; `method`: "fast" (`sample_codes_fast`, the default)
+    or "reference" (`sample_codes_reference`). Both draw the same codes.
     """
-    return sample_codes_reference(
+    if method not in SAMPLERS:
+        raise ValueError(f"method must be one of {sorted(SAMPLERS)}. Received: method={method!r}")
+    return SAMPLERS[method](
         prior, num_samples, seed, labels, temperature, code_shape=code_shape, on_row=on_row
     )
 
 
-GRAPH_METHODS = ("reference",)
+GRAPH_METHODS = ("fast", "reference")
 
 
 def codes_graph(
-    prior, num_samples, seed, labels, temperature, height: int, width: int, method="reference"
+    prior, num_samples, seed, labels, temperature, height: int, width: int, method="fast"
 ):
     """Code maps `[num_samples, height, width]` int32 drawn entirely in the graph (a TF function body).
 
@@ -278,11 +478,12 @@ def codes_graph(
         prior: a `PixelCNN`.
         num_samples: int32 scalar tensor (dynamic), n >= 1.
         seed: int32 scalar tensor.
-        labels: int32 tensor `[n]`, one label per map (-1: unconditional); already valid for
-            `prior` (see `resolve_labels`): nothing is checked here.
+        labels: int32 tensor, one label per map or one for all (-1: unconditional); already
+            valid for `prior` (see `resolve_labels`): nothing is checked here.
         temperature: float32 scalar tensor > 0.
         height, width: Python ints, the code map size (static).
-        method: "reference" (`sample_rows_reference`: one forward pass of the prior per code).
+        method: "fast" (`fast_codes_graph`: cached activations, a few forward passes' cost
+            per map) or "reference" (`reference_codes_graph`: one forward pass per code).
             Every method draws the same codes; they differ in speed only.
 
     Returns:
@@ -290,13 +491,10 @@ def codes_graph(
     """
     if method not in GRAPH_METHODS:
         raise ValueError(f"method must be one of {GRAPH_METHODS}. Received: method={method!r}")
-    num_samples = tf.cast(num_samples, tf.int32)
-    codes = tf.zeros(tf.stack([num_samples, height, width]), tf.int32)
-    codes = tf.ensure_shape(codes, [None, height, width])
-    labels = tf.cast(labels, tf.int32)
+    draw = fast_codes_graph if method == "fast" else reference_codes_graph
     seed = tf.cast(seed, tf.int32)
     temperature = tf.cast(temperature, tf.float32)
-    return sample_rows_reference(prior, codes, labels, seed, temperature, 0, height)
+    return draw(prior, num_samples, seed, labels, temperature, height, width)
 
 
 def decode_codes(vqvae, codes, batch_size: int = 32) -> np.ndarray:

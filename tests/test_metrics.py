@@ -11,6 +11,7 @@ from PIL import Image
 from keras_vqpix.metrics import (
     CodebookUsage,
     bilinear_baseline,
+    box_average,
     fast_ssim_map,
     fast_ssim_per_image,
     head_mask,
@@ -92,6 +93,29 @@ def test_head_mask_covers_the_brain_including_dark_ventricles():
     assert mask[ventricle].all(), "dark ventricles inside the brain are part of the mask"
     assert mask[brain].mean() > 0.97
     assert not mask[~brain].mean() > 0.1
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 1), (1, 5, 5, 3), (3, 64, 48, 1)])
+def test_box_average_is_avg_pool_same(shape):
+    images = np.random.default_rng(4).uniform(size=shape).astype(np.float32)
+    np.testing.assert_allclose(
+        box_average(images, 5).numpy(),
+        tf.nn.avg_pool2d(images, 5, 1, "SAME").numpy(),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+def test_head_mask_is_the_avg_pool_mask(image_pairs):
+    """The box average changed how the mask is computed, not which pixels it holds."""
+    for images in image_pairs:
+        smooth = tf.nn.avg_pool2d(images, 5, 1, "SAME")[..., 0]
+        foreground = tf.cast(smooth > 0.1 * tf.reduce_max(smooth, [1, 2], keepdims=True), tf.int32)
+        inside = [
+            (tf.cumsum(foreground, axis=axis) > 0) & (tf.cumsum(foreground, axis, reverse=True) > 0)
+            for axis in (1, 2)
+        ]
+        np.testing.assert_array_equal(head_mask(images).numpy(), (inside[0] & inside[1]).numpy())
 
 
 def test_foreground_ssim_ignores_the_background():

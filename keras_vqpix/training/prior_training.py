@@ -226,7 +226,7 @@ def train_prior(
             best_prior, test_codes, None, batch_size
         )
     write_json(paths.prior_meta, meta)
-    # Sampling costs h * w forward passes per map: redraw only when the prior changed.
+    # Redraw the samples only when the prior changed (a finished run, resumed, keeps its plot).
     samples = first_epoch < epochs or not (paths.plots / "prior_samples.png").is_file()
     plot_prior(paths, splits, config, vqvae, best_prior, meta, samples=samples)
     return meta

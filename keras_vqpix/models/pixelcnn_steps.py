@@ -1,0 +1,211 @@
+"""The Gated PixelCNN's forward pass as row and column steps, for sampling (Ramachandran et al. 2017, https://arxiv.org/abs/1704.06001)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from keras import ops
+
+from keras_vqpix.layers.gated_pixelcnn import gate
+
+
+class PixelCNNSteps:
+    """A `PixelCNN`'s logits computed position by position from cached activations.
+
+    Ancestral sampling needs the logits at `(r, c)` once the codes before it are drawn. In a
+    Gated PixelCNN (`GatedBlock`) these come from two stacks, so the forward pass splits into
+    two kinds of step, each computing only what the next position needs:
+
+    - `finish_row(state, codes_row)`, once a row is drawn: the vertical stack of that row in
+      every block (a `(k//2 + 1) x k` convolution over the block's last `k//2 + 1` vertical
+      input rows, kept in `state`), and its `vertical_to_horizontal` term, which the
+      horizontal stack of the *next* row reads (the model's `down_shift`).
+    - `column(state, row_state, c)`: the horizontal stack at column `c` of the current row in
+      every block (a `1 x k` masked convolution over the block's last `k//2` horizontal
+      inputs, kept in `row_state`, and the current one), the gates, the residuals, the skip
+      sum and the head: the logits `[n, K]` at `(r, c)`. `push_code(row_state, codes)` then
+      appends the drawn codes' embeddings, the first block's input at the next column.
+
+    All caches start at zero, the zero padding of the model's convolutions. A whole code map
+    costs about one forward pass of arithmetic, in `h * w` small column steps and `h` row
+    steps (the "fast generation" caching of Ramachandran et al. 2017).
+
+    Exactness: the steps compute the model's function with its own weights, but with their own
+    operation shapes (a 1 x 1 position instead of a whole map), and CPU kernels round
+    differently for different shapes; so the logits match `PixelCNN.call` to float rounding,
+    not bit for bit. Both samplers of `keras_vqpix.sampling` therefore compute their logits
+    with these steps: the reference recomputes every step from the codes for each position,
+    the fast sampler caches them; each step sees the same operations on the same shapes and
+    values in both, hence the same bits. Nor do the bits depend on where the steps run (eagerly,
+    or in a graph traced with static or dynamic shapes; tested): every sum of more than two
+    terms is one reduction, not a chain of adds that graph optimizers may reassociate.
+
+    Shapes: `n` maps of width `w`, `k = kernel_size`, `p = filters`, `E = embedding_dim`,
+    `L + 1` blocks. `state`: a tuple of, per block, its vertical inputs of the last `k//2`
+    rows `[n, k//2, w + 2 (k//2), C]` (C = E for the first block, p after), and the next row's
+    horizontal bias `[w, L + 1, n, 2p]`. `row_state`: per block, its horizontal inputs of the
+    last `k//2` columns, flattened `[n, (k//2) C]`. E.g. the default prior (K = 256, 10 blocks
+    of 32 filters, k = 3) keeps per map 10 x 1 x 34 x 32 vertical and 10 x 32 horizontal
+    values, and a column step multiplies `[n, 96]` by `[96, 64]` per block.
+
+    Build it inside the `tf.function` that samples (it reads the weights once per call).
+
+    Args:
+        prior: a built `PixelCNN`.
+        labels: `[n]` int32 labels (-1: unconditional); ignored by an unconditional prior.
+        width: int, code map width w.
+    """
+
+    def __init__(self, prior, labels, width: int):
+        self.prior = prior
+        self.width = int(width)
+        self.half = prior.kernel_size // 2
+        self.num_maps = tf.shape(labels)[0]
+        label_rows = prior.label_indices(labels, self.num_maps) if prior.conditional else None
+        half = self.half
+        self.vertical_labels, self.horizontal_bias = [], []
+        self.horizontal_kernels, self.output_kernels, self.output_biases = [], [], []
+        for block in prior.blocks:
+            dtype = block.compute_dtype
+            conv = block.horizontal_conv
+            taps = half if block.mask_type == "A" else half + 1
+            # The taps the mask keeps: columns c - k//2 .. c - 1 (mask A) or .. c (mask B).
+            kernel = ops.cast(conv.kernel * conv.mask, dtype)[0, :taps]
+            self.horizontal_kernels.append(ops.reshape(kernel, (-1, kernel.shape[-1])))
+            bias = ops.cast(conv.bias, dtype)[None, :]
+            vertical_label = None
+            if label_rows is not None and block.num_labels:
+                vertical_label = block.vertical_label(label_rows)[:, None, None, :]
+                bias = bias + block.horizontal_label(label_rows)
+            self.vertical_labels.append(vertical_label)
+            self.horizontal_bias.append(bias)
+            # horizontal_output and skip read the same gated units: one matmul for both.
+            self.output_kernels.append(
+                ops.cast(
+                    ops.concatenate([block.horizontal_output.kernel, block.skip.kernel], -1),
+                    dtype,
+                )[0, 0]
+            )
+            self.output_biases.append(
+                ops.cast(ops.concatenate([block.horizontal_output.bias, block.skip.bias], 0), dtype)
+            )
+        dtype = prior.head_hidden.compute_dtype
+        self.head_hidden = (
+            ops.cast(prior.head_hidden.kernel, dtype)[0, 0],
+            ops.cast(prior.head_hidden.bias, dtype),
+        )
+        self.head_logits = (
+            ops.cast(prior.head_logits.kernel, "float32")[0, 0],
+            ops.cast(prior.head_logits.bias, "float32"),
+        )
+
+    # -- Vertical stack: once per row --------------------------------------------------------------
+    def start(self):
+        """The state before row 0: zero rows above the map."""
+        n, half, padded = self.num_maps, self.half, self.width + 2 * self.half
+        rows = []
+        for i, block in enumerate(self.prior.blocks):
+            channels = self.prior.embedding_dim if i == 0 else block.filters
+            rows.append(tf.zeros((n, half, padded, channels), block.compute_dtype))
+        filters = self.prior.blocks[0].filters
+        # Row 0's horizontal stack reads the shifted-in zero row through vertical_to_horizontal.
+        zero_row = tf.zeros((n, 1, self.width, 2 * filters), self.prior.blocks[0].compute_dtype)
+        terms = [
+            block.vertical_to_horizontal(zero_row)[:, 0] + bias[:, None, :]
+            for block, bias in zip(self.prior.blocks, self.horizontal_bias, strict=True)
+        ]
+        return tuple(rows), self._by_column(terms)
+
+    def finish_row(self, state, codes_row):
+        """The state after the row `codes_row [n, w]` was drawn: its vertical stack, for the next row."""
+        rows, _ = state
+        half = self.half
+        x = self.prior.code_embedding(ops.cast(codes_row, "int32"))  # [n, w, E]
+        new_rows, terms = [], []
+        for block, above, label, bias in zip(
+            self.prior.blocks, rows, self.vertical_labels, self.horizontal_bias, strict=True
+        ):
+            current = ops.pad(x, [[0, 0], [half, half], [0, 0]])[:, None]
+            window = ops.concatenate([above, ops.cast(current, above.dtype)], axis=1)
+            vertical_pre = block.vertical_conv(window)  # [n, 1, w, 2p]
+            if label is not None:
+                vertical_pre = vertical_pre + label
+            terms.append(block.vertical_to_horizontal(vertical_pre)[:, 0] + bias[:, None, :])
+            new_rows.append(window[:, 1:])
+            x = gate(vertical_pre)[:, 0]
+        return tuple(new_rows), self._by_column(terms)
+
+    @staticmethod
+    def _by_column(terms):
+        """Per-block `[n, w, 2p]` terms -> `[w, L + 1, n, 2p]`, so a column is one gather."""
+        return ops.transpose(ops.stack(terms), (2, 0, 1, 3))
+
+    # -- Horizontal stack and head: once per position ----------------------------------------------
+    def start_row(self):
+        """The row state before column 0: zero columns left of the map."""
+        n, half = self.num_maps, self.half
+        columns = []
+        for i, block in enumerate(self.prior.blocks):
+            channels = self.prior.embedding_dim if i == 0 else block.filters
+            columns.append(tf.zeros((n, half * channels), block.compute_dtype))
+        return tuple(columns)
+
+    def column(self, state, row_state, col):
+        """`(logits [n, K] float32, row state)` at column `col` of the row being drawn.
+
+        The first block's inputs in the returned row state still lack the code at `col`:
+        `push_code` adds it once drawn.
+        """
+        _, horizontal_terms = state
+        terms = tf.unstack(tf.gather(horizontal_terms, col), num=len(self.prior.blocks))
+        new_row_state = [row_state[0]]
+        x, skips = None, []
+        for i, block in enumerate(self.prior.blocks):
+            if block.mask_type == "A":
+                taps = row_state[i]
+            else:
+                taps = ops.concatenate([row_state[i], x], axis=-1)
+                new_row_state.append(taps[:, x.shape[-1] :])
+            pre = ops.matmul(taps, self.horizontal_kernels[i]) + terms[i]
+            outputs = tf.nn.bias_add(
+                ops.matmul(gate(pre), self.output_kernels[i]), self.output_biases[i]
+            )
+            out, skip = ops.split(outputs, 2, axis=-1)
+            x = out if block.mask_type == "A" else x + out
+            skips.append(skip)
+        # One sum, in a fixed order (a chain of adds is what graph optimizers reassociate).
+        total = tf.reduce_sum(tf.stack([*skips, x]), axis=0)
+        kernel, bias = self.head_hidden
+        hidden = ops.relu(tf.nn.bias_add(ops.matmul(ops.relu(total), kernel), bias))
+        kernel, bias = self.head_logits
+        logits = tf.nn.bias_add(ops.matmul(ops.cast(hidden, "float32"), kernel), bias)
+        return logits, tuple(new_row_state)
+
+    def push_code(self, row_state, codes):
+        """The row state moved on by one column: `codes [n]` just drawn at the current column."""
+        embedded = self.prior.code_embedding(ops.cast(codes, "int32"))
+        first = row_state[0]
+        embedded = ops.cast(embedded, first.dtype)
+        return (ops.concatenate([first[:, embedded.shape[-1] :], embedded], -1), *row_state[1:])
+
+    # -- Everything from scratch -------------------------------------------------------------------
+    def position_logits(self, codes, row, col):
+        """Logits `[n, K]` at `(row, col)` of `codes [n, h, w]`, every step recomputed from the codes.
+
+        The rows above `row` through `finish_row`, then columns `0 .. col` of `row` through
+        `column` and `push_code`: all the activations the logits at `(row, col)` depend on,
+        with the operations the cached sampler runs.
+        """
+        codes = ops.cast(codes, "int32")
+        state = self.start()
+        _, state = tf.while_loop(
+            lambda r, _: r < row,
+            lambda r, state: (r + 1, self.finish_row(state, codes[:, r])),
+            (tf.constant(0), state),
+        )
+
+        def body(c, row_state):
+            _, row_state = self.column(state, row_state, c)
+            return c + 1, self.push_code(row_state, codes[:, row, c])
+
+        _, row_state = tf.while_loop(lambda c, _: c < col, body, (tf.constant(0), self.start_row()))
+        return self.column(state, row_state, col)[0]
