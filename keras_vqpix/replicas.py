@@ -61,3 +61,16 @@ def global_rows(num_rows):
     mine = tf.one_hot(replica, context.num_replicas_in_sync) * tf.cast(num_rows, tf.float32)
     rows = tf.cast(context.all_reduce(tf.distribute.ReduceOp.SUM, mine), tf.int32)
     return tf.reduce_sum(rows[:replica]), tf.reduce_sum(rows)
+
+
+def across_workers() -> bool:
+    """Whether the current strategy trains with several worker processes (machines).
+
+    True under `tf.distribute.MultiWorkerMirroredStrategy` with more than one chief or worker
+    in its cluster (`TF_CONFIG`).
+    """
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    spec = strategy.cluster_resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in spec.jobs if job in ("chief", "worker")) > 1

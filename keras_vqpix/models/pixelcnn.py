@@ -10,13 +10,14 @@ import tensorflow as tf
 from keras import layers, ops
 
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
+from keras_vqpix.models.distributed import DistributedFitMixin
 from keras_vqpix.replicas import all_reduce_sum, global_mean, global_rows, sync_context
 
 LN2 = math.log(2.0)
 
 
 @keras.saving.register_keras_serializable(package="keras_vqpix")
-class PixelCNN(keras.Model):
+class PixelCNN(DistributedFitMixin, keras.Model):
     """Autoregressive prior `p(codes | label) = prod_(i,j) p(c_ij | c_<ij, label)` in raster order.
 
     `codes [B, h, w]` int32 in `[0, K)` -> code embedding `[B, h, w, E]` -> one `GatedBlock`

@@ -17,6 +17,7 @@ from keras_vqpix.metrics import (
     fast_ssim_per_image,
     foreground_mean,
 )
+from keras_vqpix.models.distributed import DistributedFitMixin
 from keras_vqpix.replicas import all_reduce_sum, global_mean
 
 
@@ -184,7 +185,7 @@ class Decoder(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vqpix")
-class VQVAE(keras.Model):
+class VQVAE(DistributedFitMixin, keras.Model):
     """VQ-VAE for single-channel images in [0, 1].
 
     `images [B, H, W, 1]` -> encoder -> `[B, H/f, W/f, D]` -> quantizer -> codes
@@ -389,12 +390,12 @@ class VQVAE(keras.Model):
             scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=True))
-        return self._update_metrics(images, outputs, reconstruction_loss, loss)
+        return self.step_logs(self._update_metrics(images, outputs, reconstruction_loss, loss))
 
     def test_step(self, data):
         images = data[0] if isinstance(data, (tuple, list)) else data
         outputs, reconstruction_loss, loss = self._step(images, training=False)
-        return self._update_metrics(images, outputs, reconstruction_loss, loss)
+        return self.step_logs(self._update_metrics(images, outputs, reconstruction_loss, loss))
 
     def get_config(self):
         return {
