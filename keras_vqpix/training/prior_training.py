@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import DataSplits
-from keras_vqpix.data.pipeline import steps_per_epoch
+from keras_vqpix.data.pipeline import shard_by_batch, steps_per_epoch
 from keras_vqpix.io import atomic_write_text
 from keras_vqpix.models.pixelcnn import LN2, PixelCNN, max_bits_per_code
 from keras_vqpix.training.artifacts import (
@@ -57,12 +57,15 @@ def code_dataset(
 
     Without `shuffle`: one pass in order. With `shuffle`: endless epochs `first_epoch, ...`,
     each in the order of a stateless shuffle seeded by `(seed, epoch)`, batched on its own,
-    so a resumed run sees the same batches as an uninterrupted one.
+    so a resumed run sees the same batches as an uninterrupted one. Distributed by batch
+    (`keras_vqpix.data.pipeline.shard_by_batch`).
     """
     codes = tf.constant(np.asarray(codes, np.int32))
     labels = tf.constant(np.asarray(labels, np.int32))
     if not shuffle:
-        return tf.data.Dataset.from_tensor_slices((codes, labels)).batch(batch_size).prefetch(2)
+        return shard_by_batch(
+            tf.data.Dataset.from_tensor_slices((codes, labels)).batch(batch_size).prefetch(2)
+        )
     count = int(codes.shape[0])
 
     def one_epoch(epoch):
@@ -76,7 +79,7 @@ def code_dataset(
         )
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
-    return epochs.flat_map(one_epoch).prefetch(2)
+    return shard_by_batch(epochs.flat_map(one_epoch).prefetch(2))
 
 
 def build_prior(config: RunConfig) -> PixelCNN:
