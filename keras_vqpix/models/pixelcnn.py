@@ -226,7 +226,9 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         loss = all_reduce_sum(loss)
         self.loss_tracker.update_state(loss)
         self.bits_tracker.update_state(loss / LN2)
-        return {"loss": self.loss_tracker.result(), "bits_per_code": self.bits_tracker.result()}
+        return self.step_logs(
+            {"loss": self.loss_tracker.result(), "bits_per_code": self.bits_tracker.result()}
+        )
 
     def train_step(self, data):
         codes, labels = self._unpack(data)
