@@ -52,12 +52,20 @@ class TrainResult:
         if self.vqvae:
             lines.append(
                 f"VQ-VAE: best epoch {self.vqvae.get('epoch')}, validation brain SSIM {self.vqvae.get('val_ssim_foreground', float('nan')):.4f} (weights {self.vqvae.get('fingerprint')})"
+                + _last(self.vqvae)
             )
         if self.prior:
             lines.append(
                 f"Prior: best epoch {self.prior.get('epoch')}, validation {self.prior.get('val_bits_per_code', float('nan')):.3f} bits per code (weights {self.prior.get('fingerprint')})"
+                + _last(self.prior)
             )
         return "\n".join(lines)
+
+
+def _last(meta: dict) -> str:
+    if "last_epoch" not in meta:
+        return ""
+    return f"; last epoch {meta['last_epoch']} (weights {meta['last_fingerprint']})"
 
 
 def split_record(splits: DataSplits) -> dict:

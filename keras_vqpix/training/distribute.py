@@ -204,6 +204,21 @@ class Cluster:
             )
 
 
+def last_weights(model, epoch_variable, cluster: Cluster, name: str) -> dict[str, Any]:
+    """`last_epoch` and `last_fingerprint` of a trained `model`, the same on every worker.
+
+    Raises:
+        DistributedRunError: the workers ended with different weights.
+    """
+    from keras_vqpix.training.artifacts import fingerprint_number, weights_fingerprint
+
+    epoch, fingerprint = int(epoch_variable.numpy()), weights_fingerprint(model)
+    cluster.check_same(
+        f"the {name}'s weights after training", [epoch, fingerprint_number(fingerprint)]
+    )
+    return {"last_epoch": epoch, "last_fingerprint": fingerprint}
+
+
 def single_process() -> Cluster:
     """One process on TensorFlow's current (by default: the default) strategy."""
     return Cluster(tf.distribute.get_strategy())

@@ -43,6 +43,7 @@ from keras_vqpix.training.distribute import (
     Cluster,
     dtype_policy,
     float32_twin,
+    last_weights,
     single_process,
     training_optimizer,
 )
@@ -169,7 +170,8 @@ def train_prior(
 
     The metadata (`prior.json`) holds `epoch`, `val_bits_per_code`, `test_bits_per_code`
     (and `test_bits_per_code_unconditional` for a conditional prior), `max_bits_per_code`,
-    the prior's own `fingerprint` and the `vqvae_fingerprint` it was trained on. Under
+    the prior's own `fingerprint` and the `vqvae_fingerprint` it was trained on; the returned
+    copy also `last_epoch` and `last_fingerprint` (as `train_vqvae`'s). Under
     `cluster` (default: one device) as `train_vqvae`; the test figures and plots are the
     chief's alone.
     """
@@ -255,9 +257,10 @@ def train_prior(
             verbose=verbose,
         )
 
-    best_prior, meta = load_prior(paths.root, vqvae_meta)
+    last = last_weights(prior, epoch_variable, cluster, "prior")
     if not cluster.is_chief:  # the other workers' files are temporary
-        return meta
+        return {**read_json(paths.prior_meta), **last}
+    best_prior, meta = load_prior(paths.root, vqvae_meta)
     test_codes, test_labels = codes["test"]
     meta["test_bits_per_code"] = bits_per_code(best_prior, test_codes, test_labels, batch_size)
     if best_prior.conditional:
@@ -268,7 +271,7 @@ def train_prior(
     # Sampling costs h * w forward passes per map: redraw only when the prior changed.
     samples = first_epoch < epochs or not (paths.plots / "prior_samples.png").is_file()
     plot_prior(paths, splits, config, vqvae, best_prior, meta, samples=samples)
-    return meta
+    return {**meta, **last}
 
 
 def plot_prior(

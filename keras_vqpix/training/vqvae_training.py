@@ -31,6 +31,7 @@ from keras_vqpix.training.distribute import (
     Cluster,
     dtype_policy,
     float32_twin,
+    last_weights,
     single_process,
     training_optimizer,
 )
@@ -99,6 +100,9 @@ def train_vqvae(
     cluster: Cluster | None = None,
 ) -> dict:
     """Train (or resume) the VQ-VAE of a run; return the best epoch's metadata.
+
+    The metadata (`vqvae.json`) gains `last_epoch` and `last_fingerprint`: the epoch trained
+    last and the fingerprint of its weights (those of the newest checkpoint).
 
     Under `cluster` (default: one device) the model trains on all its replicas; every worker
     must call this with the same arguments but its own `paths` (see `train_run`).
@@ -177,9 +181,10 @@ def train_vqvae(
             shuffle=False,  # the dataset shuffles itself, reproducibly per epoch
             verbose=verbose,
         )
+    last = last_weights(model, epoch_variable, cluster, "VQ-VAE")
     if cluster.is_chief:  # the other workers' files are temporary
         plot_vqvae(paths, splits, config)
-    return read_json(paths.vqvae_meta)
+    return {**read_json(paths.vqvae_meta), **last}
 
 
 def plot_vqvae(paths: RunPaths, splits: DataSplits, config: RunConfig) -> None:
