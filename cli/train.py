@@ -82,6 +82,22 @@ from .common import InputError, resolve_data, user_errors
     "enable_op_determinism): identical results on GPU too, somewhat slower there. "
     "CPU runs are deterministic for a --seed without it.",
 )
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "none", "mirrored", "multiworker"]),
+    default="auto",
+    show_default=True,
+    help="Devices to train on: mirrored (every GPU of this machine), multiworker (the machines "
+    "TF_CONFIG lists; run the same command on each), none (one device), auto (mirrored with "
+    "more than one GPU, else none). --batch-size stays the global batch.",
+)
+@click.option(
+    "--mixed-precision",
+    is_flag=True,
+    help="Compute in mixed_float16 on GPUs (with loss scaling), mixed_bfloat16 on CPUs; the "
+    "codebook, quantizer distances and losses stay float32. Recorded in config.json: resume "
+    "with the same setting.",
+)
 @click.pass_context
 def train(
     ctx,
@@ -96,6 +112,8 @@ def train(
     seed,
     overwrite,
     deterministic,
+    strategy,
+    mixed_precision,
 ) -> None:
     """Train on --data (default: the demo set) into the run folder --out.
 
@@ -105,6 +123,13 @@ def train(
     """
     from keras_vqpix.config import get_config
     from keras_vqpix.training.artifacts import RunPaths, read_config
+    from keras_vqpix.training.distribute import make_cluster, precision_policy
+
+    # First of all: a multi-worker strategy must exist before TensorFlow runs anything.
+    try:
+        cluster = make_cluster(strategy)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--strategy") from error
 
     base = None
     given = {
@@ -118,6 +143,8 @@ def train(
             base = read_config(RunPaths(run_dir))
         seed = base.seed
     overrides = {"seed": seed}
+    if mixed_precision or base is None:
+        overrides["precision"] = precision_policy(mixed_precision)
     if epochs is not None:
         overrides["vqvae.epochs"] = epochs
     if prior_epochs is not None:
@@ -133,7 +160,7 @@ def train(
         raise click.BadParameter(str(error), param_hint=param) from error
     data = resolve_data(data)
 
-    from keras_vqpix.training import train_run
+    from keras_vqpix.training import DistributedRunError, train_run
     from keras_vqpix.training.callbacks import TrainingDivergedError
 
     if deterministic:
@@ -142,13 +169,17 @@ def train(
         tf.config.experimental.enable_op_determinism()
     try:
         with user_errors():
-            result = train_run(run_dir, data, config, stage=stage, overwrite=overwrite)
+            result = train_run(
+                run_dir, data, config, stage=stage, overwrite=overwrite, cluster=cluster
+            )
     except TrainingDivergedError as error:
         click.echo()  # end the line Keras' progress bar left open
         raise click.ClickException(
             f"training diverged: {error}. {run_dir} keeps the checkpoint and best model of the "
             "last complete epoch; start again with another --seed, in a new --out or with --overwrite"
         ) from error
+    except DistributedRunError as error:
+        raise click.ClickException(str(error)) from error
     if result is None:
         raise InputError("nothing was trained")
     click.echo(result.summary())

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 QUANTIZERS = ("ema", "gradient")
+# Keras dtype policies a run may train with (`vqpix train --mixed-precision` picks the mixed one
+# for the hardware: float16 on GPUs, bfloat16 on CPUs and TPUs).
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -223,15 +226,28 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything needed to reproduce a run."""
+    """Everything needed to reproduce a run.
+
+    Attributes:
+        precision: Keras dtype policy of training, one of `PRECISIONS`. Mixed precision changes
+            the numbers a run computes (and, for float16, what its checkpoints hold: a loss
+            scale), so it belongs to the run: a run resumes only with the precision it began
+            with. How many devices or machines train it does not: the step is the same up to
+            the order of floating-point sums (`keras_vqpix.training.distribute`).
+    """
 
     name: str = "default"
     seed: int = 0
+    precision: str = "float32"
     data: DataConfig = field(default_factory=DataConfig)
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
 
     def __post_init__(self) -> None:
+        _check(
+            self.precision in PRECISIONS,
+            f"precision must be one of {PRECISIONS}. Received: precision={self.precision!r}",
+        )
         _check(
             self.data.image_size % self.vqvae.downsample_factor == 0,
             f"image_size must be divisible by the downsampling factor {self.vqvae.downsample_factor}. "

@@ -21,6 +21,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_vqpix.replicas import all_reduce_sum
+
 SSIM_FILTER_SIZE = 11
 MS_SSIM_MIN_SIZE = (SSIM_FILTER_SIZE - 1) * 2**4 + 1  # 161: five scales of an 11-tap filter
 MASK_THRESHOLD = 0.1
@@ -135,9 +137,14 @@ def fast_ssim_foreground_per_image(reference, images, max_val: float = 1.0):
 
 
 def foreground_mean(reference, ssim_map):
-    """Mean of an SSIM map over every head-mask pixel of a batch (a scalar, for losses)."""
+    """Mean of an SSIM map over every head-mask pixel of a batch (a scalar, for losses).
+
+    Under `tf.distribute`, this replica's share of the global batch's mean: its sum over the
+    mask area of every replica's slice (`keras_vqpix.replicas`); the shares add up to the mean.
+    """
     total, area = _masked_ssim(tf.cast(reference, tf.float32), ssim_map)
-    return tf.reduce_sum(total) / tf.maximum(tf.reduce_sum(area), 1.0)
+    area = tf.stop_gradient(all_reduce_sum(tf.reduce_sum(area)))
+    return tf.reduce_sum(total) / tf.maximum(area, 1.0)
 
 
 def psnr_per_image(reference, images, max_val: float = 1.0):

@@ -68,6 +68,25 @@ def decode_and_resize(contents: tf.Tensor, image_size: int) -> tf.Tensor:
     return image
 
 
+def shard_by_batch(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` with the `DATA` auto-shard policy, for `Strategy.experimental_distribute_dataset`.
+
+    Under `MultiWorkerMirroredStrategy`, Keras' `fit` splits each global batch into one slice
+    per replica, in order, and (`DATA`) each worker keeps its replicas' slices of that batch:
+    every step trains on exactly the batch a single device would see, in the order of the
+    per-epoch seeded shuffle, and every worker runs the same number of steps, whatever the
+    number of files. The price: each worker reads and decodes every file once (then the cache
+    serves it). `FILE` sharding would give each worker its own files, so its own shuffle, its
+    own batches and, with unequal file counts, its own number of steps per epoch, which stalls
+    the workers' collective all-reduces; the records here come from a list of paths, not from
+    a reader dataset that `FILE` (and `AUTO`) could shard anyway. Without a strategy, or on one
+    machine, the option does nothing.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
 def load_image(path: str, image_size: int) -> tf.Tensor:
     """Read one file with `decode_and_resize` (eagerly); handy for tools and tests."""
     return decode_and_resize(tf.io.read_file(path), image_size)
@@ -133,7 +152,7 @@ def make_dataset(
         )
 
     if not shuffle:
-        return batched(decoded).prefetch(AUTOTUNE)
+        return shard_by_batch(batched(decoded).prefetch(AUTOTUNE))
     buffer = min(shuffle_buffer, len(records))
 
     def one_epoch(epoch):
@@ -146,4 +165,4 @@ def make_dataset(
         return batched(decoded.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False))
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
-    return epochs.flat_map(one_epoch).prefetch(AUTOTUNE)
+    return shard_by_batch(epochs.flat_map(one_epoch).prefetch(AUTOTUNE))

@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 from keras import ops
 
-
-def _all_reduce_sum(value):
-    """Sum `value` over the replicas of a `tf.distribute` strategy; identity on one replica.
-
-    Codebook statistics (code counts, EMA sums, restart candidates) must be global, not per
-    replica, or every replica would drift to its own codebook.
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
-
-
-def _is_first_replica():
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return tf.constant(True)
-    return tf.equal(context.replica_id_in_sync_group, 0)
+from keras_vqpix.replicas import all_reduce_sum, global_mean, global_rows, sync_context
 
 
 class _BaseVectorQuantizer(keras.layers.Layer):
@@ -73,7 +55,12 @@ class _BaseVectorQuantizer(keras.layers.Layer):
             shape=(self.num_embeddings, self.embedding_dim),
             initializer=keras.initializers.VarianceScaling(distribution="uniform"),
             trainable=self._codebook_trainable,
-            aggregation="only_first_replica" if not self._codebook_trainable else "mean",
+            # Written in a replica context only by the EMA update and dead-code restarts, where
+            # every replica computes the same value from all-reduced statistics: the first
+            # replica's write is every replica's, with no reduction (on several machines, each
+            # one's first local replica: the same value). The optimizer applies the all-reduced
+            # gradient to every copy of a trainable codebook, whatever this setting.
+            aggregation="only_first_replica",
         )
         # Training steps since each code was last assigned, for dead-code restarts. Codes start
         # out dead, so the first training batch initialises every code it does not use from
@@ -114,6 +101,11 @@ class _BaseVectorQuantizer(keras.layers.Layer):
     def call(self, inputs, training=False):
         """Quantize `inputs` [..., D].
 
+        Under `tf.distribute` the batch is the global batch (every replica's slice): code counts,
+        perplexity, codes used and the codebook updates are computed from statistics summed over
+        the replicas, and `loss` is this replica's share of the global batch's mean
+        (`keras_vqpix.replicas.global_mean`; the shares sum to it).
+
         Returns:
             dict with `quantize` (straight-through, same shape as inputs), `loss` (scalar VQ
             loss), `perplexity` (scalar, exp of the entropy of code usage in the batch),
@@ -127,7 +119,7 @@ class _BaseVectorQuantizer(keras.layers.Layer):
         quantized = ops.reshape(ops.matmul(one_hot, self.embeddings), input_shape)
         loss = self._loss(inputs, quantized)
 
-        counts = _all_reduce_sum(ops.sum(one_hot, axis=0))
+        counts = all_reduce_sum(ops.sum(one_hot, axis=0))
         if training:
             self._update_codebook(flat_inputs, one_hot, counts)
             if self.dead_code_steps:
@@ -150,19 +142,33 @@ class _BaseVectorQuantizer(keras.layers.Layer):
     def _restart_dead_codes(self, flat_inputs, counts):
         """Re-initialise codes unused for `dead_code_steps` steps from encoder outputs.
 
-        Candidates are drawn from the current batch (of the first replica, broadcast to all), so
-        a restarted code lands where the encoder actually puts its outputs.
+        Candidates are rows of the current batch, so a restarted code lands where the encoder
+        actually puts its outputs; see `_candidates` for the batch under `tf.distribute`.
         """
         steps = ops.where(counts > 0, 0.0, self.steps_since_used + 1.0)
         dead = steps >= float(self.dead_code_steps)
-        num_rows = ops.shape(flat_inputs)[0]
-        picks = keras.random.randint((self.num_embeddings,), 0, num_rows, seed=self.seed_generator)
-        candidates = ops.take(ops.stop_gradient(flat_inputs), picks, axis=0)
-        candidates = _all_reduce_sum(
-            ops.where(_is_first_replica(), candidates, ops.zeros_like(candidates))
-        )
-        self._reset_codes(dead, candidates)
+        self._reset_codes(dead, self._candidates(ops.stop_gradient(flat_inputs)))
         self.steps_since_used.assign(ops.where(dead, 0.0, steps))
+
+    def _candidates(self, flat_inputs):
+        """One row of the (global) batch `[N, D]` per code, drawn uniformly: `[K, D]`.
+
+        Under `tf.distribute` the row indices are drawn over the global batch (every replica
+        draws the same ones: the seed generator's state is mirrored), each replica fills in the
+        rows it holds, and a sum over replicas assembles them: the same candidates as a single
+        device would draw from the same global batch, whichever replica holds the rows, and no
+        replica indexes into an empty slice.
+        """
+        num_rows = ops.shape(flat_inputs)[0]
+        offset, total = global_rows(num_rows)
+        picks = keras.random.randint((self.num_embeddings,), 0, total, seed=self.seed_generator)
+        if sync_context() is None:  # one replica: the whole batch is here
+            return ops.take(flat_inputs, picks, axis=0)
+        local = picks - offset
+        held = (local >= 0) & (local < num_rows)
+        # A zero row at index num_rows stands in for rows another replica holds.
+        padded = ops.concatenate([flat_inputs, ops.zeros((1, self.embedding_dim))], axis=0)
+        return all_reduce_sum(ops.take(padded, ops.where(held, local, num_rows), axis=0))
 
     def _reset_codes(self, dead, candidates):
         self.embeddings.assign(ops.where(dead[:, None], candidates, self.embeddings))
@@ -226,8 +232,8 @@ class VectorQuantizer(_BaseVectorQuantizer):
     _codebook_trainable = True
 
     def _loss(self, inputs, quantized):
-        codebook_loss = ops.mean(ops.square(ops.stop_gradient(inputs) - quantized))
-        commitment_loss = ops.mean(ops.square(inputs - ops.stop_gradient(quantized)))
+        codebook_loss = global_mean(ops.square(ops.stop_gradient(inputs) - quantized))
+        commitment_loss = global_mean(ops.square(inputs - ops.stop_gradient(quantized)))
         return codebook_loss + self.commitment_cost * commitment_loss
 
     def _update_codebook(self, flat_inputs, one_hot, counts):
@@ -306,10 +312,10 @@ class VectorQuantizerEMA(_BaseVectorQuantizer):
         self.ema_dw.assign(self.embeddings)
 
     def _loss(self, inputs, quantized):
-        return self.commitment_cost * ops.mean(ops.square(inputs - ops.stop_gradient(quantized)))
+        return self.commitment_cost * global_mean(ops.square(inputs - ops.stop_gradient(quantized)))
 
     def _update_codebook(self, flat_inputs, one_hot, counts):
-        dw = _all_reduce_sum(ops.matmul(ops.transpose(one_hot), ops.stop_gradient(flat_inputs)))
+        dw = all_reduce_sum(ops.matmul(ops.transpose(one_hot), ops.stop_gradient(flat_inputs)))
         cluster_size = self.decay * self.ema_cluster_size + (1.0 - self.decay) * counts
         ema_dw = self.decay * self.ema_dw + (1.0 - self.decay) * dw
         total = ops.sum(cluster_size)

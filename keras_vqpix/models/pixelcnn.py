@@ -10,12 +10,14 @@ import tensorflow as tf
 from keras import layers, ops
 
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
+from keras_vqpix.models.distributed import DistributedFitMixin
+from keras_vqpix.replicas import all_reduce_sum, global_mean, global_rows, sync_context
 
 LN2 = math.log(2.0)
 
 
 @keras.saving.register_keras_serializable(package="keras_vqpix")
-class PixelCNN(keras.Model):
+class PixelCNN(DistributedFitMixin, keras.Model):
     """Autoregressive prior `p(codes | label) = prod_(i,j) p(c_ij | c_<ij, label)` in raster order.
 
     `codes [B, h, w]` int32 in `[0, K)` -> code embedding `[B, h, w, E]` -> one `GatedBlock`
@@ -200,8 +202,12 @@ class PixelCNN(keras.Model):
         return [self.loss_tracker, self.bits_tracker]
 
     def code_loss(self, codes, logits):
-        """Mean cross-entropy in nats per code position."""
-        return ops.mean(
+        """Mean cross-entropy in nats per code position.
+
+        Under `tf.distribute`, this replica's share of the global batch's mean (see
+        `keras_vqpix.replicas`): the replicas' gradients add up to the global batch's.
+        """
+        return global_mean(
             keras.losses.sparse_categorical_crossentropy(
                 ops.cast(codes, "int32"), logits, from_logits=True
             )
@@ -216,25 +222,42 @@ class PixelCNN(keras.Model):
         return codes, labels
 
     def _update_metrics(self, loss):
+        # The global batch's loss on every replica (the shares' sum), counted once per replica.
+        loss = all_reduce_sum(loss)
         self.loss_tracker.update_state(loss)
         self.bits_tracker.update_state(loss / LN2)
-        return {"loss": self.loss_tracker.result(), "bits_per_code": self.bits_tracker.result()}
+        return self.step_logs(
+            {"loss": self.loss_tracker.result(), "bits_per_code": self.bits_tracker.result()}
+        )
 
     def train_step(self, data):
         codes, labels = self._unpack(data)
         if self.conditional and labels is not None and self.label_dropout > 0:
-            dropped = (
-                keras.random.uniform(ops.shape(labels), seed=self.label_seed) < self.label_dropout
+            labels = ops.cast(labels, "int32")
+            labels = ops.where(
+                self._label_draws(ops.shape(labels)[0]) < self.label_dropout, -1, labels
             )
-            labels = ops.where(dropped, -1, ops.cast(labels, "int32"))
         with tf.GradientTape() as tape:
+            # This replica's share of the global batch's loss: the replicas' gradients, which
+            # the optimizer sums, add up to the global batch's. A loss-scale optimizer (float16)
+            # scales it further.
             loss = self.code_loss(codes, self(codes, labels, training=True))
-            # Gradients are summed over replicas; a loss-scale optimizer (float16) scales further.
-            scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
-            scaled = self.optimizer.scale_loss(scaled)
+            scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=True))
         return self._update_metrics(loss)
+
+    def _label_draws(self, num_rows):
+        """Uniform draws deciding label dropout, one per map of this replica's slice.
+
+        Drawn for the whole global batch and sliced, so that under `tf.distribute` every map
+        gets the draw it would get on a single device.
+        """
+        offset, total = global_rows(num_rows)
+        draws = keras.random.uniform((total,), seed=self.label_seed)
+        if sync_context() is None:
+            return draws
+        return tf.slice(draws, [offset], [num_rows])
 
     def test_step(self, data):
         codes, labels = self._unpack(data)

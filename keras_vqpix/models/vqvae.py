@@ -17,6 +17,8 @@ from keras_vqpix.metrics import (
     fast_ssim_per_image,
     foreground_mean,
 )
+from keras_vqpix.models.distributed import DistributedFitMixin
+from keras_vqpix.replicas import all_reduce_sum, global_mean
 
 
 def _num_downsamplings(downsample_factor: int) -> int:
@@ -187,7 +189,7 @@ class Decoder(_ConvStack):
 
 
 @keras.saving.register_keras_serializable(package="keras_vqpix")
-class VQVAE(keras.Model):
+class VQVAE(DistributedFitMixin, keras.Model):
     """VQ-VAE for single-channel images in [0, 1].
 
     `images [B, H, W, 1]` -> encoder -> `[B, H/f, W/f, D]` -> quantizer -> codes
@@ -322,11 +324,16 @@ class VQVAE(keras.Model):
 
         The SSIM term is averaged inside the head mask of the input: the background is black
         noise that no decoder should spend capacity reproducing.
+
+        Under `tf.distribute` this is the replica's share of the global batch's loss (the shares
+        add up to it; see `keras_vqpix.replicas`), so the optimizer's sum of the replicas'
+        gradients is the gradient of the global batch's loss, whatever the slices' sizes.
         """
-        loss = ops.mean(ops.square(images - reconstruction))
+        loss = global_mean(ops.square(images - reconstruction))
         if self.ssim_loss_weight:
+            one = global_mean(ops.ones_like(images[:, 0, 0, 0]))  # 1, or this replica's share
             loss = loss + self.ssim_loss_weight * (
-                1.0 - foreground_mean(images, fast_ssim_map(images, reconstruction))
+                one - foreground_mean(images, fast_ssim_map(images, reconstruction))
             )
         return loss
 
@@ -348,6 +355,12 @@ class VQVAE(keras.Model):
         return outputs, reconstruction_loss, loss
 
     def _update_metrics(self, images, outputs, reconstruction_loss, loss):
+        # Under tf.distribute the losses are this replica's shares: their sums over replicas are
+        # the global batch's losses, the same on every replica, and each replica's trackers count
+        # the step once (so their totals over replicas average over steps, as on one device).
+        loss, reconstruction_loss, vq_loss = all_reduce_sum(
+            [loss, reconstruction_loss, outputs["vq_loss"]]
+        )
         # Scalars go in as one-element vectors (the same mean): a Keras metric adds by
         # `total.assign(total + value)`, and Grappler's arithmetic optimizer folded the sum that
         # makes `loss` into that add, so the validation loss varied in its last bit between
@@ -355,7 +368,7 @@ class VQVAE(keras.Model):
         for tracker, value in (
             (self.loss_tracker, loss),
             (self.reconstruction_tracker, reconstruction_loss),
-            (self.vq_tracker, outputs["vq_loss"]),
+            (self.vq_tracker, vq_loss),
         ):
             tracker.update_state(ops.reshape(value, (1,)))
         self.ssim_tracker.update_state(fast_ssim_per_image(images, outputs["reconstruction"]))
@@ -375,18 +388,18 @@ class VQVAE(keras.Model):
         images = data[0] if isinstance(data, (tuple, list)) else data
         with tf.GradientTape() as tape:
             outputs, reconstruction_loss, loss = self._step(images, training=True)
-            # Gradients are summed over replicas: scale each replica's mean loss accordingly,
-            # and let a loss-scale optimiser (float16) scale it further.
-            scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
-            scaled = self.optimizer.scale_loss(scaled)
+            # Under tf.distribute `loss` is this replica's share of the global batch's loss, so
+            # the replicas' gradients, which the optimizer sums, add up to the global batch's
+            # gradient. A loss-scale optimizer (float16) scales it further.
+            scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=True))
-        return self._update_metrics(images, outputs, reconstruction_loss, loss)
+        return self.step_logs(self._update_metrics(images, outputs, reconstruction_loss, loss))
 
     def test_step(self, data):
         images = data[0] if isinstance(data, (tuple, list)) else data
         outputs, reconstruction_loss, loss = self._step(images, training=False)
-        return self._update_metrics(images, outputs, reconstruction_loss, loss)
+        return self.step_logs(self._update_metrics(images, outputs, reconstruction_loss, loss))
 
     def get_config(self):
         return {

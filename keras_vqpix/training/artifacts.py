@@ -205,6 +205,11 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
+def fingerprint_number(fingerprint: str) -> int:
+    """The first 52 bits of a fingerprint as an integer (exact in a float64, for comparisons)."""
+    return int(fingerprint[:13], 16)
+
+
 def write_json(path: Path, values: dict[str, Any]) -> None:
     atomic_write_text(
         path, json.dumps(values, indent=2, sort_keys=True, default=_json_default) + "\n"

@@ -17,11 +17,12 @@ import tensorflow as tf
 
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import DataSplits
-from keras_vqpix.data.pipeline import steps_per_epoch
+from keras_vqpix.data.pipeline import shard_by_batch, steps_per_epoch
 from keras_vqpix.io import atomic_write_text
 from keras_vqpix.models.pixelcnn import LN2, PixelCNN, max_bits_per_code
 from keras_vqpix.training.artifacts import (
     RunPaths,
+    fingerprint_number,
     load_prior,
     load_vqvae,
     read_json,
@@ -38,6 +39,14 @@ from keras_vqpix.training.callbacks import (
     write_history,
 )
 from keras_vqpix.training.codes import cached_codes
+from keras_vqpix.training.distribute import (
+    Cluster,
+    dtype_policy,
+    float32_twin,
+    last_weights,
+    single_process,
+    training_optimizer,
+)
 
 PLOT_SAMPLES_PER_CLASS = 4
 CURVE_PANELS = (("bits per code", ("bits_per_code",)),)
@@ -57,12 +66,15 @@ def code_dataset(
 
     Without `shuffle`: one pass in order. With `shuffle`: endless epochs `first_epoch, ...`,
     each in the order of a stateless shuffle seeded by `(seed, epoch)`, batched on its own,
-    so a resumed run sees the same batches as an uninterrupted one.
+    so a resumed run sees the same batches as an uninterrupted one. Distributed by batch
+    (`keras_vqpix.data.pipeline.shard_by_batch`).
     """
     codes = tf.constant(np.asarray(codes, np.int32))
     labels = tf.constant(np.asarray(labels, np.int32))
     if not shuffle:
-        return tf.data.Dataset.from_tensor_slices((codes, labels)).batch(batch_size).prefetch(2)
+        return shard_by_batch(
+            tf.data.Dataset.from_tensor_slices((codes, labels)).batch(batch_size).prefetch(2)
+        )
     count = int(codes.shape[0])
 
     def one_epoch(epoch):
@@ -76,20 +88,34 @@ def code_dataset(
         )
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
-    return epochs.flat_map(one_epoch).prefetch(2)
+    return shard_by_batch(epochs.flat_map(one_epoch).prefetch(2))
 
 
 def build_prior(config: RunConfig) -> PixelCNN:
-    """A compiled, built prior for `config` (weights initialised from `config.seed`)."""
+    """A compiled, built prior for `config` (weights initialised from `config.seed`).
+
+    It computes in `config.precision`; build it under the strategy scope it trains with.
+    """
     keras.utils.set_random_seed(config.seed)
+    with dtype_policy(config.precision):
+        prior = _new_prior(config)
+    prior.compile(
+        optimizer=training_optimizer(
+            keras.optimizers.Adam(config.prior.learning_rate), config.precision
+        )
+    )
+    # Create the optimizer's slots now, so a checkpoint restores into existing variables.
+    prior.optimizer.build(prior.trainable_variables)
+    return prior
+
+
+def _new_prior(config: RunConfig) -> PixelCNN:
+    """A built, uncompiled prior for `config` under the current dtype policy."""
     size = config.code_size
     prior = PixelCNN.from_run_config(
         config.prior, config.vqvae.num_embeddings, code_shape=(size, size), seed=config.seed
     )
-    prior.compile(optimizer=keras.optimizers.Adam(config.prior.learning_rate))
     prior(tf.zeros((1, size, size), tf.int32), tf.zeros((1,), tf.int32))
-    # Create the optimizer's slots now, so a checkpoint restores into existing variables.
-    prior.optimizer.build(prior.trainable_variables)
     return prior
 
 
@@ -138,13 +164,18 @@ def train_prior(
     *,
     verbose: int | str = "auto",
     log=print,
+    cluster: Cluster | None = None,
 ) -> dict:
     """Train (or resume) the prior of a run on its VQ-VAE's codes; return the best epoch's metadata.
 
     The metadata (`prior.json`) holds `epoch`, `val_bits_per_code`, `test_bits_per_code`
     (and `test_bits_per_code_unconditional` for a conditional prior), `max_bits_per_code`,
-    the prior's own `fingerprint` and the `vqvae_fingerprint` it was trained on.
+    the prior's own `fingerprint` and the `vqvae_fingerprint` it was trained on; the returned
+    copy also `last_epoch` and `last_fingerprint` (as `train_vqvae`'s). Under
+    `cluster` (default: one device) as `train_vqvae`; the test figures and plots are the
+    chief's alone.
     """
+    cluster = cluster or single_process()
     vqvae, _, vqvae_meta = load_vqvae(paths.root)
     vqvae_fingerprint = vqvae_meta["fingerprint"]
     codes = {
@@ -153,12 +184,17 @@ def train_prior(
     }
     _discard_stale_prior(paths, vqvae_fingerprint, log)
 
-    prior = build_prior(config)
+    with cluster.strategy.scope():
+        prior = build_prior(config)
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     # The label-dropout random state is part of it, so a resumed run draws what an uninterrupted one would.
     checkpoint = training_checkpoint(prior, epoch_variable)
     manager = tf.train.CheckpointManager(checkpoint, str(paths.prior_checkpoints), max_to_keep=2)
     first_epoch = restore_latest(manager, checkpoint, epoch_variable, log=log)
+    cluster.check_same(
+        "the prior's restored epoch and weights",
+        [first_epoch, fingerprint_number(weights_fingerprint(prior))],
+    )
     history = [row for row in read_history(paths.prior_history) if row["epoch"] <= first_epoch]
     best = read_json(paths.prior_meta) if first_epoch and paths.prior_meta.is_file() else {}
     if first_epoch:
@@ -168,13 +204,16 @@ def train_prior(
     epochs, batch_size = config.prior.epochs, config.prior.batch_size
 
     def save_best(epoch: int, logs: dict) -> None:
-        save_model(prior, paths.prior_model)
+        # Under mixed precision the saved prior is a float32 twin (see `float32_twin`).
+        saved = float32_twin(prior, lambda: _new_prior(config), config.precision)
+        save_model(saved, paths.prior_model)
         meta = {
             "epoch": epoch,
             "val_bits_per_code": logs.get("val_bits_per_code"),
             "max_bits_per_code": max_bits_per_code(config.vqvae.num_embeddings),
             "fingerprint": weights_fingerprint(prior),
             "vqvae_fingerprint": vqvae_fingerprint,
+            "trained_with": cluster.record(),
         }
         write_json(paths.prior_meta, {**meta, "metrics": logs})
         best.clear()
@@ -218,6 +257,9 @@ def train_prior(
             verbose=verbose,
         )
 
+    last = last_weights(prior, epoch_variable, cluster, "prior")
+    if not cluster.is_chief:  # the other workers' files are temporary
+        return {**read_json(paths.prior_meta), **last}
     best_prior, meta = load_prior(paths.root, vqvae_meta)
     test_codes, test_labels = codes["test"]
     meta["test_bits_per_code"] = bits_per_code(best_prior, test_codes, test_labels, batch_size)
@@ -229,7 +271,7 @@ def train_prior(
     # Redraw the samples only when the prior changed (a finished run, resumed, keeps its plot).
     samples = first_epoch < epochs or not (paths.plots / "prior_samples.png").is_file()
     plot_prior(paths, splits, config, vqvae, best_prior, meta, samples=samples)
-    return meta
+    return {**meta, **last}
 
 
 def plot_prior(

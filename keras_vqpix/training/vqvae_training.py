@@ -12,6 +12,7 @@ from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch
 from keras_vqpix.models.vqvae import VQVAE
 from keras_vqpix.training.artifacts import (
     RunPaths,
+    fingerprint_number,
     read_json,
     save_model,
     weights_fingerprint,
@@ -26,6 +27,14 @@ from keras_vqpix.training.callbacks import (
     write_history,
 )
 from keras_vqpix.training.codes import cached_codes
+from keras_vqpix.training.distribute import (
+    Cluster,
+    dtype_policy,
+    float32_twin,
+    last_weights,
+    single_process,
+    training_optimizer,
+)
 
 PLOT_IMAGES = 8
 # The best model is the one with the best brain (foreground) SSIM on the validation patients.
@@ -47,20 +56,38 @@ def learning_rate_schedule(peak: float, final_ratio: float, total_steps: int):
 
 
 def build_vqvae(config: RunConfig, steps_per_epoch: int = 1) -> VQVAE:
-    """A compiled, built VQ-VAE for `config` (weights initialised from `config.seed`)."""
+    """A compiled, built VQ-VAE for `config` (weights initialised from `config.seed`).
+
+    It computes in `config.precision`; build it under the strategy scope it trains with.
+    """
     keras.utils.set_random_seed(config.seed)
-    model = VQVAE.from_run_config(config.vqvae, seed=config.seed)
+    with dtype_policy(config.precision):
+        model = VQVAE.from_run_config(config.vqvae, seed=config.seed)
     schedule = learning_rate_schedule(
         config.vqvae.learning_rate,
         config.vqvae.final_learning_rate_ratio,
         config.vqvae.epochs * steps_per_epoch,
     )
-    model.compile(optimizer=keras.optimizers.Adam(schedule))
-    size = config.data.image_size
-    model(tf.zeros((1, size, size, 1)))
+    model.compile(optimizer=training_optimizer(keras.optimizers.Adam(schedule), config.precision))
+    _build(model, config)
     # Create the optimizer's slots now, so a checkpoint restores into existing variables.
     model.optimizer.build(model.trainable_variables)
     return model
+
+
+def _build(model: VQVAE, config: RunConfig) -> VQVAE:
+    size = config.data.image_size
+    model(tf.zeros((1, size, size, 1)))
+    return model
+
+
+def float32_vqvae(model: VQVAE, config: RunConfig) -> VQVAE:
+    """What `vqvae.keras` holds: `model`, or its float32 twin when it trained in mixed precision."""
+    return float32_twin(
+        model,
+        lambda: _build(VQVAE.from_run_config(config.vqvae, seed=config.seed), config),
+        config.precision,
+    )
 
 
 def train_vqvae(
@@ -70,14 +97,28 @@ def train_vqvae(
     *,
     verbose: int | str = "auto",
     log=print,
+    cluster: Cluster | None = None,
 ) -> dict:
-    """Train (or resume) the VQ-VAE of a run; return the best epoch's metadata."""
+    """Train (or resume) the VQ-VAE of a run; return the best epoch's metadata.
+
+    The metadata (`vqvae.json`) gains `last_epoch` and `last_fingerprint`: the epoch trained
+    last and the fingerprint of its weights (those of the newest checkpoint).
+
+    Under `cluster` (default: one device) the model trains on all its replicas; every worker
+    must call this with the same arguments but its own `paths` (see `train_run`).
+    """
+    cluster = cluster or single_process()
     steps = steps_per_epoch(len(splits.train), config.data.batch_size)
-    model = build_vqvae(config, steps)
+    with cluster.strategy.scope():
+        model = build_vqvae(config, steps)
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = training_checkpoint(model, epoch_variable)
     manager = tf.train.CheckpointManager(checkpoint, str(paths.vqvae_checkpoints), max_to_keep=2)
     first_epoch = restore_latest(manager, checkpoint, epoch_variable, log=log)
+    cluster.check_same(
+        "the VQ-VAE's restored epoch and weights",
+        [first_epoch, fingerprint_number(weights_fingerprint(model))],
+    )
     history = [row for row in read_history(paths.history) if row["epoch"] <= first_epoch]
     best = read_json(paths.vqvae_meta) if first_epoch and paths.vqvae_meta.is_file() else {}
     epochs = config.vqvae.epochs
@@ -89,12 +130,13 @@ def train_vqvae(
         write_history(paths.history, history)
 
     def save_best(epoch: int, logs: dict) -> None:
-        save_model(model, paths.vqvae_model)
+        save_model(float32_vqvae(model, config), paths.vqvae_model)
         meta = {
             "epoch": epoch,
             MONITOR: logs.get(MONITOR),
             "val_ssim": logs.get("val_ssim"),
             "fingerprint": weights_fingerprint(model),
+            "trained_with": cluster.record(),
         }
         write_json(paths.vqvae_meta, {**meta, "metrics": logs})
         best.update(meta)
@@ -139,8 +181,10 @@ def train_vqvae(
             shuffle=False,  # the dataset shuffles itself, reproducibly per epoch
             verbose=verbose,
         )
-    plot_vqvae(paths, splits, config)
-    return read_json(paths.vqvae_meta)
+    last = last_weights(model, epoch_variable, cluster, "VQ-VAE")
+    if cluster.is_chief:  # the other workers' files are temporary
+        plot_vqvae(paths, splits, config)
+    return {**read_json(paths.vqvae_meta), **last}
 
 
 def plot_vqvae(paths: RunPaths, splits: DataSplits, config: RunConfig) -> None:
