@@ -172,6 +172,38 @@ def test_train_stage_prior_resumes_and_trains_longer(run_copy, tiny_adni):
     assert [int(row.split(",")[0]) for row in rows] == [1, 2, 3, 4]
 
 
+def test_a_prior_resumed_from_an_older_checkpoint_ends_as_the_uninterrupted_one(
+    run_copy, tiny_adni
+):
+    # The newest prior checkpoint (epoch 3 of 3) damaged: the run resumes from epoch 2 and
+    # must train epoch 3 again bit for bit, label-dropout draws included.
+    import tensorflow as tf
+
+    def checkpoint_values(path: str) -> dict[str, np.ndarray]:
+        reader = tf.train.load_checkpoint(path)
+        names = reader.get_variable_to_shape_map()
+        return {n: reader.get_tensor(n) for n in names if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+    checkpoints = run_copy / "checkpoints" / "prior"
+    newest = tf.train.latest_checkpoint(str(checkpoints))
+    assert newest.endswith("ckpt-3")
+    expected = checkpoint_values(newest)
+    history = (run_copy / "prior_history.csv").read_text()
+    data_file = Path(newest + ".data-00000-of-00001")
+    data_file.write_bytes(data_file.read_bytes()[:100])
+
+    result = invoke("train", "--stage", "prior", "--data", tiny_adni, "--out", run_copy)
+    assert result.exit_code == 0, result.output
+    assert "cannot be read" in result.output
+    assert "Prior: resuming from epoch 2" in result.output
+    actual = checkpoint_values(tf.train.latest_checkpoint(str(checkpoints)))
+    assert sorted(actual) == sorted(expected)
+    assert any(name.startswith("random_state/") for name in actual)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    assert (run_copy / "prior_history.csv").read_text() == history
+
+
 def test_an_unconditional_prior_refuses_a_label(run_copy, tmp_path):
     from keras_vqpix.models.pixelcnn import PixelCNN
     from keras_vqpix.training.artifacts import save_model, weights_fingerprint, write_json

@@ -6,13 +6,20 @@ import csv
 import io
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import tensorflow as tf
 
 from keras_vqpix.io import atomic_write_text
-from keras_vqpix.training.artifacts import RunFolderError
+from keras_vqpix.training.artifacts import (
+    RunFolderError,
+    fingerprint_number,
+    read_json,
+    weights_fingerprint,
+)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -200,3 +207,102 @@ def restore_latest(
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:200]
+
+
+# -- One training stage (the VQ-VAE's or the prior's), resumable ---------------------------------
+@dataclass
+class StageProgress:
+    """Where a stage resumes: its checkpoint manager, epoch count, history and best so far."""
+
+    manager: tf.train.CheckpointManager
+    epoch_variable: tf.Variable
+    first_epoch: int
+    history: list[dict[str, float]]
+    best: dict[str, Any]
+
+
+def resume_stage(
+    model: keras.Model,
+    name: str,
+    checkpoint_dir: Path,
+    history_path: Path,
+    meta_path: Path,
+    epochs: int,
+    cluster,
+    log: Callable[[str], None] = print,
+) -> StageProgress:
+    """Restore a stage's newest checkpoint into `model` (built, compiled) and its history.
+
+    `name` ("VQ-VAE", "prior") names the stage in messages; `meta_path` is its best model's
+    metadata. Every worker of `cluster` must restore the same epoch and weights. History rows
+    beyond the restored epoch (written before a kill) are dropped.
+    """
+    epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = training_checkpoint(model, epoch_variable)
+    manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
+    first_epoch = restore_latest(manager, checkpoint, epoch_variable, log=log)
+    cluster.check_same(
+        f"the {name}'s restored epoch and weights",
+        [first_epoch, fingerprint_number(weights_fingerprint(model))],
+    )
+    history = [row for row in read_history(history_path) if row["epoch"] <= first_epoch]
+    best = read_json(meta_path) if first_epoch and meta_path.is_file() else {}
+    if first_epoch:
+        todo = f"epochs {first_epoch + 1}-{epochs} to go" if first_epoch < epochs else "all done"
+        log(
+            f"{name[:1].upper()}{name[1:]}: resuming from epoch {first_epoch} "
+            f"(checkpoint {manager.latest_checkpoint}); {todo}"
+        )
+        write_history(history_path, history)
+    return StageProgress(manager, epoch_variable, first_epoch, history, best)
+
+
+def fit_stage(
+    model: keras.Model,
+    progress: StageProgress,
+    history_path: Path,
+    *,
+    epochs: int,
+    steps: int,
+    monitor: str,
+    on_best: Callable[[int, dict], None],
+    mode: str,
+    make_data: Callable[[], tuple[tf.data.Dataset, tf.data.Dataset]],
+    logs_dir: Path,
+    verbose: int | str = "auto",
+) -> None:
+    """Train `model` from `progress.first_epoch` to `epochs` (`fit`), checkpointing every epoch.
+
+    `on_best(epoch, logs)` saves the best model by `monitor` (`mode` "max" or "min", as
+    `EpochCheckpoint`); a best model missing after a kill is saved first. `make_data()` gives
+    the (train, validation) datasets, built only when there is an epoch left to train.
+    """
+    epoch_checkpoint = EpochCheckpoint(
+        history_path,
+        progress.manager,
+        progress.epoch_variable,
+        monitor,
+        on_best,
+        best=progress.best.get(monitor),
+        history=progress.history,
+        mode=mode,
+    )
+    epoch_checkpoint.save_missing_best()
+    if progress.first_epoch >= epochs:
+        return
+    train_data, validation_data = make_data()
+    callbacks = [
+        StopOnNonFiniteLoss(),
+        epoch_checkpoint,
+        keras.callbacks.TensorBoard(str(logs_dir), write_graph=False, profile_batch=0),
+    ]
+    model.fit(
+        train_data,
+        steps_per_epoch=steps,
+        epochs=epochs,
+        initial_epoch=progress.first_epoch,
+        validation_data=validation_data,
+        callbacks=callbacks,
+        shuffle=False,  # the datasets shuffle themselves, reproducibly per epoch
+        verbose=verbose,
+    )

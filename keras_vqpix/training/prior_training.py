@@ -22,7 +22,6 @@ from keras_vqpix.io import atomic_write_text
 from keras_vqpix.models.pixelcnn import LN2, PixelCNN, max_bits_per_code
 from keras_vqpix.training.artifacts import (
     RunPaths,
-    fingerprint_number,
     load_prior,
     load_vqvae,
     read_json,
@@ -30,14 +29,7 @@ from keras_vqpix.training.artifacts import (
     weights_fingerprint,
     write_json,
 )
-from keras_vqpix.training.callbacks import (
-    EpochCheckpoint,
-    StopOnNonFiniteLoss,
-    read_history,
-    restore_latest,
-    training_checkpoint,
-    write_history,
-)
+from keras_vqpix.training.callbacks import fit_stage, read_history, resume_stage
 from keras_vqpix.training.codes import cached_codes
 from keras_vqpix.training.distribute import (
     Cluster,
@@ -186,22 +178,20 @@ def train_prior(
 
     with cluster.strategy.scope():
         prior = build_prior(config)
-    epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    # The label-dropout random state is part of it, so a resumed run draws what an uninterrupted one would.
-    checkpoint = training_checkpoint(prior, epoch_variable)
-    manager = tf.train.CheckpointManager(checkpoint, str(paths.prior_checkpoints), max_to_keep=2)
-    first_epoch = restore_latest(manager, checkpoint, epoch_variable, log=log)
-    cluster.check_same(
-        "the prior's restored epoch and weights",
-        [first_epoch, fingerprint_number(weights_fingerprint(prior))],
-    )
-    history = [row for row in read_history(paths.prior_history) if row["epoch"] <= first_epoch]
-    best = read_json(paths.prior_meta) if first_epoch and paths.prior_meta.is_file() else {}
-    if first_epoch:
-        log(f"Prior: resuming from epoch {first_epoch} (checkpoint {manager.latest_checkpoint})")
-        write_history(paths.prior_history, history)
-
     epochs, batch_size = config.prior.epochs, config.prior.batch_size
+    # The label-dropout random state is in the checkpoint, so a resumed run draws what an
+    # uninterrupted one would.
+    progress = resume_stage(
+        prior,
+        "prior",
+        paths.prior_checkpoints,
+        paths.prior_history,
+        paths.prior_meta,
+        epochs,
+        cluster,
+        log,
+    )
+    best = progress.best
 
     def save_best(epoch: int, logs: dict) -> None:
         # Under mixed precision the saved prior is a float32 twin (see `float32_twin`).
@@ -219,45 +209,33 @@ def train_prior(
         best.clear()
         best.update(meta)
 
-    epoch_checkpoint = EpochCheckpoint(
-        paths.prior_history,
-        manager,
-        epoch_variable,
-        "val_bits_per_code",
-        save_best,
-        best=best.get("val_bits_per_code"),
-        history=history,
-        mode="min",
-    )
-    epoch_checkpoint.save_missing_best()
-    if first_epoch < epochs:
-        train_codes, train_labels = codes["train"]
+    train_codes, train_labels = codes["train"]
+
+    def make_data():
         train_data = code_dataset(
             train_codes,
             train_labels,
             batch_size,
             shuffle=True,
             seed=config.seed,
-            first_epoch=first_epoch,
+            first_epoch=progress.first_epoch,
         )
-        validation_data = code_dataset(*codes["validation"], batch_size)
-        callbacks = [
-            StopOnNonFiniteLoss(),
-            epoch_checkpoint,
-            keras.callbacks.TensorBoard(str(paths.prior_logs), write_graph=False, profile_batch=0),
-        ]
-        prior.fit(
-            train_data,
-            steps_per_epoch=steps_per_epoch(len(train_codes), batch_size),
-            epochs=epochs,
-            initial_epoch=first_epoch,
-            validation_data=validation_data,
-            callbacks=callbacks,
-            shuffle=False,  # the dataset shuffles itself, reproducibly per epoch
-            verbose=verbose,
-        )
+        return train_data, code_dataset(*codes["validation"], batch_size)
 
-    last = last_weights(prior, epoch_variable, cluster, "prior")
+    fit_stage(
+        prior,
+        progress,
+        paths.prior_history,
+        epochs=epochs,
+        steps=steps_per_epoch(len(train_codes), batch_size),
+        monitor="val_bits_per_code",
+        on_best=save_best,
+        mode="min",
+        make_data=make_data,
+        logs_dir=paths.prior_logs,
+        verbose=verbose,
+    )
+    last = last_weights(prior, progress.epoch_variable, cluster, "prior")
     if not cluster.is_chief:  # the other workers' files are temporary
         return {**read_json(paths.prior_meta), **last}
     best_prior, meta = load_prior(paths.root, vqvae_meta)
@@ -269,7 +247,7 @@ def train_prior(
         )
     write_json(paths.prior_meta, meta)
     # Redraw the samples only when the prior changed (a finished run, resumed, keeps its plot).
-    samples = first_epoch < epochs or not (paths.plots / "prior_samples.png").is_file()
+    samples = progress.first_epoch < epochs or not (paths.plots / "prior_samples.png").is_file()
     plot_prior(paths, splits, config, vqvae, best_prior, meta, samples=samples)
     return {**meta, **last}
 

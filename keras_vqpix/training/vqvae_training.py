@@ -12,20 +12,12 @@ from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch
 from keras_vqpix.models.vqvae import VQVAE
 from keras_vqpix.training.artifacts import (
     RunPaths,
-    fingerprint_number,
     read_json,
     save_model,
     weights_fingerprint,
     write_json,
 )
-from keras_vqpix.training.callbacks import (
-    EpochCheckpoint,
-    StopOnNonFiniteLoss,
-    read_history,
-    restore_latest,
-    training_checkpoint,
-    write_history,
-)
+from keras_vqpix.training.callbacks import fit_stage, read_history, resume_stage
 from keras_vqpix.training.codes import cached_codes
 from keras_vqpix.training.distribute import (
     Cluster,
@@ -111,23 +103,18 @@ def train_vqvae(
     steps = steps_per_epoch(len(splits.train), config.data.batch_size)
     with cluster.strategy.scope():
         model = build_vqvae(config, steps)
-    epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = training_checkpoint(model, epoch_variable)
-    manager = tf.train.CheckpointManager(checkpoint, str(paths.vqvae_checkpoints), max_to_keep=2)
-    first_epoch = restore_latest(manager, checkpoint, epoch_variable, log=log)
-    cluster.check_same(
-        "the VQ-VAE's restored epoch and weights",
-        [first_epoch, fingerprint_number(weights_fingerprint(model))],
-    )
-    history = [row for row in read_history(paths.history) if row["epoch"] <= first_epoch]
-    best = read_json(paths.vqvae_meta) if first_epoch and paths.vqvae_meta.is_file() else {}
     epochs = config.vqvae.epochs
-    if first_epoch:
-        todo = f"epochs {first_epoch + 1}-{epochs} to go" if first_epoch < epochs else "all done"
-        log(
-            f"VQ-VAE: resuming from epoch {first_epoch} (checkpoint {manager.latest_checkpoint}); {todo}"
-        )
-        write_history(paths.history, history)
+    progress = resume_stage(
+        model,
+        "VQ-VAE",
+        paths.vqvae_checkpoints,
+        paths.history,
+        paths.vqvae_meta,
+        epochs,
+        cluster,
+        log,
+    )
+    best = progress.best
 
     def save_best(epoch: int, logs: dict) -> None:
         save_model(float32_vqvae(model, config), paths.vqvae_model)
@@ -141,17 +128,7 @@ def train_vqvae(
         write_json(paths.vqvae_meta, {**meta, "metrics": logs})
         best.update(meta)
 
-    epoch_checkpoint = EpochCheckpoint(
-        paths.history,
-        manager,
-        epoch_variable,
-        MONITOR,
-        save_best,
-        best=best.get(MONITOR),
-        history=history,
-    )
-    epoch_checkpoint.save_missing_best()
-    if first_epoch < epochs:
+    def make_data():
         data = config.data
         train_data = make_dataset(
             splits.train,
@@ -159,29 +136,29 @@ def train_vqvae(
             data.batch_size,
             shuffle=True,
             seed=config.seed,
-            first_epoch=first_epoch,
+            first_epoch=progress.first_epoch,
             shuffle_buffer=data.shuffle_buffer,
             cache=data.cache,
         )
         validation_data = make_dataset(
             splits.validation, data.image_size, data.batch_size, cache=data.cache
         )
-        callbacks = [
-            StopOnNonFiniteLoss(),
-            epoch_checkpoint,
-            keras.callbacks.TensorBoard(str(paths.vqvae_logs), write_graph=False, profile_batch=0),
-        ]
-        model.fit(
-            train_data,
-            steps_per_epoch=steps,
-            epochs=epochs,
-            initial_epoch=first_epoch,
-            validation_data=validation_data,
-            callbacks=callbacks,
-            shuffle=False,  # the dataset shuffles itself, reproducibly per epoch
-            verbose=verbose,
-        )
-    last = last_weights(model, epoch_variable, cluster, "VQ-VAE")
+        return train_data, validation_data
+
+    fit_stage(
+        model,
+        progress,
+        paths.history,
+        epochs=epochs,
+        steps=steps,
+        monitor=MONITOR,
+        on_best=save_best,
+        mode="max",
+        make_data=make_data,
+        logs_dir=paths.vqvae_logs,
+        verbose=verbose,
+    )
+    last = last_weights(model, progress.epoch_variable, cluster, "VQ-VAE")
     if cluster.is_chief:  # the other workers' files are temporary
         plot_vqvae(paths, splits, config)
     return {**read_json(paths.vqvae_meta), **last}
