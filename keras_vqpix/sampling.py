@@ -316,7 +316,7 @@ def sample_rows_fast(steps, codes, state, seed, temperature, row_start, row_end)
         def draw_column(col, row_state, drawn):
             logits, row_state = steps.column(state, row_state, col)
             draws = draw_codes(logits, seed, row * width + col, temperature)
-            return col + 1, steps.push_code(row_state, draws), drawn.write(col, draws)
+            return col + 1, steps.push_code(row_state, draws, row, col), drawn.write(col, draws)
 
         _, _, drawn = tf.while_loop(
             lambda col, *_: col < width,
@@ -325,7 +325,7 @@ def sample_rows_fast(steps, codes, state, seed, temperature, row_start, row_end)
         )
         row_codes = tf.transpose(drawn.stack())  # [n, w]
         codes = tf.where(tf.equal(rows, row), row_codes[:, None, :], codes)
-        return row + 1, codes, steps.finish_row(state, row_codes)
+        return row + 1, codes, steps.finish_row(state, row_codes, row)
 
     _, codes, state = tf.while_loop(
         lambda row, *_: row < row_end,

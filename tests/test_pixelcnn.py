@@ -191,6 +191,7 @@ def test_pixelcnn_and_config_reject_bad_arguments():
             dropout=0.1,
             code_shape=(4, 5),
             seed=3,
+            position_embedding=True,
         ),
     ],
     ids=["MaskedConv2D", "GatedBlock", "PixelCNN"],
@@ -204,13 +205,13 @@ def tiny_prior(**kwargs) -> PixelCNN:
     keras.utils.set_random_seed(0)
     defaults = dict(num_embeddings=8, num_layers=2, filters=8, embedding_dim=4, code_shape=(5, 5))
     prior = PixelCNN(**(defaults | kwargs))
-    prior(tf.zeros((1, 5, 5), tf.int32), tf.zeros((1,), tf.int32))
+    prior(tf.zeros((1, *prior.code_shape), tf.int32), tf.zeros((1,), tf.int32))
     return prior
 
 
 @pytest.mark.parametrize("conditional", [True, False])
 def test_keras_round_trip_keeps_masks_and_outputs(tmp_path, conditional):
-    prior = tiny_prior(conditional=conditional)
+    prior = tiny_prior(conditional=conditional, position_embedding=conditional)
     codes = np.random.default_rng(0).integers(0, 8, (3, 5, 5)).astype(np.int32)
     labels = np.array([0, 1, -1], np.int32)
     path = tmp_path / "prior.keras"
@@ -222,6 +223,20 @@ def test_keras_round_trip_keeps_masks_and_outputs(tmp_path, conditional):
     np.testing.assert_array_equal(masks[0].numpy(), causal_mask((1, 3), "A"))
     np.testing.assert_array_equal(masks[1].numpy(), causal_mask((1, 3), "B"))
     assert loaded.code_shape == (5, 5) and loaded.conditional is conditional
+    assert loaded.position_embedding is conditional
+
+
+def test_the_position_embedding_tells_the_prior_where_a_code_is():
+    # On a blank map, positions whose receptive field stays inside the map and sees the same
+    # codes get the same logits from a convolutional prior; with a position embedding they differ.
+    codes = np.zeros((1, 12, 12), np.int32)
+    inner = (slice(None), slice(7, 9), slice(5, 7))  # beyond the 3-row reach of 2 + 1 blocks
+    plain = tiny_prior(code_shape=(12, 12))(codes).numpy()[inner]
+    np.testing.assert_allclose(plain, np.broadcast_to(plain[:, :1, :1], plain.shape), atol=1e-6)
+    placed = tiny_prior(code_shape=(12, 12), position_embedding=True)(codes).numpy()[inner]
+    assert np.abs(placed - placed[:, :1, :1]).max() > 1e-3
+    with pytest.raises(ValueError, match="needs a code_shape"):
+        PixelCNN(num_embeddings=8, position_embedding=True)
 
 
 def test_logits_are_float32_under_mixed_precision():

@@ -19,7 +19,7 @@ def random_prior(shape=(4, 5), **kwargs) -> PixelCNN:
     prior = PixelCNN(code_shape=shape, **kwargs)
     prior(tf.zeros((1, *shape), tf.int32), tf.zeros((1,), tf.int32))
     for variable in prior.weights:
-        if "bias" in variable.path or "label" in variable.path:
+        if any(part in variable.path for part in ("bias", "label", "position")):
             variable.assign(tf.random.normal(variable.shape, stddev=0.5, seed=2))
     return prior
 
@@ -34,17 +34,21 @@ def cached_logits(prior, codes, labels) -> np.ndarray:
         row_state, columns = steps.start_row(), []
         for c in range(width):
             logits, row_state = steps.column(state, row_state, c)
-            row_state = steps.push_code(row_state, codes[:, r, c])
+            row_state = steps.push_code(row_state, codes[:, r, c], r, c)
             columns.append(logits)
         rows.append(tf.stack(columns, axis=1))
-        state = steps.finish_row(state, codes[:, r])
+        state = steps.finish_row(state, codes[:, r], r)
     return tf.stack(rows, axis=1).numpy()
 
 
 ARCHITECTURES = {
     # The default prior (PriorConfig) with K = 256.
-    "default": dict(num_embeddings=256, num_layers=9, filters=32, embedding_dim=32),
-    "quick": dict(num_embeddings=16, num_layers=2, filters=16, embedding_dim=8),
+    "default": dict(
+        num_embeddings=256, num_layers=9, filters=32, embedding_dim=32, position_embedding=True
+    ),
+    "quick": dict(
+        num_embeddings=16, num_layers=2, filters=16, embedding_dim=8, position_embedding=True
+    ),
     "kernel5_unconditional": dict(
         num_embeddings=8, num_layers=2, filters=8, kernel_size=5, embedding_dim=3, conditional=False
     ),
@@ -81,7 +85,7 @@ def test_the_steps_compute_the_model_logits_at_every_position(name):
 def test_the_steps_keep_the_logits_float32_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        prior = random_prior(**ARCHITECTURES["quick"])
+        prior = random_prior((5, 6), **ARCHITECTURES["quick"])
     finally:
         keras.mixed_precision.set_global_policy("float32")
     codes = tf.constant(np.random.default_rng(1).integers(0, 16, (2, 5, 6)), tf.int32)

@@ -29,6 +29,14 @@ class PixelCNN(DistributedFitMixin, keras.Model):
     `(i, j)` in raster order only (within a receptive field of `(num_layers + 1) * (k // 2)`
     rows above and columns to each side), with no blind spot.
 
+    Position: with `position_embedding` (and a `code_shape`), a learnt embedding of each code
+    position `(i, j)` is added to the code embedding there. The network is convolutional and
+    otherwise knows where it is only near the map's edges (through the zero padding); brain
+    slices are centred, so where a code sits says much about it (background near the edges,
+    the head's outline in between). It depends on the position alone, never on the codes, so
+    it leaks nothing: the logits at `(i, j)` still see only the codes before it, with their
+    positions.
+
     Conditioning: a conditional prior (`conditional=True`) learns `num_classes + 1` label
     embeddings per gate: labels `0 .. num_classes - 1` (NC = 0, AD = 1) and one extra
     "unconditional" label, used for `label = -1` (or `labels=None`). Training replaces each
@@ -50,7 +58,9 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         label_dropout: float in [0, 1), training probability of the unconditional label.
         dropout: float in [0, 1), dropout before the output layer.
         code_shape: (h, w) or None, the code map size the prior was trained on (what samplers
-            draw; the network itself is fully convolutional).
+            draw; without a position embedding the network is fully convolutional).
+        position_embedding: bool, learn an embedding per code position (needs `code_shape`;
+            the prior then takes `code_shape` maps only).
         seed: int or None, seed of label dropout and dropout.
 
     Example:
@@ -72,6 +82,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         dropout: float = 0.0,
         code_shape=None,
         seed: int | None = None,
+        position_embedding: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -101,7 +112,10 @@ class PixelCNN(DistributedFitMixin, keras.Model):
                 raise ValueError(
                     f"code_shape must be (h, w) with h, w >= 1. Received: code_shape={code_shape}"
                 )
+        if position_embedding and code_shape is None:
+            raise ValueError("position_embedding=True needs a code_shape (h, w)")
         self.num_embeddings = int(num_embeddings)
+        self.position_embedding = bool(position_embedding)
         self.num_layers = int(num_layers)
         self.filters = int(filters)
         self.kernel_size = int(kernel_size)
@@ -153,11 +167,18 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             dropout=config.dropout,
             code_shape=code_shape,
             seed=seed,
+            position_embedding=config.position_embedding,
         )
 
     def build(self, codes_shape, labels_shape=None):
         batch = codes_shape[0]
         self.code_embedding.build(codes_shape)
+        if self.position_embedding:
+            self.positions = self.add_weight(
+                shape=(*self.code_shape, self.embedding_dim),
+                initializer=keras.initializers.RandomNormal(stddev=0.05, seed=self.seed),
+                name="position_embedding",
+            )
         features = (*codes_shape[:3], self.embedding_dim)
         for block in self.blocks:
             block.build(features, features, (batch,) if self.conditional else None)
@@ -175,9 +196,21 @@ class PixelCNN(DistributedFitMixin, keras.Model):
 
     def call(self, codes, labels=None, training=False):
         """`codes [B, h, w]` int, `labels [B]` int (-1: unconditional) -> `logits [B, h, w, K]`."""
-        return self.logits_from_embeddings(
-            self.code_embedding(ops.cast(codes, "int32")), labels, training
-        )
+        return self.logits_from_embeddings(self.embed(codes), labels, training)
+
+    def embed(self, codes, row=None, col=None):
+        """The first block's input: the code embedding, plus the position embedding if any.
+
+        `codes [B, h, w]` (a whole map); or `codes [B, w]` with `row` (one row of the map), or
+        `codes [B]` with `row` and `col` (one position): what `PixelCNNSteps` embeds.
+        """
+        embedded = self.code_embedding(ops.cast(codes, "int32"))
+        if not self.position_embedding:
+            return embedded
+        positions = self.positions
+        if row is not None:
+            positions = positions[row] if col is None else positions[row, col]
+        return embedded + ops.cast(positions, embedded.dtype)
 
     def logits_from_embeddings(self, embedded, labels=None, training=False):
         """The network after the code embedding: `[B, h, w, E]` -> `logits [B, h, w, K]`.
@@ -277,6 +310,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             "dropout": self.dropout,
             "code_shape": None if self.code_shape is None else list(self.code_shape),
             "seed": self.seed,
+            "position_embedding": self.position_embedding,
         }
 
 

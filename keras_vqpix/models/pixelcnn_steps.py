@@ -15,14 +15,14 @@ class PixelCNNSteps:
     Gated PixelCNN (`GatedBlock`) these come from two stacks, so the forward pass splits into
     two kinds of step, each computing only what the next position needs:
 
-    - `finish_row(state, codes_row)`, once a row is drawn: the vertical stack of that row in
+    - `finish_row(state, codes_row, row)`, once a row is drawn: the vertical stack of that row in
       every block (a `(k//2 + 1) x k` convolution over the block's last `k//2 + 1` vertical
       input rows, kept in `state`), and its `vertical_to_horizontal` term, which the
       horizontal stack of the *next* row reads (the model's `down_shift`).
     - `column(state, row_state, c)`: the horizontal stack at column `c` of the current row in
       every block (a `1 x k` masked convolution over the block's last `k//2` horizontal
       inputs, kept in `row_state`, and the current one), the gates, the residuals, the skip
-      sum and the head: the logits `[n, K]` at `(r, c)`. `push_code(row_state, codes)` then
+      sum and the head: the logits `[n, K]` at `(r, c)`. `push_code(row_state, codes, row, col)` then
       appends the drawn codes' embeddings, the first block's input at the next column.
 
     All caches start at zero, the zero padding of the model's convolutions. A whole code map
@@ -115,11 +115,11 @@ class PixelCNNSteps:
         ]
         return tuple(rows), self._by_column(terms)
 
-    def finish_row(self, state, codes_row):
-        """The state after the row `codes_row [n, w]` was drawn: its vertical stack, for the next row."""
+    def finish_row(self, state, codes_row, row):
+        """The state after row `row`, `codes_row [n, w]`, was drawn: its vertical stack, for the next row."""
         rows, _ = state
         half = self.half
-        x = self.prior.code_embedding(ops.cast(codes_row, "int32"))  # [n, w, E]
+        x = self.prior.embed(codes_row, row)  # [n, w, E]
         new_rows, terms = [], []
         for block, above, label, bias in zip(
             self.prior.blocks, rows, self.vertical_labels, self.horizontal_bias, strict=True
@@ -180,9 +180,9 @@ class PixelCNNSteps:
         logits = tf.nn.bias_add(ops.matmul(ops.cast(hidden, "float32"), kernel), bias)
         return logits, tuple(new_row_state)
 
-    def push_code(self, row_state, codes):
-        """The row state moved on by one column: `codes [n]` just drawn at the current column."""
-        embedded = self.prior.code_embedding(ops.cast(codes, "int32"))
+    def push_code(self, row_state, codes, row, col):
+        """The row state moved on by one column: `codes [n]` just drawn at `(row, col)`."""
+        embedded = self.prior.embed(codes, row, col)
         first = row_state[0]
         embedded = ops.cast(embedded, first.dtype)
         return (ops.concatenate([first[:, embedded.shape[-1] :], embedded], -1), *row_state[1:])
@@ -199,13 +199,13 @@ class PixelCNNSteps:
         state = self.start()
         _, state = tf.while_loop(
             lambda r, _: r < row,
-            lambda r, state: (r + 1, self.finish_row(state, codes[:, r])),
+            lambda r, state: (r + 1, self.finish_row(state, codes[:, r], r)),
             (tf.constant(0), state),
         )
 
         def body(c, row_state):
             _, row_state = self.column(state, row_state, c)
-            return c + 1, self.push_code(row_state, codes[:, row, c])
+            return c + 1, self.push_code(row_state, codes[:, row, c], row, c)
 
         _, row_state = tf.while_loop(lambda c, _: c < col, body, (tf.constant(0), self.start_row()))
         return self.column(state, row_state, col)[0]
