@@ -171,6 +171,9 @@ def pairwise_diversity(images: np.ndarray) -> tuple[float | None, str]:
 
 
 # -- Pictures -------------------------------------------------------------------------------------
+PLOT_COLUMNS = 8
+
+
 def plot_samples_vs_real(
     path: Path,
     prior,
@@ -186,7 +189,8 @@ def plot_samples_vs_real(
 ) -> Path:
     """A grid: for each class, a row of samples above a row of real slices of `records`.
 
-    `samples` / `real`: `(images, labels)` already at hand; otherwise `samples_per_class`
+    Rows show at most `PLOT_COLUMNS` images each, so the picture stays legible however many
+    samples the statistics use. `samples` / `real`: `(images, labels)` already at hand; otherwise `samples_per_class`
     samples per class are drawn with `seed` (unconditional prior: one row of twice as many)
     and as many real slices chosen with `real_counterparts`.
     """
@@ -206,8 +210,9 @@ def plot_samples_vs_real(
     rows = []
     for value in sorted(set(samples[1].tolist())):
         name = label_name(value)
-        rows.append((f"{name} samples", samples[0][samples[1] == value]))
-        rows.append((f"{name} real", real[0] if value < 0 else real[0][real[1] == value]))
+        rows.append((f"{name} samples", samples[0][samples[1] == value][:PLOT_COLUMNS]))
+        real_images = real[0] if value < 0 else real[0][real[1] == value]
+        rows.append((f"{name} real", real_images[:PLOT_COLUMNS]))
     return plots.plot_image_rows(rows, path, title)
 
 
