@@ -28,22 +28,14 @@ def main(argv=None) -> int:
 
     from keras_vqpix.config import get_config
     from keras_vqpix.data.discover import discover_splits
-    from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch
-    from keras_vqpix.training.vqvae_training import build_vqvae
+    from keras_vqpix.data.pipeline import steps_per_epoch
+    from keras_vqpix.training.vqvae_training import build_vqvae, training_dataset
 
     config = get_config(args.config)
     data = config.data
     splits = discover_splits(args.data, data.validation_fraction, config.seed)
     model = build_vqvae(config, steps_per_epoch(len(splits.train), data.batch_size))
-    dataset = make_dataset(
-        splits.train,
-        data.image_size,
-        data.batch_size,
-        shuffle=True,
-        seed=config.seed,
-        shuffle_buffer=data.shuffle_buffer,
-        cache=data.cache,
-    )
+    dataset = training_dataset(splits.train, config)
     model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0)
     # Linux reports ru_maxrss in KiB, macOS in bytes.
     scale = 1 if sys.platform == "darwin" else 1024

@@ -166,7 +166,8 @@ def measure_pipeline(settings: Settings, data_root, training: dict | None) -> di
 def _pipeline(name: str, settings: Settings, data_root, consume) -> dict:
     from keras_vqpix.config import get_config
     from keras_vqpix.data.discover import discover_splits
-    from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch
+    from keras_vqpix.data.pipeline import steps_per_epoch
+    from keras_vqpix.training.vqvae_training import training_dataset
 
     config = get_config(name)
     data = config.data
@@ -174,15 +175,7 @@ def _pipeline(name: str, settings: Settings, data_root, consume) -> dict:
     epoch = steps_per_epoch(len(splits.train), data.batch_size)
     first, later = [], []
     for _ in range(settings.repeats):
-        dataset = make_dataset(
-            splits.train,
-            data.image_size,
-            data.batch_size,
-            shuffle=True,
-            seed=config.seed,
-            shuffle_buffer=data.shuffle_buffer,
-            cache=data.cache,
-        )
+        dataset = training_dataset(splits.train, config)
         iterator = iter(dataset)
         for batches, rates in ((epoch, first), (settings.pipeline_epochs * epoch, later)):
             start = time.perf_counter()

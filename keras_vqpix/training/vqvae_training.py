@@ -47,6 +47,21 @@ def learning_rate_schedule(peak: float, final_ratio: float, total_steps: int):
     )
 
 
+def training_dataset(records, config: RunConfig, first_epoch: int = 0) -> tf.data.Dataset:
+    """The VQ-VAE's training pipeline for `config`: shuffled per epoch from `first_epoch` on, endless."""
+    data = config.data
+    return make_dataset(
+        records,
+        data.image_size,
+        data.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        first_epoch=first_epoch,
+        shuffle_buffer=data.shuffle_buffer,
+        cache=data.cache,
+    )
+
+
 def build_vqvae(config: RunConfig, steps_per_epoch: int = 1) -> VQVAE:
     """A compiled, built VQ-VAE for `config` (weights initialised from `config.seed`).
 
@@ -130,20 +145,10 @@ def train_vqvae(
 
     def make_data():
         data = config.data
-        train_data = make_dataset(
-            splits.train,
-            data.image_size,
-            data.batch_size,
-            shuffle=True,
-            seed=config.seed,
-            first_epoch=progress.first_epoch,
-            shuffle_buffer=data.shuffle_buffer,
-            cache=data.cache,
-        )
         validation_data = make_dataset(
             splits.validation, data.image_size, data.batch_size, cache=data.cache
         )
-        return train_data, validation_data
+        return training_dataset(splits.train, config, progress.first_epoch), validation_data
 
     fit_stage(
         model,
