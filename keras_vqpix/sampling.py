@@ -183,6 +183,12 @@ def _code_shape(prior, code_shape) -> tuple[int, int]:
             "code_shape is unknown: pass code_shape=(h, w) for a prior built without one"
         )
     height, width = (int(s) for s in shape)
+    trained = getattr(prior, "code_shape", None)
+    if getattr(prior, "position_embedding", False) and (height, width) != tuple(trained):
+        raise ValueError(
+            f"code_shape must be the prior's own {tuple(trained)}: it learnt an embedding per "
+            f"position. Received: code_shape={(height, width)}"
+        )
     return height, width
 
 
@@ -335,6 +341,14 @@ def sample_rows_fast(steps, codes, state, seed, temperature, row_start, row_end)
     return codes, state
 
 
+def _blank_maps(num_samples, labels, height: int, width: int):
+    """Zero code maps `[num_samples, height, width]` (static h, w) and one int32 label per map."""
+    num_samples = tf.convert_to_tensor(num_samples, tf.int32)
+    labels = tf.broadcast_to(tf.cast(labels, tf.int32), tf.reshape(num_samples, [1]))
+    codes = tf.zeros(tf.stack([num_samples, height, width]), tf.int32)
+    return tf.ensure_shape(codes, [None, height, width]), labels
+
+
 def fast_codes_graph(prior, num_samples, seed, labels, temperature, height: int, width: int):
     """Code maps `int32 [num_samples, height, width]` drawn by the fast sampler, in graph mode.
 
@@ -345,10 +359,7 @@ def fast_codes_graph(prior, num_samples, seed, labels, temperature, height: int,
     reference sampler) for the same arguments. Arguments are not checked: see `check_seed`,
     `check_temperature` and `resolve_labels` for what is valid.
     """
-    num_samples = tf.convert_to_tensor(num_samples, tf.int32)
-    labels = tf.broadcast_to(tf.cast(labels, tf.int32), tf.reshape(num_samples, [1]))
-    codes = tf.zeros(tf.stack([num_samples, height, width]), tf.int32)
-    codes = tf.ensure_shape(codes, [None, height, width])
+    codes, labels = _blank_maps(num_samples, labels, height, width)
     if not isinstance(prior, PixelCNN):
         return sample_rows_reference(prior, codes, labels, seed, temperature, 0, height)
     steps = PixelCNNSteps(prior, labels, width)
@@ -358,10 +369,7 @@ def fast_codes_graph(prior, num_samples, seed, labels, temperature, height: int,
 
 def reference_codes_graph(prior, num_samples, seed, labels, temperature, height: int, width: int):
     """`fast_codes_graph`'s counterpart drawn by the reference sampler (the same codes, slowly)."""
-    num_samples = tf.convert_to_tensor(num_samples, tf.int32)
-    labels = tf.broadcast_to(tf.cast(labels, tf.int32), tf.reshape(num_samples, [1]))
-    codes = tf.zeros(tf.stack([num_samples, height, width]), tf.int32)
-    codes = tf.ensure_shape(codes, [None, height, width])
+    codes, labels = _blank_maps(num_samples, labels, height, width)
     return sample_rows_reference(prior, codes, labels, seed, temperature, 0, height)
 
 

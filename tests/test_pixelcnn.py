@@ -239,6 +239,15 @@ def test_the_position_embedding_tells_the_prior_where_a_code_is():
         PixelCNN(num_embeddings=8, position_embedding=True)
 
 
+def test_a_prior_with_positions_samples_its_own_code_shape_only():
+    from keras_vqpix.sampling import sample_codes
+
+    prior = tiny_prior(position_embedding=True)
+    with pytest.raises(ValueError, match=r"prior's own \(5, 5\).*code_shape=\(6, 5\)"):
+        sample_codes(prior, 1, code_shape=(6, 5))
+    assert sample_codes(prior, 1, code_shape=(5, 5)).shape == (1, 5, 5)
+
+
 def test_logits_are_float32_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
