@@ -174,6 +174,8 @@ class PriorConfig:
         dropout: float, dropout before the output head.
         position_embedding: bool, learn an embedding per code position (`PixelCNN`): without
             it, default-config samples on the demo set were brain texture, not slices.
+        dilation_cycle: int, block i's vertical stack is dilated by `2 ** (i % dilation_cycle)`
+            (`PixelCNN`); 1: no dilation.
         learning_rate: float, Adam learning rate.
         epochs: int, training epochs.
         batch_size: int, code maps per batch.
@@ -188,6 +190,7 @@ class PriorConfig:
     embedding_dim: int = 32
     dropout: float = 0.0
     position_embedding: bool = True
+    dilation_cycle: int = 1
     learning_rate: float = 1e-3
     epochs: int = 20
     batch_size: int = 32
@@ -216,6 +219,10 @@ class PriorConfig:
         _check(
             0.0 <= self.dropout < 1.0,
             f"dropout must be in [0, 1). Received: dropout={self.dropout}",
+        )
+        _check(
+            self.dilation_cycle >= 1,
+            f"dilation_cycle must be >= 1. Received: dilation_cycle={self.dilation_cycle}",
         )
         _check(
             self.learning_rate > 0,

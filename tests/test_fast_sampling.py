@@ -69,7 +69,13 @@ CASES = [  # (seed, labels, temperature)
 ]
 
 
-@pytest.fixture(params=["quick_prior", "default_prior"])
+@pytest.fixture(scope="module")
+def dilated_prior():
+    """Vertical stacks dilated 1, 2, 4, 1 (`dilation_cycle=3`), random weights, 5x7 maps."""
+    return random_prior((5, 7), **ARCHITECTURES["dilated"])
+
+
+@pytest.fixture(params=["quick_prior", "default_prior", "dilated_prior"])
 def prior(request):
     return request.getfixturevalue(request.param)
 
@@ -108,8 +114,10 @@ def test_one_graph_call_or_row_by_row_with_progress_agree(small_prior):
     np.testing.assert_array_equal(at_once.numpy(), by_row)
 
 
-def test_the_fast_sampler_in_a_saved_model_signature(tmp_path, small_prior):
+@pytest.mark.parametrize("name", ["small_prior", "dilated_prior"])
+def test_the_fast_sampler_in_a_saved_model_signature(tmp_path, request, name):
     """A dynamic number of samples, one label for all, as `vqpix export`'s generator takes them."""
+    small_prior = request.getfixturevalue(name)
     height, width = small_prior.code_shape
     module = tf.Module()
     module.prior = small_prior

@@ -80,6 +80,34 @@ def test_every_position_sees_exactly_the_earlier_positions(kwargs):
     assert violations == {"leaks": [], "blind_spots": []}
 
 
+def test_dilated_vertical_stacks_see_every_earlier_row_of_a_tall_map():
+    # 4 blocks dilated 1, 2, 4, 8 reach 16 rows above: on a 12x3 map every position must see
+    # every earlier one (no gap between the dilated taps, no leak); undilated, they reach 5.
+    keras.utils.set_random_seed(1)
+    labels = tf.constant([0, 1])
+    found = {}
+    for cycle in (4, 1):
+        prior = PixelCNN(
+            num_embeddings=8, num_layers=3, filters=8, embedding_dim=4, dilation_cycle=cycle
+        )
+        prior(tf.zeros((2, 12, 3), tf.int32), labels)
+        found[cycle] = (
+            [block.dilation for block in prior.blocks],
+            prior.receptive_rows,
+            causality_violations(
+                lambda x, prior=prior: prior.logits_from_embeddings(
+                    x, tf.tile(labels, [x.shape[0] // 2])
+                ),
+                random_embedded(height=12, width=3, batch=2),
+            ),
+        )
+    assert found[4] == ([1, 2, 4, 8], 16, {"leaks": [], "blind_spots": []})
+    dilations, rows, undilated = found[1]
+    assert dilations == [1, 1, 1, 1] and rows == 5 and not undilated["leaks"]
+    blind = {(p, q) for p, q in undilated["blind_spots"] if p == (11, 0)}
+    assert blind == {((11, 0), (r, c)) for r in range(6) for c in range(3)}  # 6 rows up and more
+
+
 def test_the_causality_check_catches_a_blind_spot_and_a_leak():
     """The same assertion fails on a plain masked-conv stack (blind spot) and on a leaky one."""
     keras.utils.set_random_seed(2)
@@ -150,6 +178,7 @@ def test_masked_conv_rejects_bad_arguments(kwargs, message):
         ({"filters": 4, "kernel_size": 4}, r"Received: kernel_size=4"),
         ({"filters": 4, "mask_type": "a"}, r"Received: mask_type='a'"),
         ({"filters": 4, "num_labels": -1}, r"Received: num_labels=-1"),
+        ({"filters": 4, "dilation": 0}, r"Received: dilation=0"),
     ],
 )
 def test_gated_block_rejects_bad_arguments(kwargs, message):
@@ -171,6 +200,10 @@ def test_pixelcnn_and_config_reject_bad_arguments():
         PriorConfig(label_dropout=-0.1)
     with pytest.raises(ValueError, match=r"Received: embedding_dim=0"):
         PriorConfig(embedding_dim=0)
+    with pytest.raises(ValueError, match=r"Received: dilation_cycle=0"):
+        PixelCNN(num_embeddings=8, dilation_cycle=0)
+    with pytest.raises(ValueError, match=r"Received: dilation_cycle=0"):
+        PriorConfig(dilation_cycle=0)
 
 
 # -- Config and saving ------------------------------------------------------------------------------
@@ -180,7 +213,7 @@ def test_pixelcnn_and_config_reject_bad_arguments():
     "layer",
     [
         MaskedConv2D(4, (1, 3), "A", use_bias=False, name="masked"),
-        GatedBlock(8, 5, "A", num_labels=3, name="block"),
+        GatedBlock(8, 5, "A", num_labels=3, dilation=2, name="block"),
         PixelCNN(
             num_embeddings=8,
             num_layers=1,
@@ -192,6 +225,7 @@ def test_pixelcnn_and_config_reject_bad_arguments():
             code_shape=(4, 5),
             seed=3,
             position_embedding=True,
+            dilation_cycle=2,
         ),
     ],
     ids=["MaskedConv2D", "GatedBlock", "PixelCNN"],

@@ -52,6 +52,15 @@ ARCHITECTURES = {
     "kernel5_unconditional": dict(
         num_embeddings=8, num_layers=2, filters=8, kernel_size=5, embedding_dim=3, conditional=False
     ),
+    # Vertical stacks dilated 1, 2, 4, 1: reaches beyond the 4-row map, as on a real map.
+    "dilated": dict(
+        num_embeddings=16,
+        num_layers=3,
+        filters=8,
+        embedding_dim=4,
+        dilation_cycle=3,
+        position_embedding=True,
+    ),
 }
 
 

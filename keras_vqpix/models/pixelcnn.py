@@ -26,8 +26,15 @@ class PixelCNN(DistributedFitMixin, keras.Model):
     ReLU, dropout, 1x1 conv ->
     `logits [B, h, w, K]` float32 (also under mixed precision). E.g. 32x32 code maps with
     K = 256 give logits `[B, 32, 32, 256]`; the logits at `(i, j)` depend on the codes before
-    `(i, j)` in raster order only (within a receptive field of `(num_layers + 1) * (k // 2)`
-    rows above and columns to each side), with no blind spot.
+    `(i, j)` in raster order only, with no blind spot, within a receptive field of
+    `receptive_rows` rows above (and as many columns to each side) and `(num_layers + 1) *
+    (k // 2)` columns to the left in row i.
+
+    Receptive field: block i's vertical stack is dilated by `2 ** (i % dilation_cycle)`
+    (`GatedBlock`), so `receptive_rows` is one (the horizontal stack reads the vertical one a
+    row down) plus `(k // 2)` times the sum of the dilations: with `dilation_cycle=1` (no
+    dilation) 10 blocks of k = 3 see 11 rows above, with `dilation_cycle=4` (dilations 1, 2,
+    4, 8, 1, 2, 4, 8, 1, 2) 34 rows, a whole 32x32 map, for the same weights and arithmetic.
 
     Position: with `position_embedding` (and a `code_shape`), a learnt embedding of each code
     position `(i, j)` is added to the code embedding there. The network is convolutional and
@@ -57,6 +64,8 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         num_classes: int, labels `0 .. num_classes - 1` of a conditional prior.
         label_dropout: float in [0, 1), training probability of the unconditional label.
         dropout: float in [0, 1), dropout before the output layer.
+        dilation_cycle: int >= 1, block i's vertical stack is dilated by
+            `2 ** (i % dilation_cycle)`; 1: no dilation.
         code_shape: (h, w) or None, the code map size the prior was trained on (what samplers
             draw; without a position embedding the network is fully convolutional).
         position_embedding: bool, learn an embedding per code position (needs `code_shape`;
@@ -83,6 +92,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         code_shape=None,
         seed: int | None = None,
         position_embedding: bool = False,
+        dilation_cycle: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -102,6 +112,10 @@ class PixelCNN(DistributedFitMixin, keras.Model):
                 f"label_dropout must be in [0, 1). Received: label_dropout={label_dropout}",
             ),
             (0.0 <= dropout < 1.0, f"dropout must be in [0, 1). Received: dropout={dropout}"),
+            (
+                dilation_cycle >= 1,
+                f"dilation_cycle must be >= 1. Received: dilation_cycle={dilation_cycle}",
+            ),
         )
         for ok, message in checks:
             if not ok:
@@ -124,6 +138,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         self.num_classes = int(num_classes)
         self.label_dropout = float(label_dropout)
         self.dropout = float(dropout)
+        self.dilation_cycle = int(dilation_cycle)
         self.code_shape = code_shape
         self.seed = seed
         policy = self.dtype_policy
@@ -137,6 +152,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
                 kernel_size,
                 "A" if i == 0 else "B",
                 num_labels,
+                dilation=2 ** (i % self.dilation_cycle),
                 name=f"gated_{i}",
                 dtype=policy,
             )
@@ -168,7 +184,13 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             code_shape=code_shape,
             seed=seed,
             position_embedding=config.position_embedding,
+            dilation_cycle=config.dilation_cycle,
         )
+
+    @property
+    def receptive_rows(self) -> int:
+        """Rows above a position whose codes its logits can read (as many columns each side)."""
+        return 1 + sum(block.vertical_reach for block in self.blocks)
 
     def build(self, codes_shape, labels_shape=None):
         batch = codes_shape[0]
@@ -311,6 +333,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             "code_shape": None if self.code_shape is None else list(self.code_shape),
             "seed": self.seed,
             "position_embedding": self.position_embedding,
+            "dilation_cycle": self.dilation_cycle,
         }
 
 
