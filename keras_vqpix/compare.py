@@ -11,9 +11,12 @@ on them): the figures are the mean and spread over the seeds.
 - `trtr_auc`: AD vs NC, trained on real train, tested on real test: the reference figure.
 - `fidelity_auc`: that real-trained classifier on every synthetic slice, labelled by the class
   it was generated for: do synthetic slices carry the real AD/NC difference?
-- `tstr_auc`: trained on the synthetic slices only, tested on the real test patients (the
-  classification accuracy score of Ravuri & Vinyals 2019, https://arxiv.org/abs/1905.10887).
-- `augmented_auc`: trained on real train + synthetic slices, tested on real test patients.
+- `tstr_auc`: trained on the synthetic train slices only, tested on the real test patients
+  (the classification accuracy score of Ravuri & Vinyals 2019, https://arxiv.org/abs/1905.10887).
+- `augmented_auc`: trained on real train + synthetic train slices, tested on real test patients.
+
+No classifier ever trains on a synthetic *test* slice: for a set of reconstructions
+(`vqpix generate --reconstruct`) those are the real test patients' slices.
 - Each AUC per slice and per patient (`*_patient`: the mean of a patient's slice scores; a
   synthetic slice without siblings is its own patient).
 - `fd`, `kid`: Frechet distance and the kernel distance of KID (unbiased polynomial-kernel
@@ -309,11 +312,13 @@ def judge_once(
     figures["kid_real"] = kernel_distance(train_features, test_features)
     del trtr
 
-    tstr = train_slice_classifier(synthetic_all.images, synthetic_all.labels, config, seed)
+    # Classifiers train on the synthetic train split only: the test split stays held apart
+    # (for reconstructions it holds the real test patients' slices).
+    tstr = train_slice_classifier(synthetic_train.images, synthetic_train.labels, config, seed)
     record("tstr_auc", real_test.labels, _scores(tstr, real_test.images), real_test.patients)
     del tstr
 
-    augmented = _join(real_train, synthetic_all)
+    augmented = _join(real_train, synthetic_train)
     model = train_slice_classifier(augmented.images, augmented.labels, config, seed)
     record("augmented_auc", real_test.labels, _scores(model, real_test.images), real_test.patients)
     del model
