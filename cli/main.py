@@ -6,9 +6,11 @@ import click
 
 from keras_vqpix import __version__
 
+from .compare import compare
 from .demo_data import demo_data
 from .evaluate import evaluate
 from .export import export
+from .generate import generate
 from .prepare import prepare
 from .sample import sample
 from .train import train
@@ -23,7 +25,7 @@ def main() -> None:
     """
 
 
-for command in (demo_data, prepare, train, evaluate, sample, export):
+for command in (demo_data, prepare, train, evaluate, sample, generate, compare, export):
     main.add_command(command)
 
 
