@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from keras_vqpix.config import PRESETS
+
 from .common import InputError, resolve_data, user_errors
 
 
@@ -27,10 +29,11 @@ from .common import InputError, resolve_data, user_errors
 @click.option(
     "--config",
     "config_name",
-    type=click.Choice(["quick", "default"]),
+    type=click.Choice(sorted(PRESETS)),
     default="default",
     show_default=True,
-    help="Preset: quick (tiny, seconds) or default (the real model).",
+    help="Preset: quick (tiny, seconds), default (the real model) or default-undilated (the "
+    "default with the previous prior, whose vertical stacks are not dilated).",
 )
 @click.option(
     "--stage",

@@ -44,7 +44,12 @@ def cached_logits(prior, codes, labels) -> np.ndarray:
 ARCHITECTURES = {
     # The default prior (PriorConfig) with K = 256.
     "default": dict(
-        num_embeddings=256, num_layers=9, filters=32, embedding_dim=32, position_embedding=True
+        num_embeddings=256,
+        num_layers=9,
+        filters=32,
+        embedding_dim=32,
+        position_embedding=True,
+        dilation_cycle=4,
     ),
     "quick": dict(
         num_embeddings=16, num_layers=2, filters=16, embedding_dim=8, position_embedding=True
