@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_vqpix.config import PriorConfig
+from keras_vqpix.config import PriorConfig, get_config
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
 from keras_vqpix.layers.masked_conv import MaskedConv2D, causal_mask
 from keras_vqpix.models.pixelcnn import PixelCNN
@@ -204,6 +204,17 @@ def test_pixelcnn_and_config_reject_bad_arguments():
         PixelCNN(num_embeddings=8, dilation_cycle=0)
     with pytest.raises(ValueError, match=r"Received: dilation_cycle=0"):
         PriorConfig(dilation_cycle=0)
+
+
+def test_the_default_prior_is_dilated_and_the_undilated_one_stays_a_preset():
+    default, undilated = get_config("default"), get_config("default-undilated")
+    prior = PixelCNN.from_run_config(default.prior, 256, code_shape=(32, 32))
+    assert [block.dilation for block in prior.blocks] == [1, 2, 4, 8, 1, 2, 4, 8, 1, 2]
+    assert prior.receptive_rows == 34 >= default.code_size
+    assert undilated.prior.dilation_cycle == 1
+    # Only the prior's dilation differs: the VQ-VAE stage of both is the same run.
+    assert undilated.replace(name="default", **{"prior.dilation_cycle": 4}) == default
+    assert PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32)).receptive_rows == 11
 
 
 # -- Config and saving ------------------------------------------------------------------------------
