@@ -245,7 +245,7 @@ def _sampling(name: str, settings: Settings) -> dict:
     # The reference: its row function traced (and row 0 drawn) once before timing.
     arguments = (tf.constant(labels), tf.constant(0), tf.constant(1.0))
     empty = tf.zeros((n, size, size), tf.int32)
-    sampling._row_sampler(prior, size, size)(empty, *arguments, tf.constant(0))
+    sampling._row_sampler(prior, size, size)(empty, *arguments, tf.constant(0), tf.constant(0))
     reference_codes = []
 
     def reference():
@@ -258,12 +258,12 @@ def _sampling(name: str, settings: Settings) -> dict:
     # tell its time per row.
     whole_map = _WholeMapPrior(prior)  # the sampler's cache holds it weakly: keep it alive
     old_row = sampling._row_sampler(whole_map, size, size)
-    old_row(empty, *arguments, tf.constant(0))
+    old_row(empty, *arguments, tf.constant(0), tf.constant(0))
     rows = settings.old_sampler_rows
 
     def old_rows():
         for row in range(rows):
-            old_row(empty, *arguments, tf.constant(row)).numpy()
+            old_row(empty, *arguments, tf.constant(row), tf.constant(0)).numpy()
 
     old_times = alternate({"forward": one_pass, "rows": old_rows}, settings.reference_repeats)
     old_map = old_times["rows"].map(lambda s: s / rows * size)
