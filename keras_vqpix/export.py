@@ -123,7 +123,7 @@ def _checked_sample_inputs(prior, specs, max_samples, num_samples, seed, tempera
         tf.debugging.Assert(
             num_samples <= max_samples,
             [
-                f"num_samples must be <= {max_samples}, this export's cap per request "
+                f"num_samples must be <= {max_samples}, the cap per request of this export "
                 "(vqpix export --max-samples); send several requests with other seeds. Received:",
                 num_samples,
             ],
