@@ -348,6 +348,15 @@ def replace_section(text: str, section: str, heading: str = HEADING) -> str:
     return text[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
 
 
+def section_of(text: str, heading: str = HEADING) -> str:
+    """The `heading` section of the Markdown `text` (up to the next `## `), or ''."""
+    start = text.find(heading + "\n")
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + len(heading))
+    return text[start:] if end < 0 else text[start : end + 1]
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0]

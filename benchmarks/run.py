@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import load
 from benchmarks.timing import Stats, alternate, load_average, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -598,6 +599,9 @@ def main(argv=None) -> int:
         "load_end": load_average(),
     }
     text = report(results, info, settings, command, timing)
+    if Path(args.out).exists():  # keep the section `python -m benchmarks.load` wrote
+        kept = load.section_of(Path(args.out).read_text())
+        text = load.replace_section(text, kept) if kept else text
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     if args.json:

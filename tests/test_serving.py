@@ -213,3 +213,19 @@ def test_good_inputs_at_the_edges_succeed(fuzz):
     # Empty batches: an empty answer of the right shape, or a refusal; never a wrong answer.
     empty = [r for r in results if r["family"] == "empty"]
     assert len(empty) == 3 and all(r["passed"] for r in empty), empty
+
+
+def test_the_load_report_replaces_its_own_section_of_results_md():
+    from benchmarks.load import HEADING, replace_section, section_of
+
+    old = f"# Benchmarks\n\n## Sampling\n\ns\n\n{HEADING}\n\nold figures\n\n## Memory\n\nm\n"
+    new = replace_section(old, f"{HEADING}\n\nnew figures\n")
+    assert (
+        new == f"# Benchmarks\n\n## Sampling\n\ns\n\n{HEADING}\n\nnew figures\n\n## Memory\n\nm\n"
+    )
+    assert section_of(new).strip() == f"{HEADING}\n\nnew figures"
+    # `python -m benchmarks` rewrites the file: the section is carried over, or appended.
+    fresh = "# Benchmarks\n\n## Sampling\n\ns2\n"
+    kept = replace_section(fresh, section_of(new))
+    assert kept == f"# Benchmarks\n\n## Sampling\n\ns2\n\n{HEADING}\n\nnew figures\n"
+    assert section_of(fresh) == ""
