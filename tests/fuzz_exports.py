@@ -216,9 +216,9 @@ class Generator:
         faults += [("value", "label", np.int32(label)) for label in self.bad_labels]
         good = self.sample_inputs(1)
         for field, value in good.items():
-            for dtype in BAD_DTYPES + ((np.int32,) if field == "temperature" else (np.float32,)):
-                if np.dtype(value.dtype) == np.dtype(dtype) if dtype != "string" else False:
-                    continue
+            # BAD_DTYPES holds neither int32 nor float32: each is wrong for every input.
+            other = np.int32 if field == "temperature" else np.float32
+            for dtype in (*BAD_DTYPES, other):
                 faults.append(("dtype", field, as_dtype(value, dtype)))
             for shape in ((1,), (0,), (2,), (1, 1)):
                 faults.append(("rank", field, np.full(shape, value)))
