@@ -114,12 +114,12 @@ def test_export_run_refuses_a_bad_max_samples(quick_run, tmp_path):
 
 
 def test_concurrent_clients_get_every_answer_and_memory_stays_bounded(served, fuzz):
-    """The short load test: 4 client threads, a mix of all four signatures for 4 s."""
+    """The short load test: 4 client threads, a mix of all four signatures for 3 s."""
     from benchmarks.load import Exports, run_load
 
     exports = Exports(served)
     assert exports.max_samples == QUICK_CAP
-    load = run_load(exports, threads=4, seconds=4.0, batch=4)
+    load = run_load(exports, threads=4, seconds=3.0, batch=4)
     print(json.dumps(load["signatures"], indent=1, default=float))
     print(f"RSS {load['rss_before_bytes'] / MIB:.0f} -> {load['rss_after_bytes'] / MIB:.0f} MiB")
     assert load["errors"] == 0, load["error_examples"]
