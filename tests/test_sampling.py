@@ -126,11 +126,11 @@ def test_a_tiny_temperature_draws_the_most_likely_code_never_an_out_of_range_one
     must be the argmax, as the limit T -> 0 of the distribution says."""
     logits = tf.constant([[3.0, 1.0, 2.0, -1.0], [0.5, 4.0, 4.0, -2.0], [-5.0, -1.0, -3.0, -9.0]])
     for temperature in (1e-30, 2e-38, 1e-6):
-        for seed in range(20):
+        for seed in range(8):
             codes = draw_codes(logits, seed, 3, temperature).numpy()
             assert codes[0] == 0 and codes[1] in (1, 2) and codes[2] == 1, (temperature, codes)
     # A huge temperature gives (nearly) uniform draws, all in range.
-    drawn = np.stack([draw_codes(logits, s, 0, 3e38).numpy() for s in range(60)])
+    drawn = np.stack([draw_codes(logits, s, 0, 3e38).numpy() for s in range(40)])
     assert drawn.min() >= 0 and drawn.max() < 4 and len(np.unique(drawn[:, 0])) == 4
 
 
