@@ -34,8 +34,8 @@ and through the C API that TF Serving's loader uses).
 Inputs are checked inside the graph, with messages naming the input: dtypes by the signatures;
 shapes by a `tf.ensure_shape` first (a signature loaded by `tf.saved_model.load` does not
 check the shapes it is fed); then `images` in [0, 1], `codes` in [0, K), `num_samples` in
-1 .. the export's cap (`max_samples`), `temperature` a normal float32 > 0, and `label` in {-1 (unconditional), 0 (NC), 1 (AD)} for a
-conditional prior but exactly -1 for an unconditional one (as
+1 .. the export's cap (`max_samples`), `temperature` a normal float32 > 0, and `label` in
+{-1 (unconditional), 0 (NC), 1 (AD)} for a conditional prior but exactly -1 for an unconditional one (as
 `keras_vqpix.sampling.resolve_labels`: a class label given to a prior that cannot honour it is
 an error, not silently ignored).
 
@@ -142,6 +142,16 @@ def _checked_sample_inputs(prior, specs, max_samples, num_samples, seed, tempera
         return tuple(tf.identity(v) for v in (num_samples, seed, temperature, label))
 
 
+def _unless_empty(batch, run, empty: dict) -> dict:
+    """`run(batch)`, or the `empty` outputs (tensors of zero rows) when `batch` has no rows.
+
+    No model runs on an empty batch: TensorFlow's oneDNN `Conv2D` returns the input's shape for
+    one (`keras_vqpix.data.pipeline.batch_sizes` has the reproduction), so a request of zero
+    images or code maps would fail, or answer with wrongly shaped tensors.
+    """
+    return tf.cond(tf.shape(batch)[0] > 0, lambda: run(batch), lambda: empty)
+
+
 def vqvae_archive(vqvae, image_shape: tuple[int, int]):
     """A `keras.export.ExportArchive` of the VQ-VAE: `serving_default`, `encode`, `decode`."""
     import keras
@@ -152,16 +162,29 @@ def vqvae_archive(vqvae, image_shape: tuple[int, int]):
     images_spec = tf.TensorSpec([None, height, width, 1], tf.float32, name="images")
     codes_spec = tf.TensorSpec([None, code_height, code_width], tf.int32, name="codes")
 
+    no_images = tf.zeros([0, height, width, 1], tf.float32)
+    no_codes = tf.zeros([0, code_height, code_width], tf.int32)
+
     def reconstruct(images):
-        images = _checked_images(images, images_spec)
-        outputs = vqvae(images, training=False)
-        return {"reconstruction": outputs["reconstruction"], "codes": outputs["codes"]}
+        def run(images):
+            outputs = vqvae(images, training=False)
+            return {"reconstruction": outputs["reconstruction"], "codes": outputs["codes"]}
+
+        empty = {"reconstruction": no_images, "codes": no_codes}
+        return _unless_empty(_checked_images(images, images_spec), run, empty)
 
     def encode(images):
-        return {"codes": vqvae.encode(_checked_images(images, images_spec))}
+        def run(images):
+            return {"codes": vqvae.encode(images)}
+
+        return _unless_empty(_checked_images(images, images_spec), run, {"codes": no_codes})
 
     def decode(codes):
-        return {"images": vqvae.decode(_checked_codes(codes, codes_spec, vqvae.num_embeddings))}
+        def run(codes):
+            return {"images": vqvae.decode(codes)}
+
+        codes = _checked_codes(codes, codes_spec, vqvae.num_embeddings)
+        return _unless_empty(codes, run, {"images": no_images})
 
     archive = keras.export.ExportArchive()
     archive.track(vqvae)

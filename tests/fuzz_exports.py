@@ -17,8 +17,8 @@ and calls `vqvae` (`serving_default`, `encode`, `decode`) and `vqpix_generator` 
 - good inputs at the edges, each expected to succeed with outputs of the right shape, dtype
   and range: num_samples 1 and the cap, temperatures from float32's smallest normal number to
   its largest, int32's extreme seeds, every label, pixels exactly 0 and 1, codes 0 and K - 1;
-- empty batches (0 images or code maps), answered by an empty result of the right shape or
-  refused, never by a wrong result.
+- empty batches (0 images or code maps), answered by an empty result of the right shape
+  (no model runs on them: oneDNN's Conv2D answers an empty batch with a wrong shape).
 
 Before those, the oversized `sample` requests (cap + 1, 10^8, 2^31 - 1 maps) are timed with the
 process's resident and peak memory around each. Writes one JSON report (`OUT_JSON`).
@@ -403,12 +403,8 @@ def run_case(case, functions, info):
     wrong = ""
     if outputs is not None and case.expect in ("ok", "empty"):
         wrong = check_outputs(case, outputs, info)
-    if case.expect == "ok":
-        passed = not error and not wrong
-    elif case.expect == "empty":  # an empty result of the right shape, or a refusal
-        passed = bool(error) or not wrong
-    else:
-        passed = bool(error)
+    answered = case.expect in ("ok", "empty")  # with the right shapes, dtypes and ranges
+    passed = (not error and not wrong) if answered else bool(error)
     return {
         "model": case.model,
         "signature": case.signature,
