@@ -178,7 +178,7 @@ def test_fuzzed_inputs_are_refused_or_answered_never_a_crash_or_hang(fuzz):
         ("generator", "serving_default"),
     }
     expected = [r["expect"] for r in results]
-    assert expected.count("refused") >= 250 and expected.count("ok") >= 40
+    assert expected.count("refused") >= 250 and expected.count("ok") >= 30
     assert expected.count("empty") >= 3
     families = {r["family"] for r in results if r["expect"] == "refused"}
     assert families >= {"dtype", "rank", "shape", "value", "name", "random"}
