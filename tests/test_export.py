@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from keras_vqpix.config import SERVING_MAX_SAMPLES
 from keras_vqpix_cli.main import main
 
 pytestmark = pytest.mark.large
@@ -356,7 +357,13 @@ def test_cli_prints_the_versions_and_writes_the_layout(exported, quick_run, jobs
         names = {p.name for p in version.iterdir()}
         assert names >= {"saved_model.pb", "variables", "config.json", "vqvae.json", "README"}
         assert names >= set(extra)
-        assert (version / "config.json").read_text() == (quick_run / "config.json").read_text()
+        config = (version / "config.json").read_text()
+        if model == "vqpix_generator":  # the run's, plus the export's cap (tests/test_serving.py)
+            values = json.loads(config)
+            assert values.pop("serving") == {"max_samples": SERVING_MAX_SAMPLES, "sampler": "fast"}
+            assert values == json.loads((quick_run / "config.json").read_text())
+        else:
+            assert config == (quick_run / "config.json").read_text()
         readme = (version / "README").read_text()
         fingerprint = json.loads((quick_run / "vqvae.json").read_text())["fingerprint"]
         assert fingerprint in readme and "signature" in readme.lower()
@@ -367,7 +374,9 @@ def test_cli_prints_the_versions_and_writes_the_layout(exported, quick_run, jobs
         # Readable by a server running as another user (not mkdtemp's 0700).
         assert stat.S_IMODE(version.stat().st_mode) == 0o777 & ~umask
     prior_fingerprint = json.loads((quick_run / "prior.json").read_text())["fingerprint"]
-    assert prior_fingerprint in (base / "vqpix_generator" / "1" / "README").read_text()
+    generator_readme = (base / "vqpix_generator" / "1" / "README").read_text()
+    assert prior_fingerprint in generator_readme
+    assert f"num_samples int32 scalar, 1 .. {SERVING_MAX_SAMPLES}" in generator_readme
 
 
 def test_models_config_is_tf_servings_and_keeps_other_models(exported):
