@@ -224,19 +224,19 @@ def evaluate_run(
     if num_samples < 0:
         raise ValueError(f"--samples must be >= 0. Received: samples={num_samples}")
     paths = RunPaths(Path(run_dir))
-    model, config, meta = load_vqvae(paths.root)
     if num_samples and not paths.prior_model.is_file():
         raise ValueError(
             f"--samples {num_samples} needs the prior of {paths.root}, which has none yet; "
             f"run `vqpix train --out {paths.root} --stage prior` first"
         )
-    data = evaluation_records(paths.root, data_root, split, config)
+    data = evaluation_records(paths.root, data_root, split)
     if num_samples and data.external:
         raise ValueError(
             f"--samples compares the prior's samples with the slices {paths.root} was trained on; "
             f"{data_root} is external data (its patients differ from {paths.split}): draw them "
             "with the run's own --data"
         )
+    model, config, meta = load_vqvae(paths.root)
     metrics = {
         "split": data.split,
         "external": data.external,
