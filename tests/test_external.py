@@ -30,6 +30,18 @@ def one_patient_nc(root: Path, patient: str = "exNC000_S_0000", slices: int = 3)
     return root
 
 
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory) -> Path:
+    """Demo data of patients the quick run never saw: one per class in train/ and in test/, 2 slices each."""
+    from keras_vqpix.data.demo import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("unseen") / "data"
+    generate_demo_dataset(
+        root, seed=3, train_patients_per_class=1, test_patients_per_class=1, slices_per_patient=2
+    )
+    return root
+
+
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {
         str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
@@ -77,25 +89,23 @@ def test_external_copy_of_the_test_folder_gives_the_test_split_figures(
         evaluation_records(quick_run, tiny_adni, "all")
 
 
-def test_external_demo_data_of_unseen_patients_every_slice(quick_run, tiny_adni, tmp_path):
-    from keras_vqpix.data.demo import generate_demo_dataset
-
-    root = tmp_path / "other"
-    generate_demo_dataset(
-        root, seed=3, train_patients_per_class=1, test_patients_per_class=1, slices_per_patient=2
+def test_external_data_of_unseen_patients_every_slice_or_test_folder(quick_run, unseen, tmp_path):
+    data = evaluation_records(quick_run, unseen, "all")
+    assert data.external and data.splits is None and data.split == "all"
+    assert (len(data.records), len({r.patient for r in data.records})) == (8, 4)
+    assert data.describe() == (
+        f"external data {unseen} (every slice): 8 images of 4 patients (NC 4, AD 4)"
     )
-    data = evaluation_records(quick_run, root, "all")
-    assert data.external and data.splits is None and len(data.records) == 8
-    assert len({r.patient for r in data.records}) == 4  # a single patient per class and folder
-    metrics, output = evaluate(
-        quick_run, "--data", root, "--split", "all", "--json", tmp_path / "m.json"
-    )
-    assert (metrics["split"], metrics["num_images"], metrics["num_patients"]) == ("all", 8, 4)
-    assert "(every slice): 8 images of 4 patients (NC 4, AD 4)" in output
-
+    test = evaluation_records(quick_run, unseen, "test")
+    assert [r.path for r in test.records] == [
+        r.path for r in data.records if Path(r.path).parent.parent.name == "test"
+    ]
     # A folder holding a patient the run was trained on is no external test.
-    trained = sorted((tiny_adni / "train" / "AD").iterdir())[0]
-    shutil.copy(trained, root / "test" / "AD" / trained.name)
+    root = tmp_path / "leaky"
+    shutil.copytree(unseen / "test", root / "test")
+    split = json.loads((quick_run / "split.json").read_text())
+    trained = next(Path(split["data"]).glob(f"train/*/{split['train'][0]}_*"))
+    shutil.copy(trained, root / "test" / trained.parent.name)
     with pytest.raises(ValueError, match="model never saw"):
         evaluation_records(quick_run, root, "test")
 
@@ -131,9 +141,10 @@ def test_encoding_several_splits_traces_the_encoder_once(tiny_adni):
     np.testing.assert_array_equal(codes[0], codes[-1][:5])
 
 
-def test_external_test_folder_of_one_patient_in_a_quiet_cli(quick_run, tmp_path):
+def test_external_test_folder_of_one_patient_in_a_quiet_cli(quick_run, unseen, tmp_path):
     """`vqpix evaluate` as a user runs it: external data, and none of TensorFlow's log lines."""
-    root = one_patient_nc(tmp_path / "ext")
+    root = tmp_path / "ext"
+    shutil.copytree(unseen / "test" / "NC", root / "test" / "NC")  # one patient, 2 slices
     before = snapshot(quick_run)
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     command = [sys.executable, "-m", "keras_vqpix_cli.main", "evaluate", str(quick_run)]
@@ -147,11 +158,11 @@ def test_external_test_folder_of_one_patient_in_a_quiet_cli(quick_run, tmp_path)
     assert result.returncode == 0, result.stderr
     noise = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|oneDNN|cuda|remapper", re.I | re.M)
     assert not noise.search(result.stdout + result.stderr), result.stdout + result.stderr
-    assert f"external data {root} (test/): 3 images of 1 patients (NC 3, AD 0)" in result.stdout
+    assert f"external data {root} (test/): 2 images of 1 patients (NC 2, AD 0)" in result.stdout
     assert "external validation" in result.stdout
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["external"] is True and metrics["data"] == str(root.resolve())
-    assert (metrics["split"], metrics["num_images"], metrics["num_patients"]) == ("test", 3, 1)
+    assert (metrics["split"], metrics["num_images"], metrics["num_patients"]) == ("test", 2, 1)
     assert 0 < metrics["ssim"] <= 1 and metrics["prior_bits_per_code"] > 0
     assert snapshot(quick_run) == before  # nothing written into the run (no code cache)
 
