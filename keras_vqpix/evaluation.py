@@ -112,7 +112,10 @@ def evaluation_records(
         ValueError: an unknown split; "val"/"train" of external data (it has no such split of
             the run); "all" of the run's own data (it would mix training slices into the figures);
             external data holding patients the run was trained or validated on.
-        DatasetLayoutError: the folder is not in the layout, or the run's own data changed.
+        DatasetLayoutError: the folder, or the part of it asked for, is not in the layout.
+
+    A run folder without `split.json` (written by every `vqpix train`) cannot tell its own data
+    from another folder: its data is taken as its own, as before external validation existed.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of test, val, train, all. Received: split={split!r}")
