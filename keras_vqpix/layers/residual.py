@@ -48,9 +48,9 @@ class ResidualBlock(layers.Layer):
         # graph. The remapper's rewrite of that function is dropped as a whole (graph dumps:
         # no _FusedConv2D left); oneDNN still fuses every convolution with its bias. Results are
         # unchanged; the cost measured on the default VQ-VAE (one thread, CPU time, in
-        # alternation) is 4% of an encode and 2% of a forward pass. Writing this ReLU as
-        # `maximum(x, 0)` avoids the bug but makes a training step 2% slower (Maximum's
-        # gradient), so the graph stays as it is and the CLI hides the message.
+        # alternation, two runs) is 3-4% of an encode and 2-3% of a forward pass. Writing this
+        # ReLU as `maximum(x, 0)` avoids the bug but makes a training step 2-4% slower
+        # (Maximum's gradient), so the graph stays as it is and the CLI hides the message.
         hidden = self.conv3(ops.relu(inputs))
         return inputs + self.conv1(ops.relu(hidden))
 
