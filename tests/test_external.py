@@ -74,16 +74,27 @@ def test_discover_records_reads_test_alone_one_class_one_patient(tmp_path):
 def test_external_copy_of_the_test_folder_gives_the_test_split_figures(
     quick_run, tiny_adni, tmp_path
 ):
+    from keras_vqpix.evaluation import evaluate_reconstructions
+    from keras_vqpix.training.artifacts import load_vqvae
+
     shutil.copytree(tiny_adni / "test", tmp_path / "copy" / "test")
-    own, own_output = evaluate(quick_run, "--data", tiny_adni, "--json", tmp_path / "own.json")
     external, _ = evaluate(
         quick_run, "--data", tmp_path / "copy", "--json", tmp_path / "external.json"
     )
-    assert own["external"] is False and external["external"] is True
-    assert "external validation" not in own_output
-    assert own_output.startswith("test split: 16 images of 4 patients (NC 8, AD 8)")
+    assert external["external"] is True and external["num_images"] == 16
+    own = evaluation_records(quick_run, tiny_adni)
+    assert not own.external and own.splits is not None
+    assert own.describe() == "test split: 16 images of 4 patients (NC 8, AD 8)"
+    model, config, _ = load_vqvae(quick_run)
+    size, batch = config.data.image_size, config.data.batch_size
+    factor = config.vqvae.downsample_factor
+    expected = evaluate_reconstructions(model, own.records, size, batch, factor)
+    # ... and the prior's bits per code on the test split, recorded when it was trained.
+    expected["prior_bits_per_code"] = json.loads((quick_run / "prior.json").read_text())[
+        "test_bits_per_code"
+    ]
     for key in ("ssim", "ssim_foreground", "psnr", "mse", "perplexity", "prior_bits_per_code"):
-        assert external[key] == pytest.approx(own[key], rel=1e-6), key
+        assert external[key] == pytest.approx(expected[key], rel=1e-6), key
     # The run's own data keeps its checks: every slice of it would mix in training slices.
     with pytest.raises(ValueError, match="--split all would mix its training slices"):
         evaluation_records(quick_run, tiny_adni, "all")
