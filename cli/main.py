@@ -10,6 +10,7 @@ from .demo_data import demo_data
 from .evaluate import evaluate
 from .export import export
 from .prepare import prepare
+from .quiet import quiet_tensorflow
 from .sample import sample
 from .train import train
 
@@ -19,8 +20,10 @@ from .train import train
 def main() -> None:
     """VQ-VAE + Gated PixelCNN generative model of ADNI brain MRI slices.
 
-    Every command runs on the embedded demo data set when no --data is given.
+    Every command runs on the embedded demo data set when no --data is given. TensorFlow's own
+    log is hidden; set TF_CPP_MIN_LOG_LEVEL (e.g. to 0) to see it.
     """
+    quiet_tensorflow()
 
 
 for command in (demo_data, prepare, train, evaluate, sample, export):

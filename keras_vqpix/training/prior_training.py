@@ -119,7 +119,13 @@ def bits_per_code(
     if labels is None:
         labels = np.full(len(codes), -1, np.int32)
 
-    @tf.function
+    # One trace for every batch (the last one is smaller), the shape fixed by the signature.
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec((None, *np.shape(codes)[1:]), tf.int32),
+            tf.TensorSpec((None,), tf.int32),
+        ]
+    )
     def batch_nats(batch_codes, batch_labels):
         logits = prior(batch_codes, batch_labels, training=False)
         return tf.reduce_sum(
