@@ -122,7 +122,7 @@ def train(
     diverged (the run folder keeps its last complete epoch).
     """
     from keras_vqpix.config import get_config
-    from keras_vqpix.training.artifacts import RunPaths, read_config
+    from keras_vqpix.run_folder import RunPaths, read_config
     from keras_vqpix.training.distribute import make_cluster, precision_policy
 
     # First of all: a multi-worker strategy must exist before TensorFlow runs anything.

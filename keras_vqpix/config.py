@@ -2,7 +2,7 @@
 
 Two presets: `quick` (tiny, seconds, for tests) and `default` (the real model). A run can be
 reproduced from its `config.json` alone, and a prior can refuse a VQ-VAE it was not trained on
-by comparing fingerprints (see `keras_vqpix.training.artifacts`).
+by comparing fingerprints (see `keras_vqpix.run_folder`).
 """
 
 from __future__ import annotations

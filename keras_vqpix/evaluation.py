@@ -17,8 +17,7 @@ import tensorflow as tf
 
 from keras_vqpix.data.pipeline import make_dataset
 from keras_vqpix.metrics import MS_SSIM_MIN_SIZE, CodebookUsage, bilinear_baseline, image_metrics
-from keras_vqpix.training import load_splits
-from keras_vqpix.training.artifacts import RunPaths, load_vqvae
+from keras_vqpix.run_folder import RunPaths, load_splits, load_vqvae
 
 SPLITS = {"test": "test", "val": "validation", "validation": "validation", "train": "train"}
 

@@ -55,12 +55,14 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from keras_vqpix.data.discover import CLASS_NAMES, LABELS
+from keras_vqpix import plots
+from keras_vqpix.data.discover import CLASS_NAMES, LABELS, UNCONDITIONAL, label_name
+from keras_vqpix.io import atomic_directory
 from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
+from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
 
 SEED_SALT = 1606  # arXiv 1606.05328
-UNCONDITIONAL = -1
 _INT32 = (-(2**31), 2**31 - 1)
 _ROW_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAST_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -517,11 +519,6 @@ def decode_codes(vqvae, codes, batch_size: int = 32) -> np.ndarray:
     )
 
 
-def label_name(label: int) -> str:
-    """ "NC", "AD" or "unconditional"."""
-    return "unconditional" if label < 0 else CLASS_NAMES[label]
-
-
 # -- vqpix sample ---------------------------------------------------------------------------------------
 def sample_run(
     run_dir: str | os.PathLike,
@@ -545,10 +542,6 @@ def sample_run(
         on_row: progress callback, as in `sample_codes_reference`.
     """
     from PIL import Image
-
-    from keras_vqpix import plots
-    from keras_vqpix.io import atomic_directory
-    from keras_vqpix.training.artifacts import RunPaths, load_prior, load_vqvae
 
     seed = check_seed(seed)
     temperature = check_temperature(temperature)

@@ -179,8 +179,8 @@ def exported(quick_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(quick_run, exported, tmp_path_factory):
     """The in-memory models' outputs (this process), saved as .npy for the fresh processes."""
+    from keras_vqpix.run_folder import load_prior, load_vqvae
     from keras_vqpix.sampling import decode_codes, sample_codes
-    from keras_vqpix.training.artifacts import load_prior, load_vqvae
 
     work = tmp_path_factory.mktemp("export_work")
     vqvae, config, vqvae_meta = load_vqvae(quick_run)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("time_limit")
 @pytest.fixture(scope="module")
 def quick_prior(quick_run):
     """The prior `vqpix train --config quick` trained (8x8 code maps, K = 16)."""
-    from keras_vqpix.training.artifacts import load_prior
+    from keras_vqpix.run_folder import load_prior
 
     return load_prior(quick_run)[0]
 

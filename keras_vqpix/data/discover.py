@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,15 @@ import numpy as np
 
 CLASS_NAMES = ("NC", "AD")
 LABELS = {name: index for index, name in enumerate(CLASS_NAMES)}
+UNCONDITIONAL = -1  # the label of a sample drawn without a class
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 SPLIT_FOLDERS = ("train", "test")
 EXPECTED_LAYOUT = "expected ROOT/{train,test}/{AD,NC}/<patient>_<slice>.jpeg"
+
+
+def label_name(label: int) -> str:
+    """ "NC", "AD" or "unconditional" (any label < 0)."""
+    return "unconditional" if label < 0 else CLASS_NAMES[label]
 
 
 class DatasetLayoutError(ValueError):
@@ -149,7 +156,7 @@ def discover_splits(
     validation_fraction: float = 0.2,
     seed: int = 0,
     *,
-    skip_unreadable: bool = False,
+    unreadable: Callable[[Sequence[str]], dict[int, str]] | None = None,
 ) -> DataSplits:
     """Read `root/train` and `root/test` and split train by patient into train/validation.
 
@@ -157,9 +164,11 @@ def discover_splits(
         root: the ADNI-layout folder.
         validation_fraction: share of the train folder's patients held out, per class.
         seed: seed of the split.
-        skip_unreadable: decode every file once (`keras_vqpix.data.screen`, needs TensorFlow)
-            and leave out those that are no readable image, before splitting; they are listed
-            in `DataSplits.skipped`.
+        unreadable: a screen `paths -> {index: reason}` of the files that are no readable
+            image, e.g. `keras_vqpix.data.screen.unreadable_files` (which decodes every file
+            once with TensorFlow; this module stays NumPy-only, so it is passed in, not
+            imported). Those files are left out before splitting and listed in
+            `DataSplits.skipped`. Default: no screening.
 
     Raises:
         DatasetLayoutError: a folder is missing or not in the layout, no file of `train/` or of
@@ -169,11 +178,9 @@ def discover_splits(
     train_records = discover_folder(root, "train")
     test_records = discover_folder(root, "test")
     skipped: tuple[tuple[str, str], ...] = ()
-    if skip_unreadable:
-        from keras_vqpix.data.screen import unreadable_files
-
+    if unreadable is not None:
         every = train_records + test_records
-        reasons = unreadable_files([r.path for r in every])
+        reasons = unreadable([r.path for r in every])
         skipped = tuple((every[i].path, reasons[i]) for i in sorted(reasons))
         unreadable = {path for path, _ in skipped}
         train_records = [r for r in train_records if r.path not in unreadable]

@@ -317,3 +317,32 @@ class PixelCNN(DistributedFitMixin, keras.Model):
 def max_bits_per_code(num_embeddings: int) -> float:
     """`log2(K)`: the bits per code of a uniform prior (what a prior must beat)."""
     return float(np.log2(num_embeddings))
+
+
+def bits_per_code(
+    prior, codes: np.ndarray, labels: np.ndarray | None, batch_size: int = 64
+) -> float:
+    """Mean cross-entropy of `codes [N, h, w]` under `prior`, in bits per code.
+
+    Args:
+        prior: a `PixelCNN` (or any `(codes, labels) -> logits [n, h, w, K]` callable).
+        codes: int code maps.
+        labels: `[N]` int, one per map; None: every map unconditional (label -1).
+        batch_size: maps per forward pass (the batches are taken in order, so the figure is
+            the same however it is called).
+    """
+    codes = np.asarray(codes, np.int32)
+    labels = np.full(len(codes), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+
+    @tf.function
+    def batch_nats(batch_codes, batch_labels):
+        logits = prior(batch_codes, batch_labels, training=False)
+        return tf.reduce_sum(
+            keras.losses.sparse_categorical_crossentropy(batch_codes, logits, from_logits=True)
+        )
+
+    total = 0.0
+    for start in range(0, len(codes), batch_size):
+        stop = start + batch_size
+        total += float(batch_nats(tf.constant(codes[start:stop]), tf.constant(labels[start:stop])))
+    return total / (codes.size * LN2)

@@ -6,24 +6,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_vqpix.codes import cached_codes
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import DataSplits
 from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch
 from keras_vqpix.models.vqvae import VQVAE
-from keras_vqpix.training.artifacts import (
-    RunPaths,
-    read_json,
-    save_model,
-    weights_fingerprint,
-    write_json,
-)
-from keras_vqpix.training.callbacks import fit_stage, read_history, resume_stage
-from keras_vqpix.training.codes import cached_codes
+from keras_vqpix.run_folder import RunPaths, read_json
+from keras_vqpix.training.callbacks import Stage, read_history, train_stage
 from keras_vqpix.training.distribute import (
     Cluster,
     dtype_policy,
     float32_twin,
-    last_weights,
     single_process,
     training_optimizer,
 )
@@ -118,52 +111,36 @@ def train_vqvae(
     steps = steps_per_epoch(len(splits.train), config.data.batch_size)
     with cluster.strategy.scope():
         model = build_vqvae(config, steps)
-    epochs = config.vqvae.epochs
-    progress = resume_stage(
-        model,
+    stage = Stage(
         "VQ-VAE",
         paths.vqvae_checkpoints,
         paths.history,
+        paths.vqvae_logs,
+        paths.vqvae_model,
         paths.vqvae_meta,
-        epochs,
-        cluster,
-        log,
+        MONITOR,
+        "max",
+        config.vqvae.epochs,
     )
-    best = progress.best
 
-    def save_best(epoch: int, logs: dict) -> None:
-        save_model(float32_vqvae(model, config), paths.vqvae_model)
-        meta = {
-            "epoch": epoch,
-            MONITOR: logs.get(MONITOR),
-            "val_ssim": logs.get("val_ssim"),
-            "fingerprint": weights_fingerprint(model),
-            "trained_with": cluster.record(),
-        }
-        write_json(paths.vqvae_meta, {**meta, "metrics": logs})
-        best.update(meta)
-
-    def make_data():
+    def make_data(first_epoch: int):
         data = config.data
         validation_data = make_dataset(
             splits.validation, data.image_size, data.batch_size, cache=data.cache
         )
-        return training_dataset(splits.train, config, progress.first_epoch), validation_data
+        return training_dataset(splits.train, config, first_epoch), validation_data
 
-    fit_stage(
+    _, last = train_stage(
         model,
-        progress,
-        paths.history,
-        epochs=epochs,
+        stage,
         steps=steps,
-        monitor=MONITOR,
-        on_best=save_best,
-        mode="max",
         make_data=make_data,
-        logs_dir=paths.vqvae_logs,
+        saved_model=lambda: float32_vqvae(model, config),
+        best_fields=lambda logs: {MONITOR: logs.get(MONITOR), "val_ssim": logs.get("val_ssim")},
+        cluster=cluster,
         verbose=verbose,
+        log=log,
     )
-    last = last_weights(model, progress.epoch_variable, cluster, "VQ-VAE")
     if cluster.is_chief:  # the other workers' files are temporary
         plot_vqvae(paths, splits, config)
     return {**read_json(paths.vqvae_meta), **last}
@@ -173,7 +150,7 @@ def plot_vqvae(paths: RunPaths, splits: DataSplits, config: RunConfig) -> None:
     """Curves, reconstructions of train and test slices, and codebook usage of the best model."""
     from keras_vqpix import plots
     from keras_vqpix.metrics import ssim_foreground_per_image
-    from keras_vqpix.training.artifacts import load_vqvae
+    from keras_vqpix.run_folder import load_vqvae
 
     plots.plot_curves(
         read_history(paths.history),
