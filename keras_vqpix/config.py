@@ -17,6 +17,13 @@ QUANTIZERS = ("ema", "gradient")
 # for the hardware: float16 on GPUs, bfloat16 on CPUs and TPUs).
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
+# Seeds, in one place. A sampling seed is an int32: the samplers' stateless seeds and the exported
+# generator's `seed` input are int32. A run's seed seeds its split, shuffles and initial weights
+# and also draws the samples of its plots, so it is a sampling seed too; NumPy refuses negative
+# seeds, hence `RUN_SEED_RANGE` is the non-negative int32s. Both ranges are inclusive.
+SEED_RANGE = (-(2**31), 2**31 - 1)
+RUN_SEED_RANGE = (0, 2**31 - 1)
+
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -247,6 +254,13 @@ class RunConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
 
     def __post_init__(self) -> None:
+        low, high = RUN_SEED_RANGE
+        _check(
+            isinstance(self.seed, int)
+            and not isinstance(self.seed, bool)
+            and low <= self.seed <= high,
+            f"seed must be an integer in {low} .. {high} (2**31 - 1). Received: seed={self.seed!r}",
+        )
         _check(
             self.precision in PRECISIONS,
             f"precision must be one of {PRECISIONS}. Received: precision={self.precision!r}",

@@ -56,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vqpix import plots
+from keras_vqpix.config import SEED_RANGE
 from keras_vqpix.data.discover import CLASS_NAMES, LABELS, UNCONDITIONAL, label_name
 from keras_vqpix.io import atomic_directory
 from keras_vqpix.models.pixelcnn import PixelCNN
@@ -63,18 +64,17 @@ from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
 from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
 
 SEED_SALT = 1606  # arXiv 1606.05328
-_INT32 = (-(2**31), 2**31 - 1)
 _ROW_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAST_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # -- The seeding contract ---------------------------------------------------------------------------
 def check_seed(seed) -> int:
-    """`seed` as a Python int in the int32 range, or a one-line ValueError."""
+    """`seed` as a Python int in `keras_vqpix.config.SEED_RANGE` (int32), or a one-line ValueError."""
     if (
         isinstance(seed, bool)
         or not isinstance(seed, (int, np.integer))
-        or not _INT32[0] <= seed <= _INT32[1]
+        or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]
     ):
         raise ValueError(f"seed must be an int32 (-2**31 <= seed < 2**31). Received: seed={seed!r}")
     return int(seed)
