@@ -53,14 +53,12 @@ from pathlib import Path
 import tensorflow as tf
 
 from keras_vqpix.io import atomic_directory, atomic_write_text
-from keras_vqpix.sampling import UNCONDITIONAL, codes_graph
-from keras_vqpix.training.artifacts import RunPaths, load_prior, load_vqvae, read_config
+from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae, read_config
+from keras_vqpix.sampling import DEFAULT_METHOD, UNCONDITIONAL, codes_graph, sampler
 
 VQVAE_NAME = "vqvae"
 GENERATOR_NAME = "vqpix_generator"
 MODELS_CONFIG = "models.config"
-# The sampler the generator runs; `codes_graph` documents the methods (all draw the same codes).
-SAMPLER_METHOD = "fast"
 
 
 # -- Signatures -------------------------------------------------------------------------------------
@@ -147,12 +145,14 @@ def vqvae_archive(vqvae, image_shape: tuple[int, int]):
     return archive
 
 
-def generator_archive(vqvae, prior, code_shape: tuple[int, int], method: str = SAMPLER_METHOD):
+def generator_archive(vqvae, prior, code_shape: tuple[int, int], method: str = DEFAULT_METHOD):
     """A `keras.export.ExportArchive` of the generator: `sample` (also `serving_default`).
 
-    The whole ancestral sampling loop runs inside the graph (`codes_graph`), then the VQ-VAE's
-    decoder turns the codes into images.
+    The whole ancestral sampling loop runs inside the graph (`codes_graph` with `method`, a key
+    of `keras_vqpix.sampling.SAMPLERS`; all draw the same codes), then the VQ-VAE's decoder
+    turns the codes into images.
     """
+    sampler(method)  # an unknown method is refused here, not when the graph is traced
     import keras
 
     code_height, code_width = code_shape
@@ -360,6 +360,7 @@ def export_run(
     *,
     serving_base_path: str | None = None,
     on_note: Callable[[str], None] | None = None,
+    method: str = DEFAULT_METHOD,
 ) -> list[Path]:
     """Export the run `run_dir` under `base` for TF Serving; the version folders written.
 
@@ -374,6 +375,8 @@ def export_run(
         serving_base_path: the base path as the server sees it (e.g. `/models` inside a
             container), written into `models.config`; default: `base`'s absolute path.
         on_note: called with one-line notes (a run without a prior exports the VQ-VAE only).
+        method: the sampler the generator runs, a key of `keras_vqpix.sampling.SAMPLERS`
+            (all draw the same codes; "fast", the default, is the quickest).
 
     Raises:
         FileExistsError: `version` exists already (checked before any work).
@@ -382,6 +385,7 @@ def export_run(
     """
     paths = RunPaths(Path(run_dir))
     read_config(paths)
+    sampler(method)
     base = Path(base)
     if base.exists() and not base.is_dir():
         raise ValueError(f"--base {base} is a file; choose a folder")
@@ -393,7 +397,7 @@ def export_run(
     with _base_lock(base):
         _remove_leftovers(model_dirs.values(), on_note)
         version = choose_version(list(model_dirs.values()), version)
-        written = _export_versions(paths, model_dirs, version, on_note)
+        written = _export_versions(paths, model_dirs, version, on_note, method)
         served = {
             name: posixpath.join(served_base, name) if served_base else str(folder.resolve())
             for name, folder in model_dirs.items()
@@ -403,7 +407,9 @@ def export_run(
     return written
 
 
-def _export_versions(paths: RunPaths, model_dirs: dict[str, Path], version: int, on_note):
+def _export_versions(
+    paths: RunPaths, model_dirs: dict[str, Path], version: int, on_note, method: str
+):
     """Write version `version` of the models of the run `paths` (see `export_run`)."""
     from keras_vqpix import __version__
 
@@ -450,7 +456,9 @@ def _export_versions(paths: RunPaths, model_dirs: dict[str, Path], version: int,
             folder = stack.enter_context(
                 atomic_directory(model_dirs[GENERATOR_NAME] / str(version))
             )
-            generator_archive(vqvae, prior, code_shape).write_out(str(folder), verbose=False)
+            generator_archive(vqvae, prior, code_shape, method).write_out(
+                str(folder), verbose=False
+            )
             labels = (
                 "0 NC, 1 AD, -1 unconditional"
                 if prior.conditional
@@ -459,7 +467,7 @@ def _export_versions(paths: RunPaths, model_dirs: dict[str, Path], version: int,
             readme = _GENERATOR_README.format(
                 name=GENERATOR_NAME,
                 labels=labels,
-                method=SAMPLER_METHOD,
+                method=method,
                 prior_fingerprint=prior_meta.get("fingerprint"),
                 prior_epoch=prior_meta.get("epoch"),
                 **fields,

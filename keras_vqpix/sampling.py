@@ -50,6 +50,7 @@ import json
 import os
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -445,7 +446,34 @@ def sample_codes_fast(
     return codes.numpy()
 
 
-SAMPLERS = {"fast": sample_codes_fast, "reference": sample_codes_reference}
+@dataclass(frozen=True)
+class Sampler:
+    """One sampling method, in its two forms (both draw the same codes as every other method).
+
+    Attributes:
+        codes: `(prior, num_samples, seed, labels, temperature, *, code_shape, on_row)` ->
+            codes `[n, h, w]` int32 (NumPy), one graph-mode row per call (progress).
+        graph: `(prior, num_samples, seed, labels, temperature, height, width)` -> codes, the
+            whole loop in the graph (a `tf.function` or SavedModel signature body).
+    """
+
+    codes: Callable
+    graph: Callable
+
+
+# The sampling methods, by name: the one registry both `sample_codes` and `codes_graph` read.
+SAMPLERS = {
+    "fast": Sampler(sample_codes_fast, fast_codes_graph),
+    "reference": Sampler(sample_codes_reference, reference_codes_graph),
+}
+DEFAULT_METHOD = "fast"
+
+
+def sampler(method: str) -> Sampler:
+    """The `Sampler` named `method` (a key of `SAMPLERS`), or a one-line ValueError."""
+    if method not in SAMPLERS:
+        raise ValueError(f"method must be one of {sorted(SAMPLERS)}. Received: method={method!r}")
+    return SAMPLERS[method]
 
 
 def sample_codes(
@@ -457,25 +485,28 @@ def sample_codes(
     *,
     code_shape=None,
     on_row: Callable[[int, int], None] | None = None,
-    method: str = "fast",
+    method: str = DEFAULT_METHOD,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 from `prior`: the public entry point.
 
-    Arguments as `sample_codes_reference`; `method`: "fast" (`sample_codes_fast`, the default)
-    or "reference" (`sample_codes_reference`). Both draw the same codes.
+    Arguments as `sample_codes_reference`; `method`: a key of `SAMPLERS`, "fast"
+    (`sample_codes_fast`, the default) or "reference" (`sample_codes_reference`). Both draw the
+    same codes.
     """
-    if method not in SAMPLERS:
-        raise ValueError(f"method must be one of {sorted(SAMPLERS)}. Received: method={method!r}")
-    return SAMPLERS[method](
+    return sampler(method).codes(
         prior, num_samples, seed, labels, temperature, code_shape=code_shape, on_row=on_row
     )
 
 
-GRAPH_METHODS = ("fast", "reference")
-
-
 def codes_graph(
-    prior, num_samples, seed, labels, temperature, height: int, width: int, method="fast"
+    prior,
+    num_samples,
+    seed,
+    labels,
+    temperature,
+    height: int,
+    width: int,
+    method: str = DEFAULT_METHOD,
 ):
     """Code maps `[num_samples, height, width]` int32 drawn entirely in the graph (a TF function body).
 
@@ -492,16 +523,14 @@ def codes_graph(
             valid for `prior` (see `resolve_labels`): nothing is checked here.
         temperature: float32 scalar tensor > 0.
         height, width: Python ints, the code map size (static).
-        method: "fast" (`fast_codes_graph`: cached activations, a few forward passes' cost
-            per map) or "reference" (`reference_codes_graph`: one forward pass per code).
-            Every method draws the same codes; they differ in speed only.
+        method: a key of `SAMPLERS`: "fast" (`fast_codes_graph`: cached activations, a few
+            forward passes' cost per map) or "reference" (`reference_codes_graph`: one forward
+            pass per code). Every method draws the same codes; they differ in speed only.
 
     Returns:
         int32 tensor `[n, height, width]` with a static `[None, height, width]` shape.
     """
-    if method not in GRAPH_METHODS:
-        raise ValueError(f"method must be one of {GRAPH_METHODS}. Received: method={method!r}")
-    draw = fast_codes_graph if method == "fast" else reference_codes_graph
+    draw = sampler(method).graph
     seed = tf.cast(seed, tf.int32)
     temperature = tf.cast(temperature, tf.float32)
     return draw(prior, num_samples, seed, labels, temperature, height, width)

@@ -356,7 +356,17 @@ def test_cli_prints_the_versions_and_writes_the_layout(exported, quick_run, jobs
         # Readable by a server running as another user (not mkdtemp's 0700).
         assert stat.S_IMODE(version.stat().st_mode) == 0o777 & ~umask
     prior_fingerprint = json.loads((quick_run / "prior.json").read_text())["fingerprint"]
-    assert prior_fingerprint in (base / "vqpix_generator" / "1" / "README").read_text()
+    generator_readme = (base / "vqpix_generator" / "1" / "README").read_text()
+    assert prior_fingerprint in generator_readme
+    assert "(fast sampler)" in generator_readme  # the method the archive was built with
+
+
+def test_an_unknown_sampler_method_is_refused_before_any_export(quick_run, tmp_path):
+    from keras_vqpix import export
+
+    with pytest.raises(ValueError, match="method must be one of"):
+        export.export_run(quick_run, tmp_path / "exported", method="slow")
+    assert not (tmp_path / "exported").exists()
 
 
 def test_models_config_is_tf_servings_and_keeps_other_models(exported):

@@ -149,7 +149,7 @@ def test_vqpix_sample_draws_with_the_fast_sampler(quick_run, quick_prior, tmp_pa
     def refuse(*args, **kwargs):
         raise AssertionError("the reference sampler ran")
 
-    monkeypatch.setitem(sampling.SAMPLERS, "reference", refuse)
+    monkeypatch.setitem(sampling.SAMPLERS, "reference", sampling.Sampler(refuse, refuse))
     monkeypatch.setattr(sampling, "sample_codes_reference", refuse)
     result = CliRunner().invoke(
         main, ["sample", str(quick_run), "--num", "4", "--seed", "3", "--out", str(tmp_path / "s")]
