@@ -30,6 +30,15 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _model_arguments(section) -> dict[str, Any]:
+    """A config section's fields but its `TRAINING_FIELDS`: the model's arguments, by name."""
+    return {
+        f.name: getattr(section, f.name)
+        for f in dataclasses.fields(section)
+        if f.name not in section.TRAINING_FIELDS
+    }
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How slices become tensors.
@@ -103,6 +112,13 @@ class VQVAEConfig:
     learning_rate: float = 2e-3
     final_learning_rate_ratio: float = 0.05
     epochs: int = 12
+
+    # Fields of the training recipe; every other field is an argument of `VQVAE`.
+    TRAINING_FIELDS = ("learning_rate", "final_learning_rate_ratio", "epochs")
+
+    def model_arguments(self) -> dict[str, Any]:
+        """The fields that are `keras_vqpix.models.vqvae.VQVAE` arguments, by name."""
+        return _model_arguments(self)
 
     def __post_init__(self) -> None:
         _check(
@@ -198,6 +214,13 @@ class PriorConfig:
     learning_rate: float = 1e-3
     epochs: int = 20
     batch_size: int = 32
+
+    # Fields of the training recipe; every other field is an argument of `PixelCNN`.
+    TRAINING_FIELDS = ("learning_rate", "epochs", "batch_size")
+
+    def model_arguments(self) -> dict[str, Any]:
+        """The fields that are `keras_vqpix.models.pixelcnn.PixelCNN` arguments, by name."""
+        return _model_arguments(self)
 
     def __post_init__(self) -> None:
         _check(
