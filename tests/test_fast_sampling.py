@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
-from test_pixelcnn_steps import ARCHITECTURES, random_prior
+from conftest import ARCHITECTURES, random_prior
 
 from keras_vqpix import sampling
 from keras_vqpix.sampling import (

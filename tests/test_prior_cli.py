@@ -97,7 +97,8 @@ def test_sample_a_label_and_refuse_a_non_empty_out(run, tmp_path):
     assert "exists and is not empty" in result.output
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     result = invoke("sample", run, "--num", 2, "--temperature", 0, "--out", tmp_path / "cold")
-    assert result.exit_code == 2 and "--temperature" in result.output
+    assert result.exit_code == 2, result.output
+    assert "--temperature" in result.output
 
 
 def test_evaluate_reports_prior_and_sample_statistics(run, tiny_adni, tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
+from conftest import assert_config_round_trip
 
 from keras_vqpix.models.vqvae import VQVAE, Decoder, Encoder
 
@@ -37,23 +38,42 @@ def test_shapes_dtypes_and_bounded_output(factor, quantizer):
 
 
 def test_encoder_decoder_config_round_trip():
-    for layer in (Encoder(8, 4, 2, 8, 3), Decoder(8, 4, 2, 8)):
-        assert type(layer).from_config(layer.get_config()).get_config() == layer.get_config()
+    assert_config_round_trip(
+        Encoder,
+        dict(
+            hidden_channels=8,
+            residual_channels=4,
+            num_residual_blocks=2,
+            downsample_factor=8,
+            embedding_dim=3,
+        ),
+    )
+    assert_config_round_trip(
+        Decoder,
+        dict(hidden_channels=8, residual_channels=4, num_residual_blocks=2, downsample_factor=8),
+    )
     with pytest.raises(ValueError, match="power of two"):
         Encoder(8, 4, 1, 3, 2)
 
 
 def test_model_config_round_trip():
-    model = VQVAE(
-        downsample_factor=8,
-        quantizer="gradient",
-        commitment_cost=0.5,
-        dead_code_steps=3,
-        seed=9,
-        **TINY,
+    assert_config_round_trip(
+        VQVAE,
+        dict(
+            hidden_channels=8,
+            residual_channels=4,
+            num_residual_blocks=1,
+            downsample_factor=8,
+            num_embeddings=8,
+            embedding_dim=4,
+            commitment_cost=0.5,
+            quantizer="gradient",
+            ema_decay=0.9,
+            dead_code_steps=3,
+            ssim_loss_weight=0.3,
+            seed=9,
+        ),
     )
-    clone = VQVAE.from_config(model.get_config())
-    assert clone.get_config() == model.get_config()
     with pytest.raises(ValueError, match="quantizer must be"):
         VQVAE(quantizer="kmeans")
 
@@ -171,7 +191,8 @@ def test_quick_config_on_demo_data_beats_the_reference_claim_and_the_baseline(
         "--out",
         str(run),
     ]
-    assert CliRunner().invoke(main, train).exit_code == 0
+    result = CliRunner().invoke(main, train)
+    assert result.exit_code == 0, result.output
     evaluate = [
         "evaluate",
         str(run),
@@ -182,7 +203,8 @@ def test_quick_config_on_demo_data_beats_the_reference_claim_and_the_baseline(
         "--json",
         str(report),
     ]
-    assert CliRunner().invoke(main, evaluate).exit_code == 0
+    result = CliRunner().invoke(main, evaluate)
+    assert result.exit_code == 0, result.output
     seconds = time.time() - started
     metrics = json.loads(report.read_text())
     assert metrics["ssim"] > 0.6
