@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,24 @@ from keras_vqpix.run_folder import (
     write_json,
 )
 from keras_vqpix.training.distribute import last_weights
+
+
+@contextlib.contextmanager
+def seeded_construction(seed: int) -> Iterator[None]:
+    """Models built in the block draw their initial weights from `seed`, and only they.
+
+    Keras gives every initializer and `SeedGenerator` created without a seed one drawn from
+    Python's `random` module at creation. This block seeds that module with `seed` (what
+    `keras.utils.set_random_seed(seed)` does to it, so the weights are the same) and restores
+    its state afterwards: building a model no longer reseeds the process's global RNGs
+    (`random`, NumPy, TensorFlow, Keras), which code around it may rely on.
+    """
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 class TrainingDivergedError(RuntimeError):

@@ -22,7 +22,7 @@ from keras_vqpix.data.pipeline import shard_by_batch, steps_per_epoch
 from keras_vqpix.io import atomic_write_text
 from keras_vqpix.models.pixelcnn import PixelCNN, bits_per_code, max_bits_per_code
 from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae, read_json, write_json
-from keras_vqpix.training.callbacks import Stage, read_history, train_stage
+from keras_vqpix.training.callbacks import Stage, read_history, seeded_construction, train_stage
 from keras_vqpix.training.distribute import (
     Cluster,
     dtype_policy,
@@ -79,16 +79,16 @@ def build_prior(config: RunConfig) -> PixelCNN:
 
     It computes in `config.precision`; build it under the strategy scope it trains with.
     """
-    keras.utils.set_random_seed(config.seed)
-    with dtype_policy(config.precision):
-        prior = _new_prior(config)
-    prior.compile(
-        optimizer=training_optimizer(
-            keras.optimizers.Adam(config.prior.learning_rate), config.precision
+    with seeded_construction(config.seed):
+        with dtype_policy(config.precision):
+            prior = _new_prior(config)
+        prior.compile(
+            optimizer=training_optimizer(
+                keras.optimizers.Adam(config.prior.learning_rate), config.precision
+            )
         )
-    )
-    # Create the optimizer's slots now, so a checkpoint restores into existing variables.
-    prior.optimizer.build(prior.trainable_variables)
+        # Create the optimizer's slots now, so a checkpoint restores into existing variables.
+        prior.optimizer.build(prior.trainable_variables)
     return prior
 
 

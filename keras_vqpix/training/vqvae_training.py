@@ -12,7 +12,7 @@ from keras_vqpix.data.discover import DataSplits
 from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch
 from keras_vqpix.models.vqvae import VQVAE
 from keras_vqpix.run_folder import RunPaths, read_json
-from keras_vqpix.training.callbacks import Stage, read_history, train_stage
+from keras_vqpix.training.callbacks import Stage, read_history, seeded_construction, train_stage
 from keras_vqpix.training.distribute import (
     Cluster,
     dtype_policy,
@@ -60,18 +60,19 @@ def build_vqvae(config: RunConfig, steps_per_epoch: int = 1) -> VQVAE:
 
     It computes in `config.precision`; build it under the strategy scope it trains with.
     """
-    keras.utils.set_random_seed(config.seed)
-    with dtype_policy(config.precision):
-        model = VQVAE.from_run_config(config.vqvae, seed=config.seed)
-    schedule = learning_rate_schedule(
-        config.vqvae.learning_rate,
-        config.vqvae.final_learning_rate_ratio,
-        config.vqvae.epochs * steps_per_epoch,
-    )
-    model.compile(optimizer=training_optimizer(keras.optimizers.Adam(schedule), config.precision))
-    _build(model, config)
-    # Create the optimizer's slots now, so a checkpoint restores into existing variables.
-    model.optimizer.build(model.trainable_variables)
+    with seeded_construction(config.seed):
+        with dtype_policy(config.precision):
+            model = VQVAE.from_run_config(config.vqvae, seed=config.seed)
+        schedule = learning_rate_schedule(
+            config.vqvae.learning_rate,
+            config.vqvae.final_learning_rate_ratio,
+            config.vqvae.epochs * steps_per_epoch,
+        )
+        optimizer = training_optimizer(keras.optimizers.Adam(schedule), config.precision)
+        model.compile(optimizer=optimizer)
+        _build(model, config)
+        # Create the optimizer's slots now, so a checkpoint restores into existing variables.
+        model.optimizer.build(model.trainable_variables)
     return model
 
 
