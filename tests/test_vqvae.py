@@ -22,6 +22,21 @@ TINY = {
     "embedding_dim": 4,
 }
 
+# Every argument of VQVAE (but seed) at a value other than its default.
+NON_DEFAULT_ARGUMENTS = dict(
+    hidden_channels=8,
+    residual_channels=4,
+    num_residual_blocks=1,
+    downsample_factor=8,
+    num_embeddings=8,
+    embedding_dim=4,
+    commitment_cost=0.5,
+    quantizer="gradient",
+    ema_decay=0.9,
+    dead_code_steps=3,
+    ssim_loss_weight=0.3,
+)
+
 
 @pytest.mark.parametrize("factor", [4, 8])
 @pytest.mark.parametrize("quantizer", ["ema", "gradient"])
@@ -57,23 +72,7 @@ def test_encoder_decoder_config_round_trip():
 
 
 def test_model_config_round_trip():
-    assert_config_round_trip(
-        VQVAE,
-        dict(
-            hidden_channels=8,
-            residual_channels=4,
-            num_residual_blocks=1,
-            downsample_factor=8,
-            num_embeddings=8,
-            embedding_dim=4,
-            commitment_cost=0.5,
-            quantizer="gradient",
-            ema_decay=0.9,
-            dead_code_steps=3,
-            ssim_loss_weight=0.3,
-            seed=9,
-        ),
-    )
+    assert_config_round_trip(VQVAE, {**NON_DEFAULT_ARGUMENTS, "seed": 9})
     with pytest.raises(ValueError, match="quantizer must be"):
         VQVAE(quantizer="kmeans")
 
@@ -220,19 +219,7 @@ def test_a_model_is_built_from_its_config_with_the_configs_defaults():
     from keras_vqpix.config import PriorConfig, VQVAEConfig
     from keras_vqpix.models.pixelcnn import PixelCNN
 
-    vqvae_config = VQVAEConfig(
-        hidden_channels=8,
-        residual_channels=4,
-        num_residual_blocks=1,
-        downsample_factor=8,
-        num_embeddings=8,
-        embedding_dim=4,
-        commitment_cost=0.5,
-        quantizer="gradient",
-        ema_decay=0.9,
-        dead_code_steps=3,
-        ssim_loss_weight=0.3,
-    )
+    vqvae_config = VQVAEConfig(**NON_DEFAULT_ARGUMENTS)
     prior_config = PriorConfig(
         num_layers=1,
         filters=8,
