@@ -31,7 +31,14 @@ def _mean(values: list[np.ndarray]) -> float | None:
 def evaluate_reconstructions(
     model, records, image_size: int, batch_size: int, downsample_factor: int
 ) -> dict:
-    """Mean per-image metrics of the model and of the bilinear baseline over `records`."""
+    """Mean per-image metrics of the model and of the bilinear baseline over `records`.
+
+    Raises:
+        ValueError: no records (the model never runs on an empty batch:
+            `keras_vqpix.data.pipeline.batch_sizes` says why).
+    """
+    if not records:
+        raise ValueError("there are no slices to evaluate")
     reconstruct = tf.function(lambda images: model(images, training=False))
     usage = CodebookUsage(model.num_embeddings)
     collected: dict[str, list[np.ndarray]] = {}

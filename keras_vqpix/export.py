@@ -116,6 +116,16 @@ def _checked_sample_inputs(prior, specs, num_samples, seed, temperature, label):
         return tuple(tf.identity(v) for v in (num_samples, seed, temperature, label))
 
 
+def _unless_empty(batch, run, empty: dict) -> dict:
+    """`run(batch)`, or the `empty` outputs (tensors of zero rows) when `batch` has no rows.
+
+    No model runs on an empty batch: TensorFlow's oneDNN `Conv2D` returns the input's shape for
+    one (`keras_vqpix.data.pipeline.batch_sizes` has the reproduction), so a request of zero
+    images or code maps would fail, or answer with wrongly shaped tensors.
+    """
+    return tf.cond(tf.shape(batch)[0] > 0, lambda: run(batch), lambda: empty)
+
+
 def vqvae_archive(vqvae, image_shape: tuple[int, int]):
     """A `keras.export.ExportArchive` of the VQ-VAE: `serving_default`, `encode`, `decode`."""
     import keras
@@ -126,16 +136,29 @@ def vqvae_archive(vqvae, image_shape: tuple[int, int]):
     images_spec = tf.TensorSpec([None, height, width, 1], tf.float32, name="images")
     codes_spec = tf.TensorSpec([None, code_height, code_width], tf.int32, name="codes")
 
+    no_images = tf.zeros([0, height, width, 1], tf.float32)
+    no_codes = tf.zeros([0, code_height, code_width], tf.int32)
+
     def reconstruct(images):
-        images = _checked_images(images, images_spec)
-        outputs = vqvae(images, training=False)
-        return {"reconstruction": outputs["reconstruction"], "codes": outputs["codes"]}
+        def run(images):
+            outputs = vqvae(images, training=False)
+            return {"reconstruction": outputs["reconstruction"], "codes": outputs["codes"]}
+
+        empty = {"reconstruction": no_images, "codes": no_codes}
+        return _unless_empty(_checked_images(images, images_spec), run, empty)
 
     def encode(images):
-        return {"codes": vqvae.encode(_checked_images(images, images_spec))}
+        def run(images):
+            return {"codes": vqvae.encode(images)}
+
+        return _unless_empty(_checked_images(images, images_spec), run, {"codes": no_codes})
 
     def decode(codes):
-        return {"images": vqvae.decode(_checked_codes(codes, codes_spec, vqvae.num_embeddings))}
+        def run(codes):
+            return {"images": vqvae.decode(codes)}
+
+        codes = _checked_codes(codes, codes_spec, vqvae.num_embeddings)
+        return _unless_empty(codes, run, {"images": no_images})
 
     archive = keras.export.ExportArchive()
     archive.track(vqvae)

@@ -537,9 +537,18 @@ def codes_graph(
 
 
 def decode_codes(vqvae, codes, batch_size: int = 32) -> np.ndarray:
-    """Images `[n, H, W, 1]` float32 in [0, 1] of code maps `[n, h, w]` (`vqvae.decode`)."""
-    decode = tf.function(vqvae.decode)
+    """Images `[n, H, W, 1]` float32 in [0, 1] of code maps `[n, h, w]` (`vqvae.decode`).
+
+    Zero code maps give zero images without running the decoder (on an empty batch oneDNN's
+    `Conv2D` answers with a wrong shape: `keras_vqpix.data.pipeline.batch_sizes`).
+    """
     codes = np.asarray(codes, np.int32)
+    if codes.ndim != 3:
+        raise ValueError(f"codes must be [n, h, w]. Received: shape {codes.shape}")
+    if len(codes) == 0:
+        factor = vqvae.downsample_factor
+        return np.zeros((0, codes.shape[1] * factor, codes.shape[2] * factor, 1), np.float32)
+    decode = tf.function(vqvae.decode)
     return np.concatenate(
         [
             decode(tf.constant(codes[i : i + batch_size])).numpy()

@@ -83,6 +83,17 @@ np.savez(
     decoded=signatures["decode"](codes=tf.constant(codes_in))["images"].numpy(),
 )
 serve, decode, errors = signatures["serving_default"], signatures["decode"], vqvae["errors"]
+# Zero images or code maps: empty answers (the models must not run on an empty batch).
+no_images = tf.zeros([0, *images.shape[1:]], tf.float32)
+no_codes = tf.zeros([0, *codes_in.shape[1:]], tf.int32)
+vqvae["empty"] = {
+    name: {key: list(value.shape) for key, value in outputs.items()}
+    for name, outputs in (
+        ("serving_default", serve(images=no_images)),
+        ("encode", signatures["encode"](images=no_images)),
+        ("decode", decode(codes=no_codes)),
+    )
+}
 error_of(errors, "images_float64", serve, images=tf.constant(images, tf.float64))
 error_of(errors, "images_rank_3", serve, images=tf.constant(images[..., 0]))
 error_of(errors, "images_too_small", serve, images=tf.constant(images[:, :16, :16]))
@@ -514,6 +525,16 @@ def test_vqvae_export_computes_what_the_model_in_memory_computes(jobs, reference
     np.testing.assert_array_equal(out["encoded"], reference["encoded"])
     np.testing.assert_allclose(out["decoded"], reference["decoded"], atol=1e-5)
     assert out["codes"].dtype == np.int32 and out["reconstruction"].dtype == np.float32
+
+
+def test_vqvae_export_answers_zero_images_and_codes_with_empty_outputs(jobs, reference):
+    empty = report(jobs, reference, "vqvae")["empty"]
+    size, (h, w) = reference["image_size"], reference["code_shape"]
+    assert empty == {
+        "serving_default": {"reconstruction": [0, size, size, 1], "codes": [0, h, w]},
+        "encode": {"codes": [0, h, w]},
+        "decode": {"images": [0, size, size, 1]},
+    }
 
 
 def test_vqvae_export_rejects_bad_inputs(jobs, reference):

@@ -12,6 +12,7 @@ from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.sampling import (
     SEED_SALT,
     codes_graph,
+    decode_codes,
     resolve_labels,
     sample_codes,
     sample_codes_reference,
@@ -186,3 +187,17 @@ def test_codes_follow_the_model_distribution(temperature):
     # 4000 draws: a standard error below 0.008 per frequency.
     np.testing.assert_allclose(frequencies, expected, atol=0.03)
     assert frequencies[3] == 0
+
+
+def test_zero_images_are_refused_or_answered_without_running_a_model(prior):
+    # No entry point runs a model on an empty batch (oneDNN's Conv2D gets its shape wrong).
+    from keras_vqpix.evaluation import evaluate_reconstructions
+    from keras_vqpix.models.vqvae import VQVAE
+
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        sample_codes(prior, 0, seed=1)
+    vqvae = VQVAE(hidden_channels=4, residual_channels=2, num_residual_blocks=0, num_embeddings=8)
+    images = decode_codes(vqvae, np.zeros((0, 3, 5), np.int32))
+    assert images.shape == (0, 12, 20, 1) and images.dtype == np.float32
+    with pytest.raises(ValueError, match="no slices to evaluate"):
+        evaluate_reconstructions(vqvae, [], 16, 4, 4)
