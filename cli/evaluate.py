@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from keras_vqpix.config import SEED_RANGE
+
 from .common import resolve_data, user_errors
 
 
@@ -43,7 +45,13 @@ from .common import resolve_data, user_errors
     default=None,
     help="Write the metrics to this JSON file.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the samples.")
+@click.option(
+    "--seed",
+    type=click.IntRange(*SEED_RANGE),
+    default=0,
+    show_default=True,
+    help="Seed for the samples (an int32).",
+)
 def evaluate(run_dir, data, split, samples, json_path, seed) -> None:
     """Evaluate the run RUN on a split of DATA, or on external data (external validation)."""
     from keras_vqpix.evaluation import evaluate_run, format_metrics

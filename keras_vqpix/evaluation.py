@@ -33,11 +33,12 @@ from keras_vqpix.data.discover import (
     discover_records,
 )
 from keras_vqpix.data.pipeline import make_dataset
+from keras_vqpix.data.screen import unreadable_files
 from keras_vqpix.metrics import MS_SSIM_MIN_SIZE, CodebookUsage, bilinear_baseline, image_metrics
-from keras_vqpix.training import load_splits
-from keras_vqpix.training.artifacts import (
+from keras_vqpix.run_folder import (
     RunFolderError,
     RunPaths,
+    load_splits,
     load_vqvae,
     read_config,
     read_json,
@@ -141,7 +142,7 @@ def evaluation_records(
             "(--split test) or every slice in it (--split all)"
         )
     records, skipped = discover_records(
-        data_root, ("test",) if split == "test" else None, skip_unreadable=True
+        data_root, ("test",) if split == "test" else None, unreadable=unreadable_files
     )
     seen = set(recorded.get("train", [])) | set(recorded.get("validation", []))
     known = sorted({r.patient for r in records} & seen)

@@ -62,14 +62,18 @@ import tensorflow as tf
 
 from keras_vqpix.config import SERVING_MAX_SAMPLES
 from keras_vqpix.io import atomic_directory, atomic_write_text
-from keras_vqpix.sampling import TEMPERATURE_RANGE, UNCONDITIONAL, codes_graph
-from keras_vqpix.training.artifacts import RunPaths, load_prior, load_vqvae, read_config
+from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae, read_config
+from keras_vqpix.sampling import (
+    DEFAULT_METHOD,
+    TEMPERATURE_RANGE,
+    UNCONDITIONAL,
+    codes_graph,
+    sampler,
+)
 
 VQVAE_NAME = "vqvae"
 GENERATOR_NAME = "vqpix_generator"
 MODELS_CONFIG = "models.config"
-# The sampler the generator runs; `codes_graph` documents the methods (all draw the same codes).
-SAMPLER_METHOD = "fast"
 
 
 # -- Signatures -------------------------------------------------------------------------------------
@@ -198,15 +202,17 @@ def generator_archive(
     vqvae,
     prior,
     code_shape: tuple[int, int],
-    method: str = SAMPLER_METHOD,
+    method: str = DEFAULT_METHOD,
     max_samples: int = SERVING_MAX_SAMPLES,
 ):
     """A `keras.export.ExportArchive` of the generator: `sample` (also `serving_default`).
 
-    The whole ancestral sampling loop runs inside the graph (`codes_graph`), then the VQ-VAE's
-    decoder turns the codes into images. `max_samples`: int >= 1, the cap on `num_samples`
-    per request, baked into the graph.
+    The whole ancestral sampling loop runs inside the graph (`codes_graph` with `method`, a key
+    of `keras_vqpix.sampling.SAMPLERS`; all draw the same codes), then the VQ-VAE's decoder
+    turns the codes into images. `max_samples`: int >= 1, the cap on `num_samples` per
+    request, baked into the graph.
     """
+    sampler(method)  # an unknown method is refused here, not when the graph is traced
     import keras
 
     max_samples = check_max_samples(max_samples)
@@ -441,6 +447,7 @@ def export_run(
     serving_base_path: str | None = None,
     max_samples: int = SERVING_MAX_SAMPLES,
     on_note: Callable[[str], None] | None = None,
+    method: str = DEFAULT_METHOD,
 ) -> list[Path]:
     """Export the run `run_dir` under `base` for TF Serving; the version folders written.
 
@@ -457,6 +464,8 @@ def export_run(
         max_samples: int >= 1, the generator's cap on `num_samples` per request (see the
             module docstring); the default serves in about 1-2 s on one CPU core.
         on_note: called with one-line notes (a run without a prior exports the VQ-VAE only).
+        method: the sampler the generator runs, a key of `keras_vqpix.sampling.SAMPLERS`
+            (all draw the same codes; "fast", the default, is the quickest).
 
     Raises:
         FileExistsError: `version` exists already (checked before any work).
@@ -465,6 +474,7 @@ def export_run(
     """
     paths = RunPaths(Path(run_dir))
     read_config(paths)
+    sampler(method)
     base = Path(base)
     if base.exists() and not base.is_dir():
         raise ValueError(f"--base {base} is a file; choose a folder")
@@ -477,7 +487,7 @@ def export_run(
     with _base_lock(base):
         _remove_leftovers(model_dirs.values(), on_note)
         version = choose_version(list(model_dirs.values()), version)
-        written = _export_versions(paths, model_dirs, version, max_samples, on_note)
+        written = _export_versions(paths, model_dirs, version, max_samples, on_note, method)
         served = {
             name: posixpath.join(served_base, name) if served_base else str(folder.resolve())
             for name, folder in model_dirs.items()
@@ -488,7 +498,12 @@ def export_run(
 
 
 def _export_versions(
-    paths: RunPaths, model_dirs: dict[str, Path], version: int, max_samples: int, on_note
+    paths: RunPaths,
+    model_dirs: dict[str, Path],
+    version: int,
+    max_samples: int,
+    on_note,
+    method: str,
 ):
     """Write version `version` of the models of the run `paths` (see `export_run`)."""
     from keras_vqpix import __version__
@@ -536,7 +551,7 @@ def _export_versions(
             folder = stack.enter_context(
                 atomic_directory(model_dirs[GENERATOR_NAME] / str(version))
             )
-            archive = generator_archive(vqvae, prior, code_shape, max_samples=max_samples)
+            archive = generator_archive(vqvae, prior, code_shape, method, max_samples)
             archive.write_out(str(folder), verbose=False)
             labels = (
                 "0 NC, 1 AD, -1 unconditional"
@@ -546,13 +561,13 @@ def _export_versions(
             readme = _GENERATOR_README.format(
                 name=GENERATOR_NAME,
                 labels=labels,
-                method=SAMPLER_METHOD,
+                method=method,
                 max_samples=max_samples,
                 prior_fingerprint=prior_meta.get("fingerprint"),
                 prior_epoch=prior_meta.get("epoch"),
                 **fields,
             )
-            serving = {"max_samples": max_samples, "sampler": SAMPLER_METHOD}
+            serving = {"max_samples": max_samples, "sampler": method}
             _write_version_files(folder, paths, readme, serving)
             written.append(model_dirs[GENERATOR_NAME] / str(version))
     return written

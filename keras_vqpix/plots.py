@@ -1,7 +1,9 @@
 """PNG plots of a run: learning curves, reconstructions, codebook usage and sample grids.
 
-Every figure is written atomically (temporary file, then rename) with matplotlib's Agg backend,
-so plotting works on machines without a display.
+Every figure is written atomically (temporary file, then rename). Figures are made with
+`matplotlib.figure.Figure`, not `pyplot`: they render with the Agg canvas whatever backend the
+process uses, so plotting works on machines without a display, and importing this module
+changes no global matplotlib state (no `matplotlib.use`).
 """
 
 from __future__ import annotations
@@ -9,19 +11,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from keras_vqpix.data.discover import label_name
+from keras_vqpix.io import atomic_path
 
-from keras_vqpix.io import atomic_path  # noqa: E402
+
+def _figure(rows: int = 1, columns: int = 1, **options):
+    """A new figure and its axes (`squeeze` as in `pyplot.subplots`), outside pyplot."""
+    figure = Figure(figsize=options.pop("figsize"))
+    return figure, figure.subplots(rows, columns, **options)
 
 
 def _save(figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(figure)
     return Path(path)
 
 
@@ -33,7 +38,7 @@ def plot_curves(
 ) -> Path:
     """One panel per `(ylabel, [metric, ...])`, train and `val_` curves per epoch."""
     epochs = [row["epoch"] for row in rows]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    figure, axes = _figure(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for axis, (label, names) in zip(axes[0], panels, strict=True):
         for name in names:
             for prefix, style in (("", "-"), ("val_", "--")):
@@ -65,7 +70,7 @@ def plot_image_rows(
 ) -> Path:
     """A grid with one row per `(row label, images [N, H, W, 1])`, grayscale in [0, 1]."""
     columns = max(len(images) for _, images in rows)
-    figure, axes = plt.subplots(
+    figure, axes = _figure(
         len(rows), columns, figsize=(1.6 * columns, 1.7 * len(rows)), squeeze=False
     )
     for r, (label, images) in enumerate(rows):
@@ -114,7 +119,7 @@ def plot_codebook_usage(counts: np.ndarray, path: Path, title: str) -> Path:
     probabilities = counts / max(counts.sum(), 1.0)
     nonzero = probabilities[probabilities > 0]
     perplexity = float(np.exp(-(nonzero * np.log(nonzero)).sum()))
-    figure, axis = plt.subplots(figsize=(7, 3))
+    figure, axis = _figure(figsize=(7, 3))
     axis.bar(np.arange(len(order)), order, width=1.0, color="tab:blue")
     axis.set_xlabel("code (sorted by use)")
     axis.set_ylabel("assignments")
@@ -124,3 +129,29 @@ def plot_codebook_usage(counts: np.ndarray, path: Path, title: str) -> Path:
     axis.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     return _save(figure, path)
+
+
+SAMPLE_COLUMNS = 8
+
+
+def plot_samples_vs_real(
+    samples: tuple[np.ndarray, np.ndarray],
+    real: tuple[np.ndarray, np.ndarray],
+    path: Path,
+    title: str,
+) -> Path:
+    """For each class of the samples, a row of samples above a row of real slices.
+
+    Args:
+        samples, real: `(images [N, H, W, 1], labels [N])`; a sample label of -1
+            (unconditional) is shown above all real slices.
+    Rows show at most `SAMPLE_COLUMNS` images each, so the picture stays legible however many
+    samples the statistics use.
+    """
+    rows = []
+    for value in sorted(set(np.asarray(samples[1]).tolist())):
+        name = label_name(value)
+        rows.append((f"{name} samples", samples[0][samples[1] == value][:SAMPLE_COLUMNS]))
+        real_images = real[0] if value < 0 else real[0][real[1] == value]
+        rows.append((f"{name} real", real_images[:SAMPLE_COLUMNS]))
+    return plot_image_rows(rows, path, title)

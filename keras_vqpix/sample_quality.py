@@ -18,13 +18,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from keras_vqpix import plots
+from keras_vqpix.codes import cached_codes, encode_records
 from keras_vqpix.data.discover import SliceRecord
+from keras_vqpix.data.pipeline import make_dataset
 from keras_vqpix.metrics import MS_SSIM_MIN_SIZE, SSIM_FILTER_SIZE, fast_ssim_per_image
+from keras_vqpix.models.pixelcnn import bits_per_code, max_bits_per_code
+from keras_vqpix.run_folder import load_prior
+from keras_vqpix.sampling import decode_codes, resolve_labels, sample_codes
 
 _SSIM_SIGMA = 1.5
 _PAIR_PIXELS = 1 << 23  # pixels of the image pairs compared at once (32 MB of float32)
@@ -67,8 +72,6 @@ def load_images(
     records: Sequence[SliceRecord], image_size: int, batch_size: int = 64
 ) -> np.ndarray:
     """Images `[N, S, S, 1]` float32 of `records`, in order."""
-    from keras_vqpix.data.pipeline import make_dataset
-
     if not records:
         return np.zeros((0, image_size, image_size, 1), np.float32)
     return np.concatenate(
@@ -170,50 +173,30 @@ def pairwise_diversity(images: np.ndarray) -> tuple[float | None, str]:
     return float(np.mean(1.0 - np.concatenate(scores))), name
 
 
-# -- Pictures -------------------------------------------------------------------------------------
-PLOT_COLUMNS = 8
-
-
-def plot_samples_vs_real(
-    path: Path,
+# -- Samples beside real slices (for the pictures) ------------------------------------------------
+def samples_beside_real(
     prior,
     vqvae,
     records: Sequence[SliceRecord],
-    config,
+    image_size: int,
     *,
     samples_per_class: int,
     seed: int,
-    title: str,
-    samples: tuple[np.ndarray, np.ndarray] | None = None,
-    real: tuple[np.ndarray, np.ndarray] | None = None,
-) -> Path:
-    """A grid: for each class, a row of samples above a row of real slices of `records`.
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """`(samples, real)`, each `(images, labels)`: what `plots.plot_samples_vs_real` shows.
 
-    Rows show at most `PLOT_COLUMNS` images each, so the picture stays legible however many
-    samples the statistics use. `samples` / `real`: `(images, labels)` already at hand; otherwise `samples_per_class`
-    samples per class are drawn with `seed` (unconditional prior: one row of twice as many)
-    and as many real slices chosen with `real_counterparts`.
+    `samples_per_class` samples per class drawn with `seed` (unconditional prior: one group of
+    twice as many, label -1), and as many real slices of `records` chosen with
+    `real_counterparts`.
     """
-    from keras_vqpix import plots
-    from keras_vqpix.sampling import decode_codes, label_name, sample_codes
-
-    if samples is None:
-        if prior.conditional:
-            labels = np.repeat(np.arange(prior.num_classes, dtype=np.int32), samples_per_class)
-        else:
-            labels = np.full(2 * samples_per_class, -1, np.int32)
-        codes = sample_codes(prior, len(labels), seed, labels)
-        samples = (decode_codes(vqvae, codes), labels)
-    if real is None:
-        chosen = real_counterparts(records, samples[1])
-        real = (load_images(chosen, config.data.image_size), np.array([r.label for r in chosen]))
-    rows = []
-    for value in sorted(set(samples[1].tolist())):
-        name = label_name(value)
-        rows.append((f"{name} samples", samples[0][samples[1] == value][:PLOT_COLUMNS]))
-        real_images = real[0] if value < 0 else real[0][real[1] == value]
-        rows.append((f"{name} real", real_images[:PLOT_COLUMNS]))
-    return plots.plot_image_rows(rows, path, title)
+    if prior.conditional:
+        labels = np.repeat(np.arange(prior.num_classes, dtype=np.int32), samples_per_class)
+    else:
+        labels = np.full(2 * samples_per_class, -1, np.int32)
+    samples = (decode_codes(vqvae, sample_codes(prior, len(labels), seed, labels)), labels)
+    chosen = real_counterparts(records, labels)
+    real = (load_images(chosen, image_size), np.array([r.label for r in chosen]))
+    return samples, real
 
 
 # -- vqpix evaluate --samples ---------------------------------------------------------------------
@@ -246,12 +229,6 @@ def evaluate_prior(
             conditional prior.
         seed: sampling seed.
     """
-    from keras_vqpix.models.pixelcnn import max_bits_per_code
-    from keras_vqpix.sampling import decode_codes, resolve_labels, sample_codes
-    from keras_vqpix.training.artifacts import load_prior
-    from keras_vqpix.training.codes import cached_codes, encode_records
-    from keras_vqpix.training.prior_training import bits_per_code
-
     if num_samples < 0:
         raise ValueError(f"--samples must be >= 0. Received: samples={num_samples}")
     if num_samples and not train_records:
@@ -295,16 +272,10 @@ def evaluate_prior(
             else None,
         }
     )
-    plot_samples_vs_real(
+    plots.plot_samples_vs_real(
+        (samples, sample_labels),
+        (real, np.array([r.label for r in chosen])),
         paths.plots / "samples_vs_real.png",
-        prior,
-        model,
-        records,
-        config,
-        samples_per_class=0,
-        seed=seed,
-        title=f"Samples (seed {seed}) beside real {split} slices",
-        samples=(samples, sample_labels),
-        real=(real, np.array([r.label for r in chosen])),
+        f"Samples (seed {seed}) beside real {split} slices",
     )
     return metrics

@@ -50,18 +50,21 @@ import json
 import os
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from keras_vqpix.data.discover import CLASS_NAMES, LABELS
+from keras_vqpix import plots
+from keras_vqpix.config import SEED_RANGE
+from keras_vqpix.data.discover import CLASS_NAMES, LABELS, UNCONDITIONAL, label_name
+from keras_vqpix.io import atomic_directory
 from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
+from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
 
 SEED_SALT = 1606  # arXiv 1606.05328
-UNCONDITIONAL = -1
-_INT32 = (-(2**31), 2**31 - 1)
 # Temperatures the samplers take: float32's normal numbers (subnormals are flushed to zero).
 TEMPERATURE_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
 _ROW_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -70,11 +73,11 @@ _FAST_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # -- The seeding contract ---------------------------------------------------------------------------
 def check_seed(seed) -> int:
-    """`seed` as a Python int in the int32 range, or a one-line ValueError."""
+    """`seed` as a Python int in `keras_vqpix.config.SEED_RANGE` (int32), or a one-line ValueError."""
     if (
         isinstance(seed, bool)
         or not isinstance(seed, (int, np.integer))
-        or not _INT32[0] <= seed <= _INT32[1]
+        or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]
     ):
         raise ValueError(f"seed must be an int32 (-2**31 <= seed < 2**31). Received: seed={seed!r}")
     return int(seed)
@@ -285,7 +288,7 @@ def _row_sampler(prior, height: int, width: int):
 def _checked_arguments(prior, num_samples, seed, labels, temperature, code_shape, first_map=0):
     if isinstance(first_map, bool) or not isinstance(first_map, (int, np.integer)):
         raise ValueError(f"first_map must be an int >= 0. Received: first_map={first_map!r}")
-    if not 0 <= first_map <= _INT32[1] - num_samples:
+    if not 0 <= first_map <= np.iinfo(np.int32).max - num_samples:
         raise ValueError(
             f"first_map must be in 0 .. 2**31 - 1 - num_samples. Received: first_map={first_map}"
         )
@@ -495,10 +498,38 @@ def sample_codes_fast(
     return codes.numpy()
 
 
-SAMPLERS = {"fast": sample_codes_fast, "reference": sample_codes_reference}
+@dataclass(frozen=True)
+class Sampler:
+    """One sampling method, in its two forms (both draw the same codes as every other method).
+
+    Attributes:
+        codes: `(prior, num_samples, seed, labels, temperature, *, code_shape, on_row,
+            first_map)` -> codes `[n, h, w]` int32 (NumPy), one graph-mode row per call
+            (progress).
+        graph: `(prior, num_samples, seed, labels, temperature, height, width)` -> codes, the
+            whole loop in the graph (a `tf.function` or SavedModel signature body).
+    """
+
+    codes: Callable
+    graph: Callable
+
+
+# The sampling methods, by name: the one registry both `sample_codes` and `codes_graph` read.
+SAMPLERS = {
+    "fast": Sampler(sample_codes_fast, fast_codes_graph),
+    "reference": Sampler(sample_codes_reference, reference_codes_graph),
+}
+DEFAULT_METHOD = "fast"
 # Maps drawn per graph call by `sample_codes`: bounds the sampler's working memory (the fast
 # sampler's cache of activations grows with the maps drawn at once) whatever `num_samples` is.
 SAMPLE_BATCH_SIZE = 64
+
+
+def sampler(method: str) -> Sampler:
+    """The `Sampler` named `method` (a key of `SAMPLERS`), or a one-line ValueError."""
+    if method not in SAMPLERS:
+        raise ValueError(f"method must be one of {sorted(SAMPLERS)}. Received: method={method!r}")
+    return SAMPLERS[method]
 
 
 def sample_codes(
@@ -510,13 +541,14 @@ def sample_codes(
     *,
     code_shape=None,
     on_row: Callable[[int, int], None] | None = None,
-    method: str = "fast",
+    method: str = DEFAULT_METHOD,
     batch_size: int = SAMPLE_BATCH_SIZE,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 from `prior`: the public entry point.
 
-    Arguments as `sample_codes_reference`; `method`: "fast" (`sample_codes_fast`, the default)
-    or "reference" (`sample_codes_reference`). Both draw the same codes.
+    Arguments as `sample_codes_reference`; `method`: a key of `SAMPLERS`, "fast"
+    (`sample_codes_fast`, the default) or "reference" (`sample_codes_reference`). Both draw the
+    same codes.
 
     Any number of maps: they are drawn `batch_size` at a time, so the sampler's memory is
     bounded by the batch (only the int32 codes, `4 * h * w` bytes a map, grow with
@@ -524,8 +556,7 @@ def sample_codes(
     request (`map_seeds`), whatever batch it falls in. `on_row` is called with
     `(rows done, h * number of batches)`.
     """
-    if method not in SAMPLERS:
-        raise ValueError(f"method must be one of {sorted(SAMPLERS)}. Received: method={method!r}")
+    draw = sampler(method).codes
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
         raise ValueError(f"batch_size must be an int >= 1. Received: batch_size={batch_size!r}")
     if batch_size < 1:
@@ -541,7 +572,7 @@ def sample_codes(
                 on_row(batch * rows + done, rows * len(starts))
 
         chosen = labels[start : start + batch_size]
-        drawn = SAMPLERS[method](
+        drawn = draw(
             prior,
             len(chosen),
             seed,
@@ -557,11 +588,15 @@ def sample_codes(
     return codes
 
 
-GRAPH_METHODS = ("fast", "reference")
-
-
 def codes_graph(
-    prior, num_samples, seed, labels, temperature, height: int, width: int, method="fast"
+    prior,
+    num_samples,
+    seed,
+    labels,
+    temperature,
+    height: int,
+    width: int,
+    method: str = DEFAULT_METHOD,
 ):
     """Code maps `[num_samples, height, width]` int32 drawn entirely in the graph (a TF function body).
 
@@ -578,16 +613,14 @@ def codes_graph(
             valid for `prior` (see `resolve_labels`): nothing is checked here.
         temperature: float32 scalar tensor > 0.
         height, width: Python ints, the code map size (static).
-        method: "fast" (`fast_codes_graph`: cached activations, a few forward passes' cost
-            per map) or "reference" (`reference_codes_graph`: one forward pass per code).
-            Every method draws the same codes; they differ in speed only.
+        method: a key of `SAMPLERS`: "fast" (`fast_codes_graph`: cached activations, a few
+            forward passes' cost per map) or "reference" (`reference_codes_graph`: one forward
+            pass per code). Every method draws the same codes; they differ in speed only.
 
     Returns:
         int32 tensor `[n, height, width]` with a static `[None, height, width]` shape.
     """
-    if method not in GRAPH_METHODS:
-        raise ValueError(f"method must be one of {GRAPH_METHODS}. Received: method={method!r}")
-    draw = fast_codes_graph if method == "fast" else reference_codes_graph
+    draw = sampler(method).graph
     seed = tf.cast(seed, tf.int32)
     temperature = tf.cast(temperature, tf.float32)
     return draw(prior, num_samples, seed, labels, temperature, height, width)
@@ -612,11 +645,6 @@ def decode_codes(vqvae, codes, batch_size: int = 32) -> np.ndarray:
             for i in range(0, len(codes), batch_size)
         ]
     )
-
-
-def label_name(label: int) -> str:
-    """ "NC", "AD" or "unconditional"."""
-    return "unconditional" if label < 0 else CLASS_NAMES[label]
 
 
 # -- vqpix sample ---------------------------------------------------------------------------------------
@@ -645,10 +673,6 @@ def sample_run(
         on_row: progress callback, as in `sample_codes_reference`.
     """
     from PIL import Image
-
-    from keras_vqpix import plots
-    from keras_vqpix.io import atomic_directory
-    from keras_vqpix.training.artifacts import RunPaths, load_prior, load_vqvae
 
     seed = check_seed(seed)
     temperature = check_temperature(temperature)

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from keras_vqpix.config import get_config  # noqa: E402
 from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch  # noqa: E402
-from keras_vqpix.training import load_splits  # noqa: E402
+from keras_vqpix.run_folder import load_splits  # noqa: E402
 from keras_vqpix.training.distribute import LossScaleOptimizer, make_cluster  # noqa: E402
 from keras_vqpix.training.prior_training import build_prior, code_dataset  # noqa: E402
 from keras_vqpix.training.vqvae_training import build_vqvae, training_dataset  # noqa: E402

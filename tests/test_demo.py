@@ -202,7 +202,7 @@ def test_cli_demo_data(tmp_path: Path):
     result = CliRunner().invoke(
         main, ["demo-data", str(out), "--seed", "3", "--patients-per-class", "2"]
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "not empty" in result.output
 
 

@@ -166,7 +166,7 @@ def checkpoint_fingerprint(run: Path) -> str:
     """The fingerprint of the weights in the run's newest VQ-VAE checkpoint."""
     import tensorflow as tf
 
-    from keras_vqpix.training.artifacts import RunPaths, read_config, weights_fingerprint
+    from keras_vqpix.run_folder import RunPaths, read_config, weights_fingerprint
     from keras_vqpix.training.callbacks import training_checkpoint
     from keras_vqpix.training.vqvae_training import build_vqvae
 
@@ -242,7 +242,7 @@ def test_two_workers_resume_a_run_train_in_step_and_only_the_chief_writes(
 def test_mixed_precision_keeps_the_codebook_and_losses_float32(tiny_adni, tmp_path):
     import tensorflow as tf
 
-    from keras_vqpix.training.artifacts import load_vqvae
+    from keras_vqpix.run_folder import load_vqvae
     from keras_vqpix.training.callbacks import read_history
 
     run = tmp_path / "run"
@@ -329,7 +329,7 @@ def test_multiworker_without_a_valid_tf_config_exits_2_naming_the_option(
 
 def test_train_help_lists_the_distribution_options():
     result = CliRunner().invoke(main, ["train", "--help"])
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.output
     for text in ("--strategy", "multiworker", "--mixed-precision"):
         assert text in result.output
 

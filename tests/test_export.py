@@ -191,8 +191,8 @@ def exported(quick_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(quick_run, exported, tmp_path_factory):
     """The in-memory models' outputs (this process), saved as .npy for the fresh processes."""
+    from keras_vqpix.run_folder import load_prior, load_vqvae
     from keras_vqpix.sampling import decode_codes, sample_codes
-    from keras_vqpix.training.artifacts import load_prior, load_vqvae
 
     work = tmp_path_factory.mktemp("export_work")
     vqvae, config, vqvae_meta = load_vqvae(quick_run)
@@ -377,6 +377,15 @@ def test_cli_prints_the_versions_and_writes_the_layout(exported, quick_run, jobs
     generator_readme = (base / "vqpix_generator" / "1" / "README").read_text()
     assert prior_fingerprint in generator_readme
     assert f"num_samples int32 scalar, 1 .. {SERVING_MAX_SAMPLES}" in generator_readme
+    assert "(fast sampler)" in generator_readme  # the method the archive was built with
+
+
+def test_an_unknown_sampler_method_is_refused_before_any_export(quick_run, tmp_path):
+    from keras_vqpix import export
+
+    with pytest.raises(ValueError, match="method must be one of"):
+        export.export_run(quick_run, tmp_path / "exported", method="slow")
+    assert not (tmp_path / "exported").exists()
 
 
 def test_models_config_is_tf_servings_and_keeps_other_models(exported):

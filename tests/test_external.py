@@ -75,7 +75,7 @@ def test_external_copy_of_the_test_folder_gives_the_test_split_figures(
     quick_run, tiny_adni, tmp_path
 ):
     from keras_vqpix.evaluation import evaluate_reconstructions
-    from keras_vqpix.training.artifacts import load_vqvae
+    from keras_vqpix.run_folder import load_vqvae
 
     shutil.copytree(tiny_adni / "test", tmp_path / "copy" / "test")
     external, _ = evaluate(
@@ -124,11 +124,11 @@ def test_external_data_of_unseen_patients_every_slice_or_test_folder(quick_run, 
 def test_encoding_several_splits_traces_the_encoder_once(tiny_adni):
     import keras
 
+    from keras_vqpix.codes import encode_function, encode_records
     from keras_vqpix.config import get_config
     from keras_vqpix.data.discover import discover_splits
     from keras_vqpix.models.vqvae import VQVAE
     from keras_vqpix.sample_quality import load_images
-    from keras_vqpix.training.codes import encode_function, encode_records
 
     config = get_config("quick")
     keras.utils.set_random_seed(0)

@@ -17,7 +17,7 @@ import numpy as np
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import SliceRecord
 from keras_vqpix.io import atomic_path
-from keras_vqpix.training.artifacts import RunPaths
+from keras_vqpix.run_folder import RunPaths
 
 
 def records_digest(records: Sequence[SliceRecord]) -> str:
