@@ -6,6 +6,8 @@ import click
 
 from keras_vqpix import __version__
 
+from .anomaly import anomaly
+from .classify import classify
 from .demo_data import demo_data
 from .evaluate import evaluate
 from .export import export
@@ -23,7 +25,7 @@ def main() -> None:
     """
 
 
-for command in (demo_data, prepare, train, evaluate, sample, export):
+for command in (demo_data, prepare, train, evaluate, sample, export, classify, anomaly):
     main.add_command(command)
 
 

@@ -124,3 +124,120 @@ def plot_codebook_usage(counts: np.ndarray, path: Path, title: str) -> Path:
     axis.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     return _save(figure, path)
+
+
+def plot_roc(
+    panels: dict[str, Sequence[tuple[str, Sequence[float], Sequence[float]]]],
+    path: Path,
+    title: str,
+) -> Path:
+    """One ROC panel per `{panel title: [(curve label, fpr, tpr), ...]}`, with the chance line."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    for axis, (panel, curves) in zip(axes[0], panels.items(), strict=True):
+        axis.plot([0, 1], [0, 1], ":", color="gray", label="chance")
+        for label, fpr, tpr in curves:
+            axis.plot(fpr, tpr, drawstyle="steps-post", label=label)
+        axis.set_xlabel("false positive rate (NC called AD)")
+        axis.set_ylabel("true positive rate (AD called AD)")
+        axis.set_title(panel, fontsize=9)
+        axis.set_aspect("equal")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _gray_rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat((np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., None], 3, -1)
+
+
+def _heat_over(image: np.ndarray, values: np.ndarray, vmax: float) -> np.ndarray:
+    """`values` in colour (inferno, 0..vmax) blended over the grayscale `image`, uint8 RGB."""
+    colours = matplotlib.colormaps["inferno"](np.clip(values / max(vmax, 1e-12), 0.0, 1.0))[..., :3]
+    alpha = np.clip(values / max(vmax, 1e-12), 0.0, 1.0)[..., None] * 0.8
+    blended = (1 - alpha) * np.clip(image, 0.0, 1.0)[..., None] + alpha * colours
+    return (blended * 255.0).round().astype(np.uint8)
+
+
+def save_grayscale(path: Path, image: np.ndarray) -> Path:
+    """An 8-bit grayscale PNG of a float image in [0, 1] `[H, W]`."""
+    from PIL import Image
+
+    pixels = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
+    return Path(path)
+
+
+def save_anomaly_overlay(
+    path: Path,
+    image: np.ndarray,
+    healed: np.ndarray,
+    residual: np.ndarray,
+    surprise: np.ndarray,
+    mask: np.ndarray | None = None,
+) -> Path:
+    """One RGB PNG strip, all `[H, W]`: input | healed | residual over the input | code surprise
+    (nats) over the input; a lesion mask, when given, outlined in green on the input."""
+    from PIL import Image
+
+    first = _gray_rgb(image)
+    if mask is not None:
+        edge = mask & ~(
+            np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+        )
+        first[edge] = (0, 255, 0)
+    strip = np.concatenate(
+        [
+            first,
+            _gray_rgb(healed),
+            _heat_over(image, residual, max(float(np.quantile(residual, 0.999)), 0.1)),
+            _heat_over(image, surprise, max(float(surprise.max()), 1.0)),
+        ],
+        axis=1,
+    )
+    with atomic_path(path) as tmp:
+        Image.fromarray(strip, mode="RGB").save(tmp, format="PNG")
+    return Path(path)
+
+
+def plot_anomaly_examples(path: Path, rows: Sequence[tuple], title: str) -> Path:
+    """One row per slice `(input, mask or None, reconstruction, healed, |input - reconstruction|,
+    |input - healed|, code surprise)`, all `[H, W]`; the residuals share one colour scale."""
+    names = (
+        "input (lesion outlined)",
+        "VQ-VAE reconstruction",
+        "healed (prior)",
+        "|input - reconstruction|",
+        "|input - healed|",
+        "code surprise (nats)",
+    )
+    figure, axes = plt.subplots(
+        max(len(rows), 1),
+        len(names),
+        figsize=(1.9 * len(names), 2.0 * max(len(rows), 1)),
+        squeeze=False,
+    )
+    for r, (image, mask, reconstruction, healed, baseline, residual, surprise) in enumerate(rows):
+        scale = max(float(np.quantile(np.concatenate([baseline, residual]), 0.999)), 0.05)
+        panels = (
+            (image, "gray", 0.0, 1.0),
+            (reconstruction, "gray", 0.0, 1.0),
+            (healed, "gray", 0.0, 1.0),
+            (baseline, "inferno", 0.0, scale),
+            (residual, "inferno", 0.0, scale),
+            (surprise, "inferno", 0.0, max(float(surprise.max()), 1.0)),
+        )
+        for c, (values, cmap, low, high) in enumerate(panels):
+            axis = axes[r][c]
+            axis.imshow(values, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+            if c == 0 and mask is not None and mask.any():
+                axis.contour(mask, levels=[0.5], colors="lime", linewidths=0.6)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if r == 0:
+                axis.set_title(names[c], fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)
