@@ -46,8 +46,9 @@ from .common import user_errors
     "--threshold",
     type=click.FloatRange(min=0.0),
     default=None,
-    help="Surprise threshold in nats: codes with -log p above it are redrawn. "
-    "Default: -ln 0.005 = 5.30 (p < 0.005, as Pinaya et al. 2022).",
+    help="Surprise threshold in nats: codes with -log p above it are redrawn. Default: the "
+    "99th percentile of the surprise of healthy (NC) validation codes of the run's data; "
+    "without that data, -ln 0.005 = 5.30 (p < 0.005, as Pinaya et al. 2022).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the redrawn codes.")
 def anomaly(run_dir, images, data, split, out_dir, label, threshold, seed) -> None:

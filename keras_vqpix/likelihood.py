@@ -50,6 +50,11 @@ from keras_vqpix.sampling import UNCONDITIONAL, decode_codes, resample_codes
 NC, AD = LABELS["NC"], LABELS["AD"]
 # Pinaya et al. 2022 redraw the tokens whose probability under the prior is below 0.005.
 DEFAULT_SURPRISE_THRESHOLD = -math.log(0.005)  # 5.30 nats
+# `anomaly_run` calibrates instead, when it can: the threshold that redraws this share of the
+# codes of healthy (NC) validation slices. A fixed probability means something else for every
+# prior (a prior of 2.5 bits per code finds many healthy codes below p = 0.005 in textured
+# tissue); a quantile of healthy codes redraws the same share whatever the prior's fit.
+DEFAULT_HEALTHY_QUANTILE = 0.99
 SPLITS = {"test": "test", "val": "validation", "validation": "validation", "train": "train"}
 
 
@@ -443,6 +448,31 @@ def detect_anomalies(
     )
 
 
+def calibrate_threshold(
+    prior, healthy_codes, label: int = NC, quantile: float = DEFAULT_HEALTHY_QUANTILE
+) -> float:
+    """The surprise (nats) that the share `quantile` of the codes of healthy maps stays below."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1). Received: quantile={quantile}")
+    surprise = -code_log_likelihoods(prior, healthy_codes, label)
+    return float(np.quantile(surprise, quantile))
+
+
+def _healthy_reference(paths, data_root):
+    """NC slices of the run's validation split (of `data_root`, else of the data the run
+    recorded in `split.json`), or None when that data is not at hand."""
+    from keras_vqpix.training.artifacts import read_json
+
+    if data_root is None:
+        recorded = read_json(paths.split).get("data") if paths.split.is_file() else None
+        if not recorded or not Path(recorded).is_dir():
+            return None
+        data_root = recorded
+    splits, _ = evaluation_split(paths.root, data_root, "validation")
+    healthy = [r for r in splits.validation if r.label == NC]
+    return healthy or None
+
+
 def resize_masks(masks: Sequence[np.ndarray], image_size: int) -> np.ndarray:
     """Lesion masks of the original slices -> bool `[n, S, S]` as the pipeline resizes slices
     (aspect ratio kept, padded; `keras_vqpix.data.pipeline.resize_with_pad`), cut at 0.5."""
@@ -527,8 +557,10 @@ def anomaly_run(
     Args:
         label: "NC" / 0 (the healthy prior, default) or -1 (unconditional); an unconditional
             prior takes -1 only.
-        threshold: surprise threshold in nats; default `DEFAULT_SURPRISE_THRESHOLD`
-            (probability below 0.005).
+        threshold: surprise threshold in nats; default: calibrated (`calibrate_threshold`)
+            to redraw 1% of the codes of the NC validation slices of the run's data
+            (`data_root`, else the folder `split.json` records), or, without that data,
+            `DEFAULT_SURPRISE_THRESHOLD` (probability below 0.005).
     """
     from keras_vqpix import plots
     from keras_vqpix.data.lesions import load_mask
@@ -540,8 +572,7 @@ def anomaly_run(
 
     started = time.time()
     seed, temperature = check_seed(seed), check_temperature(temperature)
-    threshold = DEFAULT_SURPRISE_THRESHOLD if threshold is None else float(threshold)
-    if not threshold >= 0:
+    if threshold is not None and not float(threshold) >= 0:
         raise ValueError(f"--threshold must be >= 0 nats. Received: threshold={threshold}")
     if (data_root is None) == (not image_paths):
         raise ValueError("give either --data DIR or IMAGE files, not both and not neither")
@@ -571,8 +602,25 @@ def anomaly_run(
         images = np.stack([_read_image(load_image, file, size) for file in files])
         patients = [Path(f).stem for f in files]
         labels = [""] * len(files)
+    if threshold is not None:
+        threshold, source = float(threshold), "given"
+    else:
+        healthy = _healthy_reference(paths, data_root)
+        if healthy is None:
+            threshold, source = DEFAULT_SURPRISE_THRESHOLD, "p < 0.005 (no healthy reference)"
+            log("The run's data is not at hand: redrawing codes with p < 0.005")
+        else:
+            from keras_vqpix.training.codes import encode_records
+
+            healthy_codes, _ = encode_records(vqvae, healthy, config)
+            threshold = calibrate_threshold(prior, healthy_codes, label_value)
+            source = (
+                f"{100 * DEFAULT_HEALTHY_QUANTILE:g}th percentile of the surprise of the codes of "
+                f"{len(healthy)} NC validation slices"
+            )
     log(
-        f"Scoring {len(files)} slices under the {'NC' if label_value == NC else 'unconditional'} prior"
+        f"Scoring {len(files)} slices under the {'NC' if label_value == NC else 'unconditional'} "
+        f"prior; threshold {threshold:.2f} nats ({source})"
     )
     maps = detect_anomalies(
         vqvae,
@@ -596,6 +644,7 @@ def anomaly_run(
         "num_slices": len(files),
         "label": "NC" if label_value == NC else "unconditional",
         "threshold_nats": threshold,
+        "threshold_source": source,
         "seed": seed,
         "temperature": temperature,
         "redrawn_code_fraction": float(maps.redrawn.mean()),
@@ -644,7 +693,8 @@ def anomaly_run(
         plots.plot_anomaly_examples(
             tmp / "examples.png",
             _example_rows(maps, masks),
-            f"Anomaly maps ({record['label']} prior, codes with p < {math.exp(-threshold):.3g} redrawn)",
+            f"Anomaly maps ({record['label']} prior, codes with p < {math.exp(-threshold):.3g} redrawn: "
+            f"{100 * record['redrawn_code_fraction']:.1f}%)",
         )
         record["seconds"] = time.time() - started
         (tmp / "anomaly.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
