@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +56,31 @@ DEFAULT_SURPRISE_THRESHOLD = -math.log(0.005)  # 5.30 nats
 # prior (a prior of 2.5 bits per code finds many healthy codes below p = 0.005 in textured
 # tissue); a quantile of healthy codes redraws the same share whatever the prior's fit.
 DEFAULT_HEALTHY_QUANTILE = 0.99
+_LOG_LIKELIHOODS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 SPLITS = {"test": "test", "val": "validation", "validation": "validation", "train": "train"}
 
 
 # -- Per-code log-likelihoods --------------------------------------------------------------------------
+def _log_likelihood_function(prior):
+    """A traced-once `tf.function(codes [n, h, w], label) -> log p of each code [n, h, w]`."""
+    cached = _LOG_LIKELIHOODS.get(prior)
+    if cached is not None:
+        return cached
+    prior_ref = weakref.ref(prior)  # the cache must not keep the prior alive
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None, None], tf.int32), tf.TensorSpec([], tf.int32)]
+    )
+    def log_likelihoods(codes, label):
+        labels = tf.fill(tf.shape(codes)[:1], label)
+        logits = prior_ref()(codes, labels, training=False)
+        log_probabilities = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+        return tf.gather(log_probabilities, codes, batch_dims=3)
+
+    _LOG_LIKELIHOODS[prior] = log_likelihoods
+    return log_likelihoods
+
+
 def code_log_likelihoods(prior, codes, label: int, batch_size: int = 64) -> np.ndarray:
     """`log p(c_ij | c_<ij, label)` of every code, float32 `[n, h, w]` in nats (<= 0).
 
@@ -69,19 +91,13 @@ def code_log_likelihoods(prior, codes, label: int, batch_size: int = 64) -> np.n
     codes = np.asarray(codes, np.int32)
     if codes.ndim != 3:
         raise ValueError(f"codes must be [n, h, w]. Received: shape {codes.shape}")
-
-    @tf.function(reduce_retracing=True)
-    def batch_log_likelihoods(batch):
-        labels = tf.fill(tf.shape(batch)[:1], tf.constant(label, tf.int32))
-        logits = prior(batch, labels, training=False)
-        log_probabilities = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
-        return tf.gather(log_probabilities, batch, batch_dims=3)
-
     if len(codes) == 0:  # never run a model on zero maps (oneDNN's empty-batch shape bug)
         return np.zeros(codes.shape, np.float32)
+    log_likelihoods = _log_likelihood_function(prior)
+    label = tf.constant(label, tf.int32)
     return np.concatenate(
         [
-            batch_log_likelihoods(tf.constant(codes[i : i + batch_size])).numpy()
+            log_likelihoods(tf.constant(codes[i : i + batch_size]), label).numpy()
             for i in range(0, len(codes), batch_size)
         ]
     )
