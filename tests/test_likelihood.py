@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from keras_vqpix.data.discover import discover_splits
 from keras_vqpix.likelihood import (
+    balanced_threshold,
     classification_scores,
     classify_run,
     code_log_likelihoods,
@@ -79,6 +80,9 @@ def test_classification_scores_known_answers():
     # Patients: the prior odds 2:1 turn d (-0.1) into AD and c (0.2) too: AD 2/2, NC 1/2.
     assert figures["patient_balanced_accuracy"] == pytest.approx(0.75)
     assert figures["patient_auc"] == pytest.approx(0.75)
+    assert balanced_threshold([0, 0, 1, 1], [1.0, 2.0, 3.0, 4.0]) == 2.5
+    assert balanced_threshold([0, 1, 0, 1], [1.0, 2.0, 3.0, 4.0]) == 3.5  # the later of two ties
+    assert balanced_threshold([1, 1], [1.0, 2.0]) is None
 
 
 def test_classify_run_reports_the_prior_beside_a_baseline(quick_run, tiny_adni, test_slices):
@@ -93,6 +97,8 @@ def test_classify_run_reports_the_prior_beside_a_baseline(quick_run, tiny_adni, 
     assert result["oracle_slice_auc"] == 1.0 and result["oracle_patient_balanced_accuracy"] == 1.0
     assert 0.0 <= result["slice_auc"] <= 1.0 and 0.0 <= result["patient_auc"] <= 1.0
     assert result["prior_log_odds_slice"] == 0.0  # the tiny set is balanced
+    for level in ("slice", "patient"):
+        assert 0.0 <= result[f"{level}_balanced_accuracy_validation_threshold"] <= 1.0
     slices = {row["file"]: row for row in result["slices"]}
     for patient in result["patients"]:
         own = [
