@@ -38,21 +38,41 @@ from .common import resolve_data, user_errors
     default=None,
     help="Write the ROC figure (per slice and per patient) to this PNG file.",
 )
-def classify(run_dir, data, split, json_path, plot_path) -> None:
+@click.option(
+    "--cnn/--no-cnn",
+    default=True,
+    show_default=True,
+    help="Also train the small CNN of `vqpix compare` on the run's training split and report "
+    "its figures beside the prior's.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the CNN.")
+def classify(run_dir, data, split, json_path, plot_path, cnn, seed) -> None:
     """Classify the slices and patients of a split of DATA as AD or NC with the run's prior.
 
     Per slice, log p(codes | AD) - log p(codes | NC) under the conditional prior (exact, one
     forward pass per label) with the class prior of the run's training split; per patient,
-    the sum over its slices. Prints ROC AUC and balanced accuracy per slice and per patient.
+    the sum over its slices. Prints ROC AUC and balanced accuracy per slice and per patient,
+    beside those of the small CNN of `vqpix compare` trained on the same training slices.
     """
-    from keras_vqpix.likelihood import classify_run, format_classification, plot_classification
+    from keras_vqpix.likelihood import (
+        classify_run,
+        cnn_slice_probabilities,
+        format_classification,
+        plot_classification,
+    )
 
     for option, path in (("--json", json_path), ("--plot", plot_path)):
         if path is not None and not path.parent.is_dir():
             raise click.BadParameter(f"folder {path.parent} does not exist", param_hint=option)
     data = resolve_data(data)
     with user_errors():
-        result = classify_run(run_dir, data, split=split)
+        result = classify_run(
+            run_dir,
+            data,
+            split=split,
+            baseline=cnn_slice_probabilities if cnn else None,
+            seed=seed,
+        )
     click.echo(format_classification(result))
     if plot_path is not None:
         plot_classification(result, plot_path)

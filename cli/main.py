@@ -8,9 +8,11 @@ from keras_vqpix import __version__
 
 from .anomaly import anomaly
 from .classify import classify
+from .compare import compare
 from .demo_data import demo_data
 from .evaluate import evaluate
 from .export import export
+from .generate import generate
 from .prepare import prepare
 from .sample import sample
 from .train import train
@@ -25,7 +27,18 @@ def main() -> None:
     """
 
 
-for command in (demo_data, prepare, train, evaluate, sample, export, classify, anomaly):
+for command in (
+    demo_data,
+    prepare,
+    train,
+    evaluate,
+    sample,
+    generate,
+    compare,
+    classify,
+    anomaly,
+    export,
+):
     main.add_command(command)
 
 

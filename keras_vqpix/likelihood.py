@@ -227,6 +227,34 @@ def balanced_threshold(labels, scores) -> float | None:
 SliceClassifier = Callable[[DataSplits, Sequence[SliceRecord], object, int], np.ndarray]
 
 
+def cnn_slice_probabilities(
+    splits: DataSplits, records: Sequence[SliceRecord], config, seed: int = 0
+) -> np.ndarray:
+    """P(AD) of each of `records` by the small CNN of `vqpix compare`, trained on `splits.train`.
+
+    The `SliceClassifier` of `keras_vqpix.compare.train_slice_classifier` with the budget of
+    a default `CompareConfig` (its epochs, batch size, learning rate, widths; classes weighted
+    equally) at the run's image size, trained from scratch with `seed` on the same training
+    slices as the prior: the discriminative reference a reader weighs the prior against. A
+    `SliceClassifier` for `classify_run(baseline=...)`.
+    """
+    from keras_vqpix.compare import train_slice_classifier
+    from keras_vqpix.config import CompareConfig
+    from keras_vqpix.data.pipeline import load_images
+
+    size = config.data.image_size
+    compare_config = CompareConfig(image_size=size)
+    train_labels = np.asarray([r.label for r in splits.train], np.int32)
+    model = train_slice_classifier(
+        load_images(splits.train, size), train_labels, compare_config, seed
+    )
+    images = load_images(records, size)
+    logits = np.concatenate(
+        [np.asarray(model(images[i : i + 64], training=False)) for i in range(0, len(images), 64)]
+    )
+    return _sigmoid(logits)
+
+
 def classify_run(
     run_dir: str | os.PathLike,
     data_root: str | os.PathLike,
@@ -368,7 +396,7 @@ def plot_classification(result: dict, path: str | os.PathLike) -> Path:
     """ROC curves per slice and per patient of every classifier in a `classify_run` result."""
     from keras_vqpix import plots
 
-    panels = {}
+    panels = []
     for level in ("slice", "patient"):
         curves = []
         for name, by_level in result["roc"].items():
@@ -379,10 +407,12 @@ def plot_classification(result: dict, path: str | os.PathLike) -> Path:
                 if auc is not None
                 else name
             )
-            curves.append((label, by_level[level]["fpr"], by_level[level]["tpr"]))
+            curves.append(
+                (label, np.asarray(by_level[level]["fpr"]), np.asarray(by_level[level]["tpr"]))
+            )
         count = result["num_slices"] if level == "slice" else result["num_patients"]
-        panels[f"per {level} ({count})"] = curves
-    return plots.plot_roc(panels, Path(path), f"AD vs NC on the {result['split']} split")
+        panels.append((f"per {level} ({count}), AD positive", curves))
+    return plots.plot_roc_panels(panels, [], Path(path), f"AD vs NC on the {result['split']} split")
 
 
 def format_classification(result: dict) -> str:
@@ -632,9 +662,8 @@ def anomaly_run(
     """
     from keras_vqpix import plots
     from keras_vqpix.data.lesions import load_mask
-    from keras_vqpix.data.pipeline import load_image
+    from keras_vqpix.data.pipeline import load_image, load_images
     from keras_vqpix.io import atomic_directory
-    from keras_vqpix.sample_quality import load_images
     from keras_vqpix.sampling import check_seed, check_temperature
     from keras_vqpix.training.artifacts import RunPaths, load_prior, load_vqvae
 

@@ -126,28 +126,6 @@ def plot_codebook_usage(counts: np.ndarray, path: Path, title: str) -> Path:
     return _save(figure, path)
 
 
-def plot_roc(
-    panels: dict[str, Sequence[tuple[str, Sequence[float], Sequence[float]]]],
-    path: Path,
-    title: str,
-) -> Path:
-    """One ROC panel per `{panel title: [(curve label, fpr, tpr), ...]}`, with the chance line."""
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
-    for axis, (panel, curves) in zip(axes[0], panels.items(), strict=True):
-        axis.plot([0, 1], [0, 1], ":", color="gray", label="chance")
-        for label, fpr, tpr in curves:
-            axis.plot(fpr, tpr, drawstyle="steps-post", label=label)
-        axis.set_xlabel("false positive rate (NC called AD)")
-        axis.set_ylabel("true positive rate (AD called AD)")
-        axis.set_title(panel, fontsize=9)
-        axis.set_aspect("equal")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="lower right")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    return _save(figure, path)
-
-
 def _gray_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat((np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., None], 3, -1)
 
@@ -239,5 +217,44 @@ def plot_anomaly_examples(path: Path, rows: Sequence[tuple], title: str) -> Path
             if r == 0:
                 axis.set_title(names[c], fontsize=7)
     figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_roc_panels(
+    panels: Sequence[tuple[str, Sequence[tuple[str, np.ndarray, np.ndarray]]]],
+    rows: Sequence[tuple[str, np.ndarray]],
+    path: Path,
+    title: str,
+) -> Path:
+    """ROC panels side by side above rows of images.
+
+    Args:
+        panels: `(panel title, [(curve label, false positive rates, true positive rates)])`.
+        rows: `(row label, images [N, H, W, 1])`, grayscale in [0, 1]; at most 8 shown per row.
+    """
+    columns = max([min(8, len(images)) for _, images in rows] + [2 * len(panels)])
+    figure = plt.figure(figsize=(1.6 * columns, 4.0 + 1.7 * len(rows)))
+    grid = figure.add_gridspec(1 + len(rows), columns, height_ratios=[4.0] + [1.7] * len(rows))
+    span = columns // max(1, len(panels))
+    for p, (panel_title, curves) in enumerate(panels):
+        axis = figure.add_subplot(grid[0, p * span : (p + 1) * span])
+        axis.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
+        for label, fpr, tpr in curves:
+            axis.plot(fpr, tpr, linewidth=1.3, label=label)
+        axis.set_title(panel_title, fontsize=9)
+        axis.set_xlabel("false positive rate", fontsize=8)
+        axis.set_ylabel("true positive rate", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.legend(fontsize=7, loc="lower right")
+    for r, (label, images) in enumerate(rows):
+        for c in range(min(columns, len(images))):
+            axis = figure.add_subplot(grid[1 + r, c])
+            axis.imshow(np.asarray(images[c])[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if c == 0:
+                axis.set_ylabel(label, fontsize=8)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return _save(figure, path)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keras_vqpix.config import RunConfig
-from keras_vqpix.data.discover import DataSplits, discover_splits, display_path
+from keras_vqpix.data.discover import DataSplits, discover_splits, display_path, slice_frame
 from keras_vqpix.io import atomic_write_text
 from keras_vqpix.training.artifacts import (
     LOCK_NAME,
@@ -170,6 +170,8 @@ def _claim_run_folder(stack, paths, data_root, config, stage, overwrite, log) ->
         {
             **split_record(splits),
             "data": str(Path(data_root).resolve()),
+            # The source slices' (width, height): `vqpix generate` writes slices back in it.
+            "frame": slice_frame(splits.train),
             "summary": splits.summary(),
         },
     )
