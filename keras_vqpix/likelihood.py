@@ -392,6 +392,9 @@ def classify_run(
     return result
 
 
+_CLASSIFIER_NAMES = {"prior": "conditional prior (LLR)", "cnn": "small CNN (vqpix compare)"}
+
+
 def plot_classification(result: dict, path: str | os.PathLike) -> Path:
     """ROC curves per slice and per patient of every classifier in a `classify_run` result."""
     from keras_vqpix import plots
@@ -403,9 +406,7 @@ def plot_classification(result: dict, path: str | os.PathLike) -> Path:
             prefix = "" if name == "prior" else f"{name}_"
             auc = result.get(f"{prefix}{level}_auc")
             label = (
-                f"{'conditional prior (LLR)' if name == 'prior' else name} AUC {auc:.3f}"
-                if auc is not None
-                else name
+                f"{_CLASSIFIER_NAMES.get(name, name)} AUC {auc:.3f}" if auc is not None else name
             )
             curves.append(
                 (label, np.asarray(by_level[level]["fpr"]), np.asarray(by_level[level]["tpr"]))
