@@ -8,7 +8,10 @@ https://arxiv.org/abs/1606.05328). Two questions follow.
 class-conditional model. Per slice, the log-likelihood ratio `log p(codes | AD) - log p(codes |
 NC)` (nats) plus the log prior odds of the run's training split is the posterior log-odds of
 AD; per patient, the slices' ratios add up (the slices are treated as independent given the
-class, which makes the patient's probability overconfident but ranks patients sensibly).
+class, which makes the patient's probability overconfident but ranks patients sensibly, so
+the balanced accuracy at the log-ratio threshold best on the validation split is reported
+too). Beside it, any other slice classifier (`classify_run(baseline=...)`; the CLI uses
+`cnn_slice_probabilities`, the small CNN of `vqpix compare`) on the same training split.
 
 **Anomaly detection** (`detect_anomalies`, `anomaly_run`, `vqpix anomaly`), after Pinaya et
 al., "Unsupervised brain anomaly detection and segmentation with transformers" (MIDL 2021,
@@ -223,8 +226,8 @@ def balanced_threshold(labels, scores) -> float | None:
 
 # A second classifier to report beside the prior: called with (splits, evaluated records,
 # run config, seed), it returns each evaluated slice's P(AD) (e.g. the small CNN of
-# `vqpix compare`, trained on `splits.train` and `splits.validation`).
-SliceClassifier = Callable[[DataSplits, Sequence[SliceRecord], object, int], np.ndarray]
+# `vqpix compare`, `cnn_slice_probabilities`, trained on `splits.train`).
+SlicePredictor = Callable[[DataSplits, Sequence[SliceRecord], object, int], np.ndarray]
 
 
 def cnn_slice_probabilities(
@@ -236,7 +239,7 @@ def cnn_slice_probabilities(
     a default `CompareConfig` (its epochs, batch size, learning rate, widths; classes weighted
     equally) at the run's image size, trained from scratch with `seed` on the same training
     slices as the prior: the discriminative reference a reader weighs the prior against. A
-    `SliceClassifier` for `classify_run(baseline=...)`.
+    `SlicePredictor` for `classify_run(baseline=...)`.
     """
     from keras_vqpix.compare import train_slice_classifier
     from keras_vqpix.config import CompareConfig
@@ -260,7 +263,7 @@ def classify_run(
     data_root: str | os.PathLike,
     *,
     split: str = "test",
-    baseline: SliceClassifier | None = None,
+    baseline: SlicePredictor | None = None,
     baseline_name: str = "cnn",
     seed: int = 0,
     batch_size: int = 64,
