@@ -14,6 +14,7 @@ from .evaluate import evaluate
 from .export import export
 from .generate import generate
 from .prepare import prepare
+from .quiet import quiet_tensorflow
 from .sample import sample
 from .train import train
 
@@ -23,8 +24,10 @@ from .train import train
 def main() -> None:
     """VQ-VAE + Gated PixelCNN generative model of ADNI brain MRI slices.
 
-    Every command runs on the embedded demo data set when no --data is given.
+    Every command runs on the embedded demo data set when no --data is given. TensorFlow's own
+    log is hidden; set TF_CPP_MIN_LOG_LEVEL (e.g. to 0) to see it.
     """
+    quiet_tensorflow()
 
 
 for command in (

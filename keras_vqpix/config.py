@@ -16,6 +16,10 @@ QUANTIZERS = ("ema", "gradient")
 # Keras dtype policies a run may train with (`vqpix train --mixed-precision` picks the mixed one
 # for the hardware: float16 on GPUs, bfloat16 on CPUs and TPUs).
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# The exported generator's default cap on `num_samples` per request (`vqpix export
+# --max-samples`): what one CPU core serves in about 1-2 s with the default config
+# (benchmarks/RESULTS.md, "Serving"). Not part of a run: an export option.
+SERVING_MAX_SAMPLES = 16
 
 
 def _check(condition: bool, message: str) -> None:

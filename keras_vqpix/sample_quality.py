@@ -95,21 +95,27 @@ def evaluate_prior(
     paths,
     model,
     meta: dict,
-    splits,
+    records: Sequence[SliceRecord],
     config,
     *,
     split: str = "test",
+    train_records: Sequence[SliceRecord] = (),
+    cache_codes: bool = True,
     num_samples: int = 0,
     seed: int = 0,
 ) -> dict:
-    """Prior metrics of a run on one split (see the module docstring).
+    """Prior metrics of a run on the evaluated records (see the module docstring).
 
     Args:
         paths: the run's `RunPaths`.
         model, meta: the VQ-VAE and its metadata from `load_vqvae`.
-        splits: the run's `DataSplits`.
+        records: the evaluated slices.
         config: the run's `RunConfig`.
-        split: "train", "validation" or "test".
+        split: the records' split ("train", "validation", "test"; for external data "test"
+            or "all"): names the code cache and the plot.
+        train_records: the run's training slices (for `sample_nn_ssim`; needed with samples).
+        cache_codes: keep the records' code maps in `RUN/codes/<split>.npz` (the run's own
+            splits); external data is encoded without touching the run folder.
         num_samples: samples to draw (0: bits per code only); half NC, half AD for a
             conditional prior.
         seed: sampling seed.
@@ -117,14 +123,18 @@ def evaluate_prior(
     from keras_vqpix.models.pixelcnn import max_bits_per_code
     from keras_vqpix.sampling import decode_codes, resolve_labels, sample_codes
     from keras_vqpix.training.artifacts import load_prior
-    from keras_vqpix.training.codes import cached_codes
+    from keras_vqpix.training.codes import cached_codes, encode_records
     from keras_vqpix.training.prior_training import bits_per_code
 
     if num_samples < 0:
         raise ValueError(f"--samples must be >= 0. Received: samples={num_samples}")
+    if num_samples and not train_records:
+        raise ValueError("sample statistics need the run's training slices (train_records)")
     prior, prior_meta = load_prior(paths.root, meta)
-    records = getattr(splits, split)
-    codes, labels = cached_codes(paths, split, model, meta["fingerprint"], records, config)
+    if cache_codes:
+        codes, labels = cached_codes(paths, split, model, meta["fingerprint"], records, config)
+    else:
+        codes, labels = encode_records(model, records, config)
     batch_size = config.prior.batch_size
     metrics = {
         "prior_epoch": prior_meta.get("epoch"),
@@ -140,8 +150,8 @@ def evaluate_prior(
     samples = decode_codes(model, sample_codes(prior, num_samples, seed, sample_labels))
     chosen = real_counterparts(records, sample_labels)
     real = load_images(chosen, config.data.image_size)
-    train_paths = [r.path for r in splits.train]
-    train_images = load_images(splits.train, config.data.image_size)
+    train_paths = [r.path for r in train_records]
+    train_images = load_images(train_records, config.data.image_size)
     exclude = np.array([train_paths.index(r.path) if r.path in train_paths else -1 for r in chosen])
     sample_diversity, diversity_metric = pairwise_diversity(samples)
     real_diversity, _ = pairwise_diversity(real)

@@ -168,25 +168,12 @@ def discover_splits(
             `test/` can be read, or the patients do not allow the split.
     """
     root = Path(root)
-    train_records = discover_folder(root, "train")
-    test_records = discover_folder(root, "test")
-    skipped: tuple[tuple[str, str], ...] = ()
-    if skip_unreadable:
-        from keras_vqpix.data.screen import unreadable_files
-
-        every = train_records + test_records
-        reasons = unreadable_files([r.path for r in every])
-        skipped = tuple((every[i].path, reasons[i]) for i in sorted(reasons))
-        unreadable = {path for path, _ in skipped}
-        train_records = [r for r in train_records if r.path not in unreadable]
-        test_records = [r for r in test_records if r.path not in unreadable]
-    for split, kept in (("train", train_records), ("test", test_records)):
-        if not kept:
-            path, reason = next((p, r) for p, r in skipped if Path(p).parent.parent == root / split)
-            raise DatasetLayoutError(
-                f"no image file in {root / split} can be read (e.g. {display_path(path)}: {reason}); "
-                "the folders must hold JPEG or PNG images"
-            )
+    found, skipped = _readable(
+        root,
+        {split: discover_folder(root, split) for split in SPLIT_FOLDERS},
+        skip_unreadable,
+    )
+    train_records, test_records = found["train"], found["test"]
     train, validation = split_by_patient(train_records, validation_fraction, seed)
     if not validation:
         raise DatasetLayoutError(
@@ -242,3 +229,71 @@ def slice_frame(records: Sequence[SliceRecord], probe: int = 32) -> tuple[int, i
         except (OSError, UnidentifiedImageError, ValueError):
             continue
     return sizes.most_common(1)[0][0] if sizes else None
+
+
+def discover_records(
+    root: str | os.PathLike,
+    folders: tuple[str, ...] | None = ("test",),
+    *,
+    skip_unreadable: bool = False,
+) -> tuple[tuple[SliceRecord, ...], tuple[tuple[str, str], ...]]:
+    """Every slice of some split folders of `root`, with no train/validation split.
+
+    For data that is only evaluated (another cohort, a hospital's test set): any number of
+    patients and classes will do, one class folder or one patient included.
+
+    Args:
+        root: the ADNI-layout folder.
+        folders: the split folders to read, e.g. `("test",)`; None reads every one present
+            (`train/`, `test/` or both).
+        skip_unreadable: leave out the files that are no readable image (as `discover_splits`).
+
+    Returns:
+        `(records, skipped)`: the records sorted by patient then slice (folder by folder), and
+        the `(path, reason)` of the unreadable files left out.
+
+    Raises:
+        DatasetLayoutError: a folder asked for is missing or not in the layout (with None: no
+            split folder at all), or none of a folder's files can be read.
+    """
+    root = Path(root)
+    if folders is None:
+        if not root.is_dir():
+            raise DatasetLayoutError(f"data folder {root} does not exist; {EXPECTED_LAYOUT}")
+        folders = tuple(split for split in SPLIT_FOLDERS if (root / split).is_dir())
+        if not folders:
+            raise DatasetLayoutError(
+                f"{root} has neither a train nor a test folder; {EXPECTED_LAYOUT}"
+            )
+    found, skipped = _readable(
+        root, {split: discover_folder(root, split) for split in folders}, skip_unreadable
+    )
+    return tuple(r for split in folders for r in found[split]), skipped
+
+
+def _readable(
+    root: Path, found: dict[str, list[SliceRecord]], skip_unreadable: bool
+) -> tuple[dict[str, list[SliceRecord]], tuple[tuple[str, str], ...]]:
+    """`found` (records per split folder) without the unreadable files when `skip_unreadable`.
+
+    Raises `DatasetLayoutError` when no file of a folder can be read.
+    """
+    if not skip_unreadable:
+        return found, ()
+    from keras_vqpix.data.screen import unreadable_files
+
+    every = [r for records in found.values() for r in records]
+    reasons = unreadable_files([r.path for r in every])
+    skipped = tuple((every[i].path, reasons[i]) for i in sorted(reasons))
+    unreadable = {path for path, _ in skipped}
+    kept = {
+        split: [r for r in records if r.path not in unreadable] for split, records in found.items()
+    }
+    for split, records in kept.items():
+        if not records:
+            path, reason = next((p, r) for p, r in skipped if Path(p).parent.parent == root / split)
+            raise DatasetLayoutError(
+                f"no image file in {root / split} can be read (e.g. {display_path(path)}: {reason}); "
+                "the folders must hold JPEG or PNG images"
+            )
+    return kept, skipped

@@ -93,9 +93,70 @@ def load_image(path: str, image_size: int) -> tf.Tensor:
     return decode_and_resize(tf.io.read_file(path), image_size)
 
 
-def steps_per_epoch(num_records: int, batch_size: int, drop_remainder: bool = False) -> int:
-    """Batches in one pass over `num_records` examples."""
-    return num_records // batch_size if drop_remainder else -(-num_records // batch_size)
+def batch_sizes(num_records: int, batch_size: int, min_batch: int = 1) -> list[int]:
+    """The sizes of the batches of one pass over `num_records` examples: none below `min_batch`.
+
+    Full batches of `batch_size`, then the rest. Under `tf.distribute` each global batch is split
+    into one slice per replica, so a last batch with fewer examples than replicas (`min_batch`)
+    would leave a replica an empty slice. An empty batch is what TensorFlow's oneDNN `Conv2D`
+    gets wrong (TensorFlow 2.21 on CPUs with AVX-512, where oneDNN is on by default):
+
+        x = tf.zeros([0, 16, 16, 4]); k = tf.random.normal([4, 4, 4, 8])
+        tf.nn.conv2d(x, k, 2, "SAME").shape   # oneDNN on: (0, 16, 16, 4), the input's shape
+                                              # oneDNN off (TF_ENABLE_ONEDNN_OPTS=0): (0, 8, 8, 8)
+
+    and the next layer then fails. So such a remainder `r` is not left alone: the last full
+    batch and `r` are split anew into `batch_size + r - min_batch` and `min_batch` examples (or
+    merged into one batch of `batch_size + r` when that is too small to split). No example is
+    dropped (validation metrics cover every slice), and the number of batches is
+    `ceil(num_records / batch_size)` except in that last case. With `min_batch=1` (one device)
+    the plan is plain batching. Remove this once TensorFlow's empty-batch convolution is fixed.
+
+    Raises:
+        ValueError: `batch_size` or `num_records` smaller than `min_batch` (some replica would
+            get nothing in every step), or no records.
+    """
+    if num_records < 1 or batch_size < 1:
+        raise ValueError(
+            f"batch_sizes needs records and a batch size >= 1. Received: num_records={num_records}, "
+            f"batch_size={batch_size}"
+        )
+    if batch_size < min_batch:
+        raise ValueError(
+            f"the batch size {batch_size} is smaller than the {min_batch} replicas it is split "
+            "over: give every replica at least one example per batch (a larger --batch-size)"
+        )
+    if num_records < min_batch:
+        raise ValueError(
+            f"{num_records} examples cannot give each of {min_batch} replicas one: train on "
+            "fewer replicas or on more data"
+        )
+    full, rest = divmod(num_records, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest else [])
+    if 0 < rest < min_batch:
+        tail = sizes[-2] + rest
+        sizes[-2:] = [tail - min_batch, min_batch] if tail >= 2 * min_batch else [tail]
+    return sizes
+
+
+def steps_per_epoch(
+    num_records: int, batch_size: int, drop_remainder: bool = False, min_batch: int = 1
+) -> int:
+    """Batches in one pass over `num_records` examples (`batch_sizes` without `drop_remainder`)."""
+    if drop_remainder:
+        return num_records // batch_size
+    return len(batch_sizes(num_records, batch_size, min_batch))
+
+
+def batch_by_plan(
+    dataset: tf.data.Dataset, num_records: int, batch_size: int, min_batch: int = 1
+) -> tf.data.Dataset:
+    """One pass of `num_records` unbatched examples in the batches of `batch_sizes`."""
+    sizes = batch_sizes(num_records, batch_size, min_batch)
+    batched = dataset.batch(batch_size, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if sizes == batch_sizes(num_records, batch_size):
+        return batched
+    return batched.rebatch(tf.constant(sizes, tf.int64))
 
 
 def make_dataset(
@@ -109,6 +170,7 @@ def make_dataset(
     shuffle_buffer: int = 4096,
     cache: str = "memory",
     drop_remainder: bool = False,
+    min_batch: int = 1,
 ) -> tf.data.Dataset:
     """A dataset of `(images [B, S, S, 1] float32 in [0, 1], labels [B] int32)`.
 
@@ -127,6 +189,8 @@ def make_dataset(
         shuffle_buffer: shuffle buffer size (clipped to the number of records).
         cache: "memory", "" for no cache, or a file prefix for `Dataset.cache`.
         drop_remainder: drop a last, smaller batch of each epoch (static batch shapes).
+        min_batch: no batch smaller than this (`batch_sizes`): the number of replicas the
+            batches are split over, so that none gets an empty slice.
     """
     if not records:
         raise ValueError("make_dataset needs at least one record")
@@ -145,12 +209,11 @@ def make_dataset(
         decoded = decoded.cache(cache)
 
     def batched(dataset):
-        return dataset.batch(
-            batch_size,
-            drop_remainder=drop_remainder,
-            num_parallel_calls=AUTOTUNE,
-            deterministic=True,
-        )
+        if drop_remainder:
+            return dataset.batch(
+                batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=True
+            )
+        return batch_by_plan(dataset, len(records), batch_size, min_batch)
 
     if not shuffle:
         return shard_by_batch(batched(decoded).prefetch(AUTOTUNE))

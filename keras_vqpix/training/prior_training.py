@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import DataSplits
-from keras_vqpix.data.pipeline import shard_by_batch, steps_per_epoch
+from keras_vqpix.data.pipeline import batch_by_plan, shard_by_batch, steps_per_epoch
 from keras_vqpix.io import atomic_write_text
 from keras_vqpix.models.pixelcnn import LN2, PixelCNN, max_bits_per_code
 from keras_vqpix.training.artifacts import (
@@ -53,31 +53,32 @@ def code_dataset(
     shuffle: bool = False,
     seed: int = 0,
     first_epoch: int = 0,
+    min_batch: int = 1,
 ) -> tf.data.Dataset:
     """Batches of `(codes [B, h, w] int32, labels [B] int32)`.
 
     Without `shuffle`: one pass in order. With `shuffle`: endless epochs `first_epoch, ...`,
     each in the order of a stateless shuffle seeded by `(seed, epoch)`, batched on its own,
     so a resumed run sees the same batches as an uninterrupted one. Distributed by batch
-    (`keras_vqpix.data.pipeline.shard_by_batch`).
+    (`keras_vqpix.data.pipeline.shard_by_batch`), in the batches of
+    `keras_vqpix.data.pipeline.batch_sizes`: none smaller than `min_batch`, the number of
+    replicas.
     """
     codes = tf.constant(np.asarray(codes, np.int32))
     labels = tf.constant(np.asarray(labels, np.int32))
-    if not shuffle:
-        return shard_by_batch(
-            tf.data.Dataset.from_tensor_slices((codes, labels)).batch(batch_size).prefetch(2)
-        )
     count = int(codes.shape[0])
+    if not shuffle:
+        maps = tf.data.Dataset.from_tensor_slices((codes, labels))
+        return shard_by_batch(batch_by_plan(maps, count, batch_size, min_batch).prefetch(2))
 
     def one_epoch(epoch):
         order = tf.random.experimental.stateless_shuffle(
             tf.range(count), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
         )
-        return (
-            tf.data.Dataset.from_tensor_slices(order)
-            .batch(batch_size)
-            .map(lambda index: (tf.gather(codes, index), tf.gather(labels, index)))
+        indices = batch_by_plan(
+            tf.data.Dataset.from_tensor_slices(order), count, batch_size, min_batch
         )
+        return indices.map(lambda index: (tf.gather(codes, index), tf.gather(labels, index)))
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
     return shard_by_batch(epochs.flat_map(one_epoch).prefetch(2))
@@ -118,7 +119,13 @@ def bits_per_code(
     if labels is None:
         labels = np.full(len(codes), -1, np.int32)
 
-    @tf.function
+    # One trace for every batch (the last one is smaller), the shape fixed by the signature.
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec((None, *np.shape(codes)[1:]), tf.int32),
+            tf.TensorSpec((None,), tf.int32),
+        ]
+    )
     def batch_nats(batch_codes, batch_labels):
         logits = prior(batch_codes, batch_labels, training=False)
         return tf.reduce_sum(
@@ -210,6 +217,8 @@ def train_prior(
         best.update(meta)
 
     train_codes, train_labels = codes["train"]
+    # No replica may get an empty slice of a batch (`keras_vqpix.data.pipeline.batch_sizes`).
+    replicas = cluster.replicas
 
     def make_data():
         train_data = code_dataset(
@@ -219,15 +228,16 @@ def train_prior(
             shuffle=True,
             seed=config.seed,
             first_epoch=progress.first_epoch,
+            min_batch=replicas,
         )
-        return train_data, code_dataset(*codes["validation"], batch_size)
+        return train_data, code_dataset(*codes["validation"], batch_size, min_batch=replicas)
 
     fit_stage(
         prior,
         progress,
         paths.prior_history,
         epochs=epochs,
-        steps=steps_per_epoch(len(train_codes), batch_size),
+        steps=steps_per_epoch(len(train_codes), batch_size, min_batch=replicas),
         monitor="val_bits_per_code",
         on_best=save_best,
         mode="min",

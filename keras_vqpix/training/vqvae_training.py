@@ -47,8 +47,13 @@ def learning_rate_schedule(peak: float, final_ratio: float, total_steps: int):
     )
 
 
-def training_dataset(records, config: RunConfig, first_epoch: int = 0) -> tf.data.Dataset:
-    """The VQ-VAE's training pipeline for `config`: shuffled per epoch from `first_epoch` on, endless."""
+def training_dataset(
+    records, config: RunConfig, first_epoch: int = 0, min_batch: int = 1
+) -> tf.data.Dataset:
+    """The VQ-VAE's training pipeline for `config`: shuffled per epoch from `first_epoch` on, endless.
+
+    `min_batch`: the number of replicas (no batch smaller, `keras_vqpix.data.pipeline.batch_sizes`).
+    """
     data = config.data
     return make_dataset(
         records,
@@ -59,6 +64,7 @@ def training_dataset(records, config: RunConfig, first_epoch: int = 0) -> tf.dat
         first_epoch=first_epoch,
         shuffle_buffer=data.shuffle_buffer,
         cache=data.cache,
+        min_batch=min_batch,
     )
 
 
@@ -115,7 +121,9 @@ def train_vqvae(
     must call this with the same arguments but its own `paths` (see `train_run`).
     """
     cluster = cluster or single_process()
-    steps = steps_per_epoch(len(splits.train), config.data.batch_size)
+    # No replica may get an empty slice of a batch (`keras_vqpix.data.pipeline.batch_sizes`).
+    replicas = cluster.replicas
+    steps = steps_per_epoch(len(splits.train), config.data.batch_size, min_batch=replicas)
     with cluster.strategy.scope():
         model = build_vqvae(config, steps)
     epochs = config.vqvae.epochs
@@ -146,9 +154,14 @@ def train_vqvae(
     def make_data():
         data = config.data
         validation_data = make_dataset(
-            splits.validation, data.image_size, data.batch_size, cache=data.cache
+            splits.validation,
+            data.image_size,
+            data.batch_size,
+            cache=data.cache,
+            min_batch=replicas,
         )
-        return training_dataset(splits.train, config, progress.first_epoch), validation_data
+        train_data = training_dataset(splits.train, config, progress.first_epoch, replicas)
+        return train_data, validation_data
 
     fit_stage(
         model,
