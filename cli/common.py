@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,3 +52,21 @@ def resolve_data(data: Path | None, seed: int = 0) -> Path:
     else:
         click.echo(f"No --data given: using the demo data set in {root}.")
     return root
+
+
+class SizeType(click.ParamType):
+    """`WxH` in pixels, e.g. `256x240` -> (256, 240), PIL's (width, height) order."""
+
+    name = "WxH"
+
+    def convert(self, value, param, ctx) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(value))
+        if not match or min(int(match[1]), int(match[2])) < 1:
+            self.fail(
+                f"expected WIDTHxHEIGHT in pixels such as 256x240. Received: {value!r}",
+                param,
+                ctx,
+            )
+        return int(match[1]), int(match[2])

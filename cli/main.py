@@ -6,9 +6,13 @@ import click
 
 from keras_vqpix import __version__
 
+from .anomaly import anomaly
+from .classify import classify
+from .compare import compare
 from .demo_data import demo_data
 from .evaluate import evaluate
 from .export import export
+from .generate import generate
 from .prepare import prepare
 from .quiet import quiet_tensorflow
 from .sample import sample
@@ -26,7 +30,18 @@ def main() -> None:
     quiet_tensorflow()
 
 
-for command in (demo_data, prepare, train, evaluate, sample, export):
+for command in (
+    demo_data,
+    prepare,
+    train,
+    evaluate,
+    sample,
+    generate,
+    compare,
+    classify,
+    anomaly,
+    export,
+):
     main.add_command(command)
 
 

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
 
-from .common import user_errors
+from .common import SizeType, user_errors
 
 PLANES = ("axial", "coronal", "sagittal")
-
-
-class SizeType(click.ParamType):
-    """`WxH` in pixels, e.g. `256x240` -> (256, 240), PIL's (width, height) order."""
-
-    name = "WxH"
-
-    def convert(self, value, param, ctx) -> tuple[int, int]:
-        if isinstance(value, tuple):
-            return value
-        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(value))
-        if not match or min(int(match[1]), int(match[2])) < 1:
-            self.fail(
-                f"expected WIDTHxHEIGHT in pixels such as 256x240. Received: {value!r}",
-                param,
-                ctx,
-            )
-        return int(match[1]), int(match[2])
 
 
 @click.command()

@@ -347,6 +347,64 @@ class RunConfig:
         return dataclasses.replace(self, **top)
 
 
+@dataclass(frozen=True)
+class CompareConfig:
+    """The fixed budget of `vqpix compare` (`keras_vqpix.compare`): its classifiers and statistics.
+
+    Attributes:
+        image_size: int, side of the square both data sets are judged at ("full" scale;
+            the default matches the default model's resolution, so the judge sees what the
+            model makes, not an upsampling of it). The `_down4` figures use a 4x area
+            downsampling of these images.
+        epochs: int, training epochs of every classifier.
+        seeds: tuple of int, classifier seeds; figures are the mean and spread over them.
+        batch_size: int, classifier batch size.
+        learning_rate: float, Adam learning rate of the classifiers.
+        widths: tuple of int, channels of `SliceClassifier`'s strided blocks.
+        diversity_images: int, images per set (spread over patients) whose pairs give diversity.
+        memorisation_percentile: float, percentile of the real unseen slices' nearest-training
+            SSIM above which a synthetic slice counts as memorised.
+    """
+
+    image_size: int = 128
+    epochs: int = 6
+    seeds: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    widths: tuple[int, ...] = (16, 32, 64, 64)
+    diversity_images: int = 200
+    memorisation_percentile: float = 95.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        _check(
+            self.image_size >= 16 and self.image_size % 4 == 0,
+            f"image_size must be a multiple of 4 and >= 16. Received: image_size={self.image_size}",
+        )
+        _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
+        _check(len(self.seeds) >= 1, f"seeds must not be empty. Received: seeds={self.seeds}")
+        _check(
+            self.batch_size >= 1, f"batch_size must be >= 1. Received: batch_size={self.batch_size}"
+        )
+        _check(
+            self.learning_rate > 0,
+            f"learning_rate must be > 0. Received: learning_rate={self.learning_rate}",
+        )
+        _check(
+            self.diversity_images >= 2,
+            f"diversity_images must be >= 2. Received: diversity_images={self.diversity_images}",
+        )
+        _check(
+            0.0 < self.memorisation_percentile < 100.0,
+            "memorisation_percentile must be in (0, 100). "
+            f"Received: memorisation_percentile={self.memorisation_percentile}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def _quick() -> RunConfig:
     return RunConfig(
         name="quick",

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from keras_vqpix.data.discover import label_name
@@ -155,3 +156,137 @@ def plot_samples_vs_real(
         real_images = real[0] if value < 0 else real[0][real[1] == value]
         rows.append((f"{name} real", real_images[:SAMPLE_COLUMNS]))
     return plot_image_rows(rows, path, title)
+
+
+def _gray_rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat((np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., None], 3, -1)
+
+
+def _heat_over(image: np.ndarray, values: np.ndarray, vmax: float) -> np.ndarray:
+    """`values` in colour (inferno, 0..vmax) blended over the grayscale `image`, uint8 RGB."""
+    colours = colormaps["inferno"](np.clip(values / max(vmax, 1e-12), 0.0, 1.0))[..., :3]
+    alpha = np.clip(values / max(vmax, 1e-12), 0.0, 1.0)[..., None] * 0.8
+    blended = (1 - alpha) * np.clip(image, 0.0, 1.0)[..., None] + alpha * colours
+    return (blended * 255.0).round().astype(np.uint8)
+
+
+def save_grayscale(path: Path, image: np.ndarray) -> Path:
+    """An 8-bit grayscale PNG of a float image in [0, 1] `[H, W]`."""
+    from PIL import Image
+
+    pixels = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
+    return Path(path)
+
+
+def save_anomaly_overlay(
+    path: Path,
+    image: np.ndarray,
+    healed: np.ndarray,
+    residual: np.ndarray,
+    surprise: np.ndarray,
+    mask: np.ndarray | None = None,
+) -> Path:
+    """One RGB PNG strip, all `[H, W]`: input | healed | residual over the input | code surprise
+    (nats) over the input; a lesion mask, when given, outlined in green on the input."""
+    from PIL import Image
+
+    first = _gray_rgb(image)
+    if mask is not None:
+        edge = mask & ~(
+            np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+        )
+        first[edge] = (0, 255, 0)
+    strip = np.concatenate(
+        [
+            first,
+            _gray_rgb(healed),
+            _heat_over(image, residual, max(float(np.quantile(residual, 0.999)), 0.1)),
+            _heat_over(image, surprise, max(float(surprise.max()), 1.0)),
+        ],
+        axis=1,
+    )
+    with atomic_path(path) as tmp:
+        Image.fromarray(strip, mode="RGB").save(tmp, format="PNG")
+    return Path(path)
+
+
+def plot_anomaly_examples(path: Path, rows: Sequence[tuple], title: str) -> Path:
+    """One row per slice `(input, mask or None, reconstruction, healed, |input - reconstruction|,
+    |input - healed|, code surprise)`, all `[H, W]`; the residuals share one colour scale."""
+    names = (
+        "input (lesion outlined)",
+        "VQ-VAE reconstruction",
+        "healed (prior)",
+        "|input - reconstruction|",
+        "|input - healed|",
+        "code surprise (nats)",
+    )
+    figure, axes = _figure(
+        max(len(rows), 1),
+        len(names),
+        figsize=(1.9 * len(names), 2.0 * max(len(rows), 1)),
+        squeeze=False,
+    )
+    for r, (image, mask, reconstruction, healed, baseline, residual, surprise) in enumerate(rows):
+        scale = max(float(np.quantile(np.concatenate([baseline, residual]), 0.999)), 0.05)
+        panels = (
+            (image, "gray", 0.0, 1.0),
+            (reconstruction, "gray", 0.0, 1.0),
+            (healed, "gray", 0.0, 1.0),
+            (baseline, "inferno", 0.0, scale),
+            (residual, "inferno", 0.0, scale),
+            (surprise, "inferno", 0.0, max(float(surprise.max()), 1.0)),
+        )
+        for c, (values, cmap, low, high) in enumerate(panels):
+            axis = axes[r][c]
+            axis.imshow(values, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+            if c == 0 and mask is not None and mask.any():
+                axis.contour(mask, levels=[0.5], colors="lime", linewidths=0.6)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if r == 0:
+                axis.set_title(names[c], fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_roc_panels(
+    panels: Sequence[tuple[str, Sequence[tuple[str, np.ndarray, np.ndarray]]]],
+    rows: Sequence[tuple[str, np.ndarray]],
+    path: Path,
+    title: str,
+) -> Path:
+    """ROC panels side by side above rows of images.
+
+    Args:
+        panels: `(panel title, [(curve label, false positive rates, true positive rates)])`.
+        rows: `(row label, images [N, H, W, 1])`, grayscale in [0, 1]; at most 8 shown per row.
+    """
+    columns = max([min(8, len(images)) for _, images in rows] + [2 * len(panels)])
+    figure = Figure(figsize=(1.6 * columns, 4.0 + 1.7 * len(rows)))
+    grid = figure.add_gridspec(1 + len(rows), columns, height_ratios=[4.0] + [1.7] * len(rows))
+    span = columns // max(1, len(panels))
+    for p, (panel_title, curves) in enumerate(panels):
+        axis = figure.add_subplot(grid[0, p * span : (p + 1) * span])
+        axis.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
+        for label, fpr, tpr in curves:
+            axis.plot(fpr, tpr, linewidth=1.3, label=label)
+        axis.set_title(panel_title, fontsize=9)
+        axis.set_xlabel("false positive rate", fontsize=8)
+        axis.set_ylabel("true positive rate", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.legend(fontsize=7, loc="lower right")
+    for r, (label, images) in enumerate(rows):
+        for c in range(min(columns, len(images))):
+            axis = figure.add_subplot(grid[1 + r, c])
+            axis.imshow(np.asarray(images[c])[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if c == 0:
+                axis.set_ylabel(label, fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)

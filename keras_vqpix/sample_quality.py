@@ -12,52 +12,32 @@
   `real_diversity` and `real_nn_ssim`: the same figures for N real slices of the evaluated
   split (of the same classes as the samples, spread over patients), so a reader sees whether
   samples are as varied as real brains and no closer to the training set than real brains are.
+  `sample_memorisation`: the share of samples nearer to a training slice than the 95th
+  percentile of the real slices' figure (`keras_vqpix.similarity.memorisation_share`, the
+  `memorisation` of `vqpix compare`); about 0.05 when samples are no closer than real slices.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from keras_vqpix import plots
 from keras_vqpix.codes import cached_codes, encode_records
-from keras_vqpix.data.discover import SliceRecord
-from keras_vqpix.data.pipeline import make_dataset
-from keras_vqpix.metrics import MS_SSIM_MIN_SIZE, SSIM_FILTER_SIZE, fast_ssim_per_image
+from keras_vqpix.data.discover import SliceRecord, spread_records
+from keras_vqpix.data.pipeline import load_images
 from keras_vqpix.models.pixelcnn import bits_per_code, max_bits_per_code
 from keras_vqpix.run_folder import load_prior
 from keras_vqpix.sampling import decode_codes, resolve_labels, sample_codes
-
-_SSIM_SIGMA = 1.5
-_PAIR_PIXELS = 1 << 23  # pixels of the image pairs compared at once (32 MB of float32)
+from keras_vqpix.similarity import (
+    memorisation_share,
+    pairwise_diversity,
+    ssim_matrix_max,
+)
 
 
 # -- Choosing real slices ---------------------------------------------------------------------------
-def spread_records(records: Sequence[SliceRecord], count: int) -> list[SliceRecord]:
-    """`count` records spread over patients, deterministically.
-
-    Round robin over the patients (sorted by id): first each patient's middle slice, then the
-    slices next to the middle, and so on; so N records cover min(N, patients) patients.
-    """
-    by_patient: dict[str, list[SliceRecord]] = defaultdict(list)
-    for record in records:
-        by_patient[record.patient].append(record)
-    queues = []
-    for patient in sorted(by_patient):
-        slices = sorted(by_patient[patient], key=lambda r: (r.slice_index, r.path))
-        middle = (len(slices) - 1) / 2
-        queues.append(
-            sorted(slices, key=lambda r, s=slices: (abs(s.index(r) - middle), s.index(r)))
-        )
-    chosen = []
-    for depth in range(max((len(q) for q in queues), default=0)):
-        chosen += [queue[depth] for queue in queues if depth < len(queue)]
-    return chosen[:count]
-
-
 def real_counterparts(records: Sequence[SliceRecord], labels: np.ndarray) -> list[SliceRecord]:
     """Real records matching sample `labels`: as many of each class, or spread over all for -1."""
     chosen: list[SliceRecord] = []
@@ -66,111 +46,6 @@ def real_counterparts(records: Sequence[SliceRecord], labels: np.ndarray) -> lis
         pool = records if value < 0 else [r for r in records if r.label == value]
         chosen += spread_records(pool, count)
     return chosen
-
-
-def load_images(
-    records: Sequence[SliceRecord], image_size: int, batch_size: int = 64
-) -> np.ndarray:
-    """Images `[N, S, S, 1]` float32 of `records`, in order."""
-    if not records:
-        return np.zeros((0, image_size, image_size, 1), np.float32)
-    return np.concatenate(
-        [images.numpy() for images, _ in make_dataset(records, image_size, batch_size, cache="")]
-    )
-
-
-# -- SSIM statistics --------------------------------------------------------------------------------
-def _blur(images):
-    """The 11x11 Gaussian (sigma 1.5) of `tf.image.ssim`, separable and VALID: `[N, H-10, W-10, 1]`."""
-    offsets = tf.range(SSIM_FILTER_SIZE, dtype=tf.float32) - (SSIM_FILTER_SIZE - 1) / 2
-    taps = tf.exp(-(offsets**2) / (2 * _SSIM_SIGMA**2))
-    taps = taps / tf.reduce_sum(taps)
-    images = tf.nn.conv2d(images, tf.reshape(taps, [1, -1, 1, 1]), 1, "VALID")
-    return tf.nn.conv2d(images, tf.reshape(taps, [-1, 1, 1, 1]), 1, "VALID")
-
-
-@tf.function(reduce_retracing=True)
-def _ssim_block(queries, query_mu, query_sq, references, reference_mu, reference_sq):
-    """SSIM `[q, r]` of every query against every reference, from their cached local moments."""
-    q, r = tf.shape(queries)[0], tf.shape(references)[0]
-    products = queries[:, None] * references[None, :]  # [q, r, H, W, 1]
-    shape = tf.shape(products)
-    xy = _blur(tf.reshape(products, tf.concat([[q * r], shape[2:]], 0)))
-    xy = tf.reshape(xy, tf.concat([[q, r], tf.shape(xy)[1:]], 0))
-    mu_x, mu_y = query_mu[:, None], reference_mu[None, :]
-    c1, c2 = 0.01**2, 0.03**2
-    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
-    contrast_structure = (2 * (xy - mu_x * mu_y) + c2) / (
-        query_sq[:, None] - mu_x**2 + reference_sq[None, :] - mu_y**2 + c2
-    )
-    return tf.reduce_mean(luminance * contrast_structure, axis=[2, 3, 4])
-
-
-def ssim_matrix_max(
-    queries: np.ndarray, references: np.ndarray, exclude: np.ndarray | None = None
-) -> np.ndarray:
-    """For each query image, the highest SSIM (`tf.image.ssim`, max_val 1) to any reference: `[N]`.
-
-    Batched in TF: the references' local means and squares are computed once per chunk, so
-    each (query, reference) pair costs one blurred product instead of five blurred moments.
-
-    Args:
-        queries: `[N, H, W, 1]` in [0, 1].
-        references: `[M, H, W, 1]` in [0, 1].
-        exclude: optional `[N]` reference index to skip for each query (-1: none), e.g. the
-            query itself when queries are drawn from the references.
-    """
-    queries = tf.constant(np.asarray(queries, np.float32))
-    references = np.asarray(references, np.float32)
-    pixels = int(np.prod(queries.shape[1:]))
-    query_mu, query_sq = _blur(queries), _blur(queries * queries)
-    count = int(queries.shape[0])
-    query_block = max(1, min(count, _PAIR_PIXELS // (pixels * 64)))
-    reference_block = max(1, _PAIR_PIXELS // (pixels * query_block))
-    best = np.full(count, -np.inf, np.float32)
-    for start in range(0, len(references), reference_block):
-        chunk = tf.constant(references[start : start + reference_block])
-        chunk_mu, chunk_sq = _blur(chunk), _blur(chunk * chunk)
-        for q in range(0, count, query_block):
-            block = _ssim_block(
-                queries[q : q + query_block],
-                query_mu[q : q + query_block],
-                query_sq[q : q + query_block],
-                chunk,
-                chunk_mu,
-                chunk_sq,
-            ).numpy()
-            if exclude is not None:
-                for row, skip in enumerate(exclude[q : q + query_block]):
-                    if start <= skip < start + len(chunk):
-                        block[row, skip - start] = -np.inf
-            best[q : q + query_block] = np.maximum(best[q : q + query_block], block.max(axis=1))
-    return best
-
-
-def pairwise_diversity(images: np.ndarray) -> tuple[float | None, str]:
-    """Mean over all pairs of `1 - MS-SSIM` (or `1 - SSIM` below 161 px), and which it was.
-
-    None when there are fewer than two images.
-    """
-    images = np.asarray(images, np.float32)
-    size = min(images.shape[1:3])
-    name = "1 - MS-SSIM" if size >= MS_SSIM_MIN_SIZE else "1 - SSIM"
-    first, second = np.triu_indices(len(images), k=1)
-    if not len(first):
-        return None, name
-    step = max(1, _PAIR_PIXELS // int(np.prod(images.shape[1:])))
-    scores = []
-    for start in range(0, len(first), step):
-        a = tf.constant(images[first[start : start + step]])
-        b = tf.constant(images[second[start : start + step]])
-        score = (
-            tf.image.ssim_multiscale(a, b, 1.0)
-            if size >= MS_SSIM_MIN_SIZE
-            else fast_ssim_per_image(a, b)
-        )
-        scores.append(score.numpy())
-    return float(np.mean(1.0 - np.concatenate(scores))), name
 
 
 # -- Samples beside real slices (for the pictures) ------------------------------------------------
@@ -258,6 +133,8 @@ def evaluate_prior(
     exclude = np.array([train_paths.index(r.path) if r.path in train_paths else -1 for r in chosen])
     sample_diversity, diversity_metric = pairwise_diversity(samples)
     real_diversity, _ = pairwise_diversity(real)
+    sample_nn = ssim_matrix_max(samples, train_images)
+    real_nn = ssim_matrix_max(real, train_images, exclude) if len(real) else np.zeros(0)
     metrics.update(
         {
             "num_samples": num_samples,
@@ -266,10 +143,9 @@ def evaluate_prior(
             "diversity_metric": diversity_metric,
             "sample_diversity": sample_diversity,
             "real_diversity": real_diversity,
-            "sample_nn_ssim": float(np.mean(ssim_matrix_max(samples, train_images))),
-            "real_nn_ssim": float(np.mean(ssim_matrix_max(real, train_images, exclude)))
-            if len(real)
-            else None,
+            "sample_nn_ssim": float(np.mean(sample_nn)),
+            "real_nn_ssim": float(np.mean(real_nn)) if len(real) else None,
+            "sample_memorisation": memorisation_share(sample_nn, real_nn),
         }
     )
     plots.plot_samples_vs_real(

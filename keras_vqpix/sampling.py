@@ -69,6 +69,7 @@ SEED_SALT = 1606  # arXiv 1606.05328
 TEMPERATURE_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
 _ROW_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAST_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RESAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # -- The seeding contract ---------------------------------------------------------------------------
@@ -223,7 +224,9 @@ def _code_shape(prior, code_shape) -> tuple[int, int]:
     return height, width
 
 
-def sample_rows_reference(prior, codes, labels, seed, temperature, row_start, row_end, first_map=0):
+def sample_rows_reference(
+    prior, codes, labels, seed, temperature, row_start, row_end, first_map=0, redraw=None
+):
     """Draw rows `row_start .. row_end - 1` of `codes [n, h, w]` (a TF function body).
 
     One forward pass per position: the logits of `(r, c)` are computed afresh from the current
@@ -232,7 +235,8 @@ def sample_rows_reference(prior, codes, labels, seed, temperature, row_start, ro
     (`PixelCNNSteps.position_logits`, the arithmetic the fast sampler shares); for another
     prior, its `call` over the whole map. Returns the codes with those rows filled in; the
     other rows are returned unchanged. `first_map`: the index of map 0 of `codes` in the whole
-    request (see `map_seeds`).
+    request (see `map_seeds`). With `redraw` (bool `[n, h, w]`), only the positions it marks
+    are drawn, the others keep their code in `codes` (see `resample_codes`).
     """
     height, width = codes.shape[1], codes.shape[2]
     rows = tf.range(height)[:, None]
@@ -246,6 +250,8 @@ def sample_rows_reference(prior, codes, labels, seed, temperature, row_start, ro
         else:
             logits = steps.position_logits(codes, row, col)
         draws = draw_codes(logits, seed, index, temperature, first_map)
+        if redraw is not None:
+            draws = tf.where(redraw[:, row, col], draws, codes[:, row, col])
         here = tf.logical_and(tf.equal(rows, row), tf.equal(cols, col))
         return index + 1, tf.where(here[None], draws[:, None, None], codes)
 
@@ -345,7 +351,9 @@ def sample_codes_reference(
 
 
 # -- Fast sampler ---------------------------------------------------------------------------------------
-def sample_rows_fast(steps, codes, state, seed, temperature, row_start, row_end, first_map=0):
+def sample_rows_fast(
+    steps, codes, state, seed, temperature, row_start, row_end, first_map=0, redraw=None
+):
     """Draw rows `row_start .. row_end - 1` of `codes [n, h, w]` from cached activations (a TF
     function body).
 
@@ -355,6 +363,10 @@ def sample_rows_fast(steps, codes, state, seed, temperature, row_start, row_end,
         state: the steps' state after row `row_start - 1` (`steps.start()` for row 0).
         seed, temperature, row_start, row_end: scalars (tensors or Python numbers).
         first_map: the index of map 0 of `codes` in the whole request (see `map_seeds`).
+        redraw: None (draw every position), or bool `[n, h, w]`: draw only the positions it
+            marks and keep the codes of `codes` elsewhere (`resample_codes`). A row where no
+            map redraws anything costs only its `finish_row` (the vertical stack never reads
+            the horizontal one).
 
     Each position costs one `steps.column` (the new column of both stacks, and the head) and
     one `draw_codes`; each row one `steps.finish_row` (its vertical stack). Returns
@@ -368,14 +380,24 @@ def sample_rows_fast(steps, codes, state, seed, temperature, row_start, row_end,
         def draw_column(col, row_state, drawn):
             logits, row_state = steps.column(state, row_state, col)
             draws = draw_codes(logits, seed, row * width + col, temperature, first_map)
+            if redraw is not None:
+                draws = tf.where(redraw[:, row, col], draws, codes[:, row, col])
             return col + 1, steps.push_code(row_state, draws, row, col), drawn.write(col, draws)
 
-        _, _, drawn = tf.while_loop(
-            lambda col, *_: col < width,
-            draw_column,
-            (tf.constant(0), steps.start_row(), tf.TensorArray(tf.int32, width)),
-        )
-        row_codes = tf.transpose(drawn.stack())  # [n, w]
+        def drawn_row():
+            _, _, drawn = tf.while_loop(
+                lambda col, *_: col < width,
+                draw_column,
+                (tf.constant(0), steps.start_row(), tf.TensorArray(tf.int32, width)),
+            )
+            return tf.transpose(drawn.stack())  # [n, w]
+
+        if redraw is None:
+            row_codes = drawn_row()
+        else:
+            row_codes = tf.cond(
+                tf.reduce_any(redraw[:, row]), drawn_row, lambda: tf.gather(codes, row, axis=1)
+            )
         codes = tf.where(tf.equal(rows, row), row_codes[:, None, :], codes)
         return row + 1, codes, steps.finish_row(state, row_codes, row)
 
@@ -586,6 +608,81 @@ def sample_codes(
             codes = np.empty((num_samples, *drawn.shape[1:]), np.int32)
         codes[start : start + len(chosen)] = drawn
     return codes
+
+
+def _resampler(prior, height: int, width: int):
+    """A traced-once `tf.function(codes, redraw, labels, seed, temperature) -> codes`."""
+    cached = _RESAMPLERS.get(prior, {}).get((height, width))
+    if cached is not None:
+        return cached
+    prior_ref = weakref.ref(prior)  # as in `_row_sampler`
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, height, width], tf.int32),
+            tf.TensorSpec([None, height, width], tf.bool),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.float32),
+        ],
+        autograph=False,
+    )
+    def resample(codes, redraw, labels, seed, temperature):
+        prior = prior_ref()
+        if not isinstance(prior, PixelCNN):
+            return sample_rows_reference(
+                prior, codes, labels, seed, temperature, 0, height, redraw=redraw
+            )
+        steps = PixelCNNSteps(prior, labels, width)
+        codes, _ = sample_rows_fast(
+            steps, codes, steps.start(), seed, temperature, 0, height, redraw=redraw
+        )
+        return codes
+
+    _RESAMPLERS.setdefault(prior, {})[(height, width)] = resample
+    return resample
+
+
+def resample_codes(
+    prior, codes, redraw, seed: int = 0, labels=None, temperature: float = 1.0
+) -> np.ndarray:
+    """`codes [n, h, w]` with the positions marked in `redraw` drawn afresh from `prior`.
+
+    Ancestral resampling in raster order conditioned on the kept codes: position `(r, c)`
+    marked in `redraw` draws from `p(c_rc | c_<rc, label)`, where `c_<rc` holds the kept
+    codes and the codes already redrawn; every unmarked position keeps its code exactly. This
+    "heals" a code map (Pinaya et al. 2022, https://arxiv.org/abs/2102.11650): the codes a
+    prior finds surprising are replaced by likely ones. Only the codes before a position
+    condition it (a PixelCNN cannot look ahead), so a redrawn code need not agree with the
+    kept codes below it.
+
+    Keeps the seeding contract of the module docstring (map i of `codes` is map i of the
+    batch): a redrawn code is the one `sample_codes` draws there for the same seed, label,
+    temperature and codes before it, so `redraw` all True gives `sample_codes`' maps. All maps
+    go through one graph call of the fast sampler's steps; a row where no map redraws
+    anything costs only its vertical stack.
+
+    Args:
+        prior: a `PixelCNN` (or a callable prior, as in `sample_codes_reference`).
+        codes: int `[n, h, w]`, the code maps.
+        redraw: bool `[n, h, w]`, where to draw.
+        seed, labels, temperature: as in `sample_codes`; labels one for all or one per map.
+    """
+    codes = np.asarray(codes, np.int32)
+    redraw = np.asarray(redraw, bool)
+    if codes.ndim != 3 or redraw.shape != codes.shape:
+        raise ValueError(
+            f"codes must be [n, h, w] and redraw of the same shape. Received: codes {codes.shape}, "
+            f"redraw {redraw.shape}"
+        )
+    num_maps, height, width = codes.shape
+    arguments, _, _, _ = _checked_arguments(
+        prior, num_maps, seed, labels, temperature, (height, width)
+    )
+    if not redraw.any():  # nothing to draw (and never run a model on nothing)
+        return codes
+    resample = _resampler(prior, height, width)
+    return resample(codes, redraw, *arguments).numpy()
 
 
 def codes_graph(

@@ -14,7 +14,18 @@ from keras_vqpix_cli.main import main
 def test_help_lists_every_command_and_every_command_has_help():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0, result.output
-    commands = ("demo-data", "prepare", "train", "evaluate", "sample", "export")
+    commands = (
+        "demo-data",
+        "prepare",
+        "train",
+        "evaluate",
+        "sample",
+        "generate",
+        "compare",
+        "classify",
+        "anomaly",
+        "export",
+    )
     for command in commands:
         assert command in result.output
         sub = CliRunner().invoke(main, [command, "--help"])

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from keras_vqpix.data.discover import SliceRecord
-from keras_vqpix.sample_quality import (
+from keras_vqpix.data.discover import SliceRecord, spread_records
+from keras_vqpix.sample_quality import real_counterparts
+from keras_vqpix.similarity import (
+    memorisation_share,
+    nearest_ssim,
     pairwise_diversity,
-    real_counterparts,
-    spread_records,
     ssim_matrix_max,
 )
 
@@ -59,3 +60,23 @@ def test_real_slices_are_spread_over_patients_and_match_the_labels():
     matched = real_counterparts(records, np.array([0, 0, 1, 1, 1]))
     assert [r.label for r in matched] == [0, 0, 1, 1, 1]
     assert len(real_counterparts(records, np.array([-1] * 4))) == 4
+
+
+def test_nearest_ssim_finds_copies_and_matches_exact_search():
+    references = smooth_images(200, seed=3)
+    queries = np.concatenate([references[:5], smooth_images(5, seed=4)])
+    exact = ssim_matrix_max(queries, references)
+    found = nearest_ssim(queries, references, candidates=16)
+    np.testing.assert_allclose(found[:5], 1.0, atol=1e-5)  # copies always among the candidates
+    assert (found <= exact + 1e-5).all() and np.abs(found - exact).max() < 0.05
+    excluded = nearest_ssim(references[:3], references, np.array([0, 1, 2]), candidates=16)
+    assert (excluded < 0.999).all()
+
+
+def test_memorisation_share_known_answers():
+    rng = np.random.default_rng(0)
+    real = rng.uniform(0.3, 0.6, 1000)
+    assert abs(memorisation_share(rng.uniform(0.3, 0.6, 1000), real) - 0.05) < 0.03
+    assert memorisation_share(np.ones(20), real) == 1.0  # copies
+    assert memorisation_share(np.full(20, 0.1), real) == 0.0
+    assert memorisation_share(np.ones(3), np.zeros(0)) is None

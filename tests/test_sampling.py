@@ -14,6 +14,7 @@ from keras_vqpix.sampling import (
     codes_graph,
     decode_codes,
     draw_codes,
+    resample_codes,
     resolve_labels,
     sample_codes,
     sample_codes_reference,
@@ -249,3 +250,35 @@ def test_zero_images_are_refused_or_answered_without_running_a_model(prior):
     assert images.shape == (0, 12, 20, 1) and images.dtype == np.float32
     with pytest.raises(ValueError, match="no slices to evaluate"):
         evaluate_reconstructions(vqvae, [], 16, 4, 4)
+
+
+def test_resample_codes_redrawing_everything_draws_the_codes_of_sample_codes(prior):
+    labels = np.array([0, 1, -1], np.int32)
+    drawn = sample_codes(prior, 3, seed=5, labels=labels)
+    start = np.full((3, 4, 5), 7, np.int32)
+    assert np.array_equal(
+        resample_codes(prior, start, np.ones((3, 4, 5), bool), seed=5, labels=labels), drawn
+    )
+
+
+def test_resample_codes_keeps_unmarked_codes_and_conditions_on_them():
+    # Each position's logits put all mass on (the code before it in raster order + 1) mod K.
+    num_codes = 16
+
+    def next_code(codes, labels):
+        flat = tf.reshape(tf.cast(codes, tf.int32), (tf.shape(codes)[0], -1))
+        before = tf.concat([tf.zeros_like(flat[:, :1]), flat[:, :-1]], axis=1)
+        target = tf.reshape((before + 1) % num_codes, tf.shape(codes))
+        return 100.0 * tf.one_hot(target, num_codes)
+
+    codes = np.arange(24, dtype=np.int32).reshape(2, 3, 4) % 5
+    redraw = np.zeros_like(codes, bool)
+    redraw[0, 1, 2] = redraw[0, 1, 3] = redraw[0, 2, 0] = True  # a run crossing a row end
+    healed = resample_codes(FixedPrior(next_code), codes, redraw, seed=1, labels=0)
+    assert np.array_equal(healed[~redraw], codes[~redraw])  # kept codes unchanged
+    kept_before = codes[0, 1, 1]
+    assert healed[0, 1, 2] == kept_before + 1  # drawn given the kept code before it
+    assert healed[0, 1, 3] == kept_before + 2 and healed[0, 2, 0] == kept_before + 3
+    assert np.array_equal(healed[1], codes[1])  # nothing marked: the map as it was
+    # Nothing marked anywhere: returned as is, without running the prior.
+    assert np.array_equal(resample_codes(FixedPrior(None), codes, np.zeros_like(redraw)), codes)

@@ -26,16 +26,31 @@ PACKAGES = (("keras_vqpix", ROOT / "keras_vqpix"), ("keras_vqpix_cli", ROOT / "c
 # code maps and sample statistics -> training -> evaluation/export -> CLI.
 LAYERS = (
     ("base", ("keras_vqpix", "keras_vqpix.config", "keras_vqpix.io", "keras_vqpix.replicas")),
-    ("data: discover", ("keras_vqpix.data.discover", "keras_vqpix.data.demo_render")),
+    (
+        "data: discover",
+        ("keras_vqpix.data.discover", "keras_vqpix.data.demo_render", "keras_vqpix.data.lesions"),
+    ),
     ("data: decode", ("keras_vqpix.data.decode",)),
     ("data", ("keras_vqpix.data", "keras_vqpix.data.*")),
-    ("layers and metrics", ("keras_vqpix.layers", "keras_vqpix.layers.*", "keras_vqpix.metrics")),
+    (
+        "layers and metrics",
+        (
+            "keras_vqpix.layers",
+            "keras_vqpix.layers.*",
+            "keras_vqpix.metrics",
+            "keras_vqpix.similarity",
+        ),
+    ),
     ("models", ("keras_vqpix.models", "keras_vqpix.models.*")),
     ("plots", ("keras_vqpix.plots",)),
     ("run folder", ("keras_vqpix.run_folder",)),
     ("sampling", ("keras_vqpix.sampling",)),
     ("code maps and sample statistics", ("keras_vqpix.codes", "keras_vqpix.sample_quality")),
     ("training", ("keras_vqpix.training", "keras_vqpix.training.*")),
+    (
+        "synthetic data sets, judging them, the prior's likelihood",
+        ("keras_vqpix.synthetic", "keras_vqpix.compare", "keras_vqpix.likelihood"),
+    ),
     ("evaluation and export", ("keras_vqpix.evaluation", "keras_vqpix.export")),
     ("cli", ("keras_vqpix_cli", "keras_vqpix_cli.*")),
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,48 @@ def discover_splits(
             "the test set must hold different patients"
         )
     return DataSplits(train, validation, tuple(test_records), skipped)
+
+
+def spread_records(records: Sequence[SliceRecord], count: int) -> list[SliceRecord]:
+    """`count` records spread over patients, deterministically.
+
+    Round robin over the patients (sorted by id): first each patient's middle slice, then the
+    slices next to the middle, and so on; so N records cover min(N, patients) patients.
+    """
+    by_patient: dict[str, list[SliceRecord]] = defaultdict(list)
+    for record in records:
+        by_patient[record.patient].append(record)
+    queues = []
+    for patient in sorted(by_patient):
+        slices = sorted(by_patient[patient], key=lambda r: (r.slice_index, r.path))
+        middle = (len(slices) - 1) / 2
+        queues.append(
+            sorted(slices, key=lambda r, s=slices: (abs(s.index(r) - middle), s.index(r)))
+        )
+    chosen = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        chosen += [queue[depth] for queue in queues if depth < len(queue)]
+    return chosen[:count]
+
+
+def slice_frame(records: Sequence[SliceRecord], probe: int = 32) -> tuple[int, int] | None:
+    """The most common `(width, height)` of the first `probe` readable records; None if none is.
+
+    Reads image headers only (Pillow), so it is fast on any number of files: the frame the
+    source slices had before `resize_with_pad` squared them, recorded in a run's `split.json`.
+    """
+    from collections import Counter
+
+    from PIL import Image, UnidentifiedImageError
+
+    sizes: Counter = Counter()
+    for record in records[:probe]:
+        try:
+            with Image.open(record.path) as image:
+                sizes[image.size] += 1
+        except (OSError, UnidentifiedImageError, ValueError):
+            continue
+    return sizes.most_common(1)[0][0] if sizes else None
 
 
 def discover_records(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from keras_vqpix.data.decode import decode_and_resize, decode_grayscale, resize_with_pad
@@ -194,3 +195,14 @@ def make_dataset(
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
     return shard_by_batch(epochs.flat_map(one_epoch).prefetch(AUTOTUNE))
+
+
+def load_images(
+    records: Sequence[SliceRecord], image_size: int, batch_size: int = 64
+) -> np.ndarray:
+    """Images `[N, S, S, 1]` float32 of `records`, in order."""
+    if not records:
+        return np.zeros((0, image_size, image_size, 1), np.float32)
+    return np.concatenate(
+        [images.numpy() for images, _ in make_dataset(records, image_size, batch_size, cache="")]
+    )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keras_vqpix.config import RunConfig
-from keras_vqpix.data.discover import DataSplits, display_path
+from keras_vqpix.data.discover import DataSplits, display_path, slice_frame
 from keras_vqpix.io import atomic_write_text
 from keras_vqpix.run_folder import (
     LOCK_NAME,
@@ -188,6 +188,8 @@ def _claim_run_folder(stack: contextlib.ExitStack, job: _Job, overwrite: bool) -
         {
             **split_record(splits),
             "data": str(Path(data_root).resolve()),
+            # The source slices' (width, height): `vqpix generate` writes slices back in it.
+            "frame": slice_frame(splits.train),
             "summary": splits.summary(),
         },
     )

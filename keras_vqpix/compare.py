@@ -1,0 +1,542 @@
+"""Judge any data set in the ADNI layout against a real one: `vqpix compare SYNTHETIC --real DATA`.
+
+Every classifier is a `SliceClassifier` trained from scratch with the fixed budget of a
+`CompareConfig`, once per seed, and tested on the real **test** patients only (never trained
+on them): the figures are the mean and spread over the seeds.
+
+- `c2st_auc`: a classifier two-sample test (Lopez-Paz & Oquab 2017,
+  https://arxiv.org/abs/1610.06545): trained to tell the real train slices from the
+  synthetic train slices, tested on the real test slices vs the synthetic test slices
+  (never seen); 0.5 means the two cannot be told apart, 1.0 at once.
+- `trtr_auc`: AD vs NC, trained on real train, tested on real test: the reference figure.
+- `fidelity_auc`: that real-trained classifier on every synthetic slice, labelled by the class
+  it was generated for: do synthetic slices carry the real AD/NC difference?
+- `tstr_auc`: trained on the synthetic slices only, tested on the real test patients (the
+  classification accuracy score of Ravuri & Vinyals 2019, https://arxiv.org/abs/1905.10887).
+- `augmented_auc`: trained on real train + synthetic slices, tested on real test patients.
+- Each AUC per slice and per patient (`*_patient`: the mean of a patient's slice scores; a
+  synthetic slice without siblings is its own patient).
+- `fd`, `kid`: Frechet distance and the kernel distance of KID (unbiased polynomial-kernel
+  MMD^2, Binkowski et al. 2018, https://arxiv.org/abs/1801.01401) between the real train
+  slices and the held-apart synthetic (test) slices, in the pooled features of the
+  real-trained AD/NC classifier; `fd_real`, `kid_real` the same between real train and real
+  test slices (two real sets), both from the same number of slices.
+- `diversity` (mean pairwise `1 - SSIM`, `1 - MS-SSIM` from 161 px) of up to
+  `diversity_images` synthetic slices, beside `diversity_real` of as many real test slices.
+- `memorisation`: the share of synthetic slices whose SSIM to their nearest real train slice
+  is above the 95th percentile of that figure for real test slices (about 0.05: no closer
+  than real unseen slices; near 1: copies), beside `nn_ssim` / `nn_ssim_real` (the means).
+
+Every key has a `_down4` twin computed after a 4x area downsampling of both sets, which judges
+anatomy rather than the decoder's texture; `<key>_std` is the spread (standard deviation)
+over seeds and `per_seed` lists the values.
+
+Time: one classifier fit costs about `epochs * images * 20 us` at 128 px on 2 CPU cores; four
+fits per seed and scale (see the README section "Is the synthetic data set any good?").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from keras_vqpix.config import CompareConfig
+from keras_vqpix.data.discover import (
+    DatasetLayoutError,
+    SliceRecord,
+    discover_folder,
+    spread_records,
+)
+
+SCALES = {"": 1, "_down4": 4}
+AUC_NAMES = ("c2st_auc", "trtr_auc", "fidelity_auc", "tstr_auc", "augmented_auc")
+SEEDED_NAMES = (
+    *AUC_NAMES,
+    *(f"{name}_patient" for name in AUC_NAMES),
+    "fd",
+    "kid",
+    "fd_real",
+    "kid_real",
+)
+SET_NAMES = ("diversity", "diversity_real", "memorisation", "nn_ssim", "nn_ssim_real")
+_PREDICT_BATCH = 256
+
+
+# -- Figures ---------------------------------------------------------------------------------------
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U with tied scores counted half); None with one class."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, np.float64)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if not positives or not negatives:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), np.float64)
+    sorted_scores = scores[order]
+    # Average rank of each run of tied scores.
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates of every threshold, from (0, 0) to (1, 1)."""
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")
+    hits = labels[order]
+    tpr = np.concatenate([[0.0], np.cumsum(hits) / max(1, hits.sum())])
+    fpr = np.concatenate([[0.0], np.cumsum(~hits) / max(1, (~hits).sum())])
+    return fpr, tpr
+
+
+def per_patient(
+    patients: np.ndarray, labels: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(labels, scores)` per patient: the mean of each patient's slice scores."""
+    names, index = np.unique(np.asarray(patients), return_inverse=True)
+    counts = np.bincount(index, minlength=len(names))
+    mean_scores = np.bincount(index, weights=scores, minlength=len(names)) / counts
+    patient_labels = np.zeros(len(names), np.int64)
+    patient_labels[index] = labels
+    return patient_labels, mean_scores
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets `[N, D]` and `[M, D]`.
+
+    `|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))`, the trace of the square root taken
+    from the eigenvalues of `S_a^(1/2) S_b S_a^(1/2)` (symmetric, so no complex round-off).
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mean = np.sum((a.mean(0) - b.mean(0)) ** 2)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    return float(
+        mean + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sum(np.sqrt(np.clip(cross, 0, None)))
+    )
+
+
+def kernel_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """KID's unbiased MMD^2 with the kernel `(x . y / D + 1)^3` between `[N, D]` and `[M, D]`."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    dim = a.shape[1]
+    k_aa = (a @ a.T / dim + 1) ** 3
+    k_bb = (b @ b.T / dim + 1) ** 3
+    k_ab = (a @ b.T / dim + 1) ** 3
+    n, m = len(a), len(b)
+    return float(
+        (k_aa.sum() - np.trace(k_aa)) / (n * (n - 1))
+        + (k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
+        - 2 * k_ab.mean()
+    )
+
+
+# -- Data ------------------------------------------------------------------------------------------
+@dataclass
+class SliceSet:
+    """Images `[N, S, S, 1]` in [0, 1] with their labels (0 NC, 1 AD) and patient ids."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    patients: np.ndarray
+
+    @classmethod
+    def load(cls, records: list[SliceRecord], image_size: int) -> SliceSet:
+        from keras_vqpix.data.pipeline import load_images
+
+        return cls(
+            load_images(records, image_size),
+            np.array([r.label for r in records], np.int64),
+            np.array([r.patient for r in records]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def downsampled(self, factor: int) -> SliceSet:
+        """The set after a `factor`x area (average-pool) downsampling."""
+        if factor == 1:
+            return self
+        import tensorflow as tf
+
+        images = tf.nn.avg_pool2d(self.images, factor, factor, "VALID").numpy()
+        return SliceSet(images, self.labels, self.patients)
+
+    def subset(self, index: np.ndarray) -> SliceSet:
+        return SliceSet(self.images[index], self.labels[index], self.patients[index])
+
+
+def _join(*sets: SliceSet) -> SliceSet:
+    return SliceSet(
+        np.concatenate([s.images for s in sets]),
+        np.concatenate([s.labels for s in sets]),
+        np.concatenate([s.patients for s in sets]),
+    )
+
+
+def _discover(root: Path, what: str) -> tuple[list[SliceRecord], list[SliceRecord]]:
+    try:
+        return discover_folder(root, "train"), discover_folder(root, "test")
+    except DatasetLayoutError as error:
+        raise DatasetLayoutError(f"{what}: {error}") from error
+
+
+def _check_disjoint(synthetic_root, real_root, synthetic, real) -> None:
+    """Refuse sets that share patients: a real test patient on the synthetic side leaks."""
+    real_train = {r.patient for r in real[0]}
+    real_test = {r.patient for r in real[1]}
+    if real_train & real_test:
+        raise DatasetLayoutError(
+            f"patient {sorted(real_train & real_test)[0]!r} is in both {real_root}/train and "
+            f"{real_root}/test; the test set must hold different patients"
+        )
+    shared = {r.patient for r in synthetic[0] + synthetic[1]} & (real_train | real_test)
+    if shared:
+        raise DatasetLayoutError(
+            f"{synthetic_root} and {real_root} share patient {sorted(shared)[0]!r}: the synthetic "
+            "set must hold no real patient (a real-vs-real check needs disjoint patient sets)"
+        )
+
+
+def _spread_index(records: list[SliceRecord], count: int) -> np.ndarray:
+    position = {id(r): i for i, r in enumerate(records)}
+    return np.array([position[id(r)] for r in spread_records(records, count)], np.int64)
+
+
+# -- Classifiers -----------------------------------------------------------------------------------
+def train_slice_classifier(
+    images: np.ndarray, labels: np.ndarray, config: CompareConfig, seed: int
+):
+    """A `SliceClassifier` fit to `labels` (0/1) with the budget of `config`, classes weighted equally."""
+    import keras
+
+    from keras_vqpix.models.slice_classifier import SliceClassifier
+
+    keras.utils.set_random_seed(seed)
+    labels = np.asarray(labels, np.float32)
+    positives = max(1.0, float(labels.sum()))
+    negatives = max(1.0, float(len(labels) - labels.sum()))
+    weights = np.where(labels > 0, len(labels) / (2 * positives), len(labels) / (2 * negatives))
+    model = SliceClassifier(widths=config.widths)
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
+    model.fit(
+        images,
+        labels,
+        sample_weight=weights.astype(np.float32),
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        shuffle=True,
+        verbose=0,
+    )
+    return model
+
+
+def _scores(model, images: np.ndarray) -> np.ndarray:
+    if not len(images):
+        return np.zeros(0, np.float32)  # never call a model on zero images (oneDNN)
+    return np.asarray(model.predict(images, batch_size=_PREDICT_BATCH, verbose=0), np.float32)
+
+
+def _features(model, images: np.ndarray) -> np.ndarray:
+    # Eager calls: a few batches, not worth a traced function per model.
+    return np.concatenate(
+        [
+            np.asarray(model.features(images[i : i + _PREDICT_BATCH]))
+            for i in range(0, len(images), _PREDICT_BATCH)
+        ]
+    )
+
+
+def _aucs(name: str, figures: dict, labels, scores, patients) -> None:
+    figures[name] = roc_auc(labels, scores)
+    figures[f"{name}_patient"] = roc_auc(*per_patient(patients, labels, scores))
+
+
+def judge_once(
+    real_train: SliceSet,
+    real_test: SliceSet,
+    synthetic_train: SliceSet,
+    synthetic_test: SliceSet,
+    config: CompareConfig,
+    seed: int,
+    curves: dict | None = None,
+) -> dict[str, float | None]:
+    """The seeded figures (`SEEDED_NAMES`) of one seed at one scale; `curves` collects ROC inputs."""
+    synthetic_all = _join(synthetic_train, synthetic_test)
+    figures: dict[str, float | None] = {}
+    curves = {} if curves is None else curves
+
+    def record(name, labels, scores, patients):
+        _aucs(name, figures, labels, scores, patients)
+        curves[name] = (np.asarray(labels), np.asarray(scores))
+
+    trtr = train_slice_classifier(real_train.images, real_train.labels, config, seed)
+    record("trtr_auc", real_test.labels, _scores(trtr, real_test.images), real_test.patients)
+    record(
+        "fidelity_auc",
+        synthetic_all.labels,
+        _scores(trtr, synthetic_all.images),
+        synthetic_all.patients,
+    )
+    # Distances from the held-apart synthetic slices and from the real test slices, with as
+    # many slices on both sides (both estimates carry the same small-sample bias).
+    count = min(len(real_test), len(synthetic_test))
+    rng = np.random.default_rng(seed)
+    train_features = _features(trtr, real_train.images)
+    synthetic_features = _features(trtr, synthetic_test.images)[
+        np.sort(rng.permutation(len(synthetic_test))[:count])
+    ]
+    test_features = _features(trtr, real_test.images)[
+        np.sort(rng.permutation(len(real_test))[:count])
+    ]
+    figures["fd"] = frechet_distance(train_features, synthetic_features)
+    figures["fd_real"] = frechet_distance(train_features, test_features)
+    figures["kid"] = kernel_distance(train_features, synthetic_features)
+    figures["kid_real"] = kernel_distance(train_features, test_features)
+    del trtr
+
+    tstr = train_slice_classifier(synthetic_all.images, synthetic_all.labels, config, seed)
+    record("tstr_auc", real_test.labels, _scores(tstr, real_test.images), real_test.patients)
+    del tstr
+
+    augmented = _join(real_train, synthetic_all)
+    model = train_slice_classifier(augmented.images, augmented.labels, config, seed)
+    record("augmented_auc", real_test.labels, _scores(model, real_test.images), real_test.patients)
+    del model
+
+    # Real vs synthetic: label 1 = synthetic; tested on slices neither side was trained on.
+    c2st_images = np.concatenate([real_train.images, synthetic_train.images])
+    c2st_labels = np.concatenate([np.zeros(len(real_train)), np.ones(len(synthetic_train))])
+    model = train_slice_classifier(c2st_images, c2st_labels, config, seed)
+    test = _join(real_test, synthetic_test)
+    test_labels = np.concatenate([np.zeros(len(real_test)), np.ones(len(synthetic_test))])
+    record("c2st_auc", test_labels, _scores(model, test.images), test.patients)
+    return figures
+
+
+def set_figures(
+    real_train: SliceSet,
+    real_test: SliceSet,
+    synthetic: SliceSet,
+    config: CompareConfig,
+    synthetic_spread: np.ndarray,
+    real_spread: np.ndarray,
+) -> dict[str, float | None]:
+    """Diversity and memorisation (`SET_NAMES`): no classifier, so no seed."""
+    from keras_vqpix.similarity import memorisation_share, nearest_ssim, pairwise_diversity
+
+    synthetic_nn = nearest_ssim(synthetic.images, real_train.images)
+    real_nn = nearest_ssim(real_test.images, real_train.images)
+    return {
+        "diversity": pairwise_diversity(synthetic.images[synthetic_spread])[0],
+        "diversity_real": pairwise_diversity(real_test.images[real_spread])[0],
+        "memorisation": memorisation_share(synthetic_nn, real_nn, config.memorisation_percentile),
+        "nn_ssim": float(np.mean(synthetic_nn)),
+        "nn_ssim_real": float(np.mean(real_nn)),
+    }
+
+
+# -- The comparison --------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    """What `compare_datasets` found.
+
+    Attributes:
+        metrics: the `--json` figures (see the module docstring).
+        curves: scale suffix -> figure name -> `(labels, scores)` of the first seed, for ROC plots.
+        examples: `(row label, images [n, S, S, 1])` rows of synthetic slices beside real ones.
+    """
+
+    metrics: dict
+    curves: dict = field(default_factory=dict)
+    examples: list = field(default_factory=list)
+
+
+def _summarise(per_seed: dict[str, list]) -> dict:
+    out = {}
+    for key, values in per_seed.items():
+        known = [v for v in values if v is not None]
+        out[key] = float(np.mean(known)) if known else None
+        out[f"{key}_std"] = float(np.std(known)) if known else None
+    return out
+
+
+def compare_datasets(
+    synthetic_root: str | os.PathLike,
+    real_root: str | os.PathLike,
+    config: CompareConfig | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> Comparison:
+    """Judge the data set `synthetic_root` against the real data set `real_root`.
+
+    Both in the ADNI layout (`{train,test}/{AD,NC}/<patient>_<slice>.jpeg`) with no patient in
+    common. See the module docstring for the figures.
+
+    Args:
+        synthetic_root: the data set judged (generated, reconstructed, or real for a check).
+        real_root: the real data set; its train folder trains, its test folder tests.
+        config: the classifiers' budget and the statistics' sizes (default `CompareConfig()`).
+        log: progress messages (one line per classifier round).
+
+    Raises:
+        DatasetLayoutError: a folder is not in the layout, or the sets share patients.
+    """
+    config = config or CompareConfig()
+    log = log or (lambda message: None)
+    started = time.time()
+    synthetic_root, real_root = Path(synthetic_root), Path(real_root)
+    synthetic_records = _discover(synthetic_root, "the synthetic set")
+    real_records = _discover(real_root, "--real")
+    _check_disjoint(synthetic_root, real_root, synthetic_records, real_records)
+    size = config.image_size
+    real_train, real_test = (SliceSet.load(r, size) for r in real_records)
+    synthetic_train, synthetic_test = (SliceSet.load(r, size) for r in synthetic_records)
+    synthetic_spread = _spread_index(
+        synthetic_records[0] + synthetic_records[1], config.diversity_images
+    )
+    real_spread = _spread_index(real_records[1], config.diversity_images)
+    log(
+        f"Loaded {len(real_train)} real train, {len(real_test)} real test, "
+        f"{len(synthetic_train)} synthetic train and {len(synthetic_test)} synthetic test slices "
+        f"at {size} px ({time.time() - started:.0f} s)"
+    )
+
+    metrics: dict = {}
+    per_seed_all: dict[str, list] = {}
+    curves: dict = {}
+    for suffix, factor in SCALES.items():
+        sets = [
+            s.downsampled(factor) for s in (real_train, real_test, synthetic_train, synthetic_test)
+        ]
+        per_seed: dict[str, list] = {name: [] for name in SEEDED_NAMES}
+        for number, seed in enumerate(config.seeds):
+            seed_curves: dict = {}
+            figures = judge_once(*sets, config, seed, seed_curves)
+            if number == 0:
+                curves[suffix] = seed_curves
+            for name in SEEDED_NAMES:
+                per_seed[name].append(figures[name])
+            log(
+                f"scale {size // factor} px, seed {seed}: c2st {_fmt(figures['c2st_auc'])}, "
+                f"trtr {_fmt(figures['trtr_auc'])}, fidelity {_fmt(figures['fidelity_auc'])}, "
+                f"tstr {_fmt(figures['tstr_auc'])} ({time.time() - started:.0f} s)"
+            )
+        for key, value in _summarise(per_seed).items():
+            metrics[key + suffix] = value
+        per_seed_all.update({name + suffix: values for name, values in per_seed.items()})
+        synthetic_all = _join(sets[2], sets[3])
+        for key, value in set_figures(
+            sets[0], sets[1], synthetic_all, config, synthetic_spread, real_spread
+        ).items():
+            metrics[key + suffix] = value
+
+    metrics.update(
+        {
+            "per_seed": per_seed_all,
+            "synthetic": str(synthetic_root.resolve()),
+            "real": str(real_root.resolve()),
+            "num_real_train": len(real_train),
+            "num_real_test": len(real_test),
+            "num_synthetic_train": len(synthetic_train),
+            "num_synthetic_test": len(synthetic_test),
+            "real_test_patients": int(len(np.unique(real_test.patients))),
+            "diversity_metric": "1 - MS-SSIM" if size >= 161 else "1 - SSIM",
+            "config": config.to_dict(),
+            "seconds": round(time.time() - started, 1),
+        }
+    )
+    return Comparison(metrics, curves, _examples(real_test, _join(synthetic_train, synthetic_test)))
+
+
+def _examples(real: SliceSet, synthetic: SliceSet, per_row: int = 8) -> list:
+    rows = []
+    for label, name in ((0, "NC"), (1, "AD")):
+        rows.append((f"{name} synthetic", synthetic.images[synthetic.labels == label][:per_row]))
+        rows.append((f"{name} real test", real.images[real.labels == label][:per_row]))
+    return [row for row in rows if len(row[1])]
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+# -- Reports ---------------------------------------------------------------------------------------
+_TABLE = (
+    ("c2st_auc", "real vs synthetic AUC (0.5 = indistinguishable)", None),
+    ("trtr_auc", "AD/NC: train real, test real (reference)", None),
+    ("fidelity_auc", "AD/NC: real-trained classifier on synthetic", "trtr_auc"),
+    ("tstr_auc", "AD/NC: train synthetic, test real", "trtr_auc"),
+    ("augmented_auc", "AD/NC: train real + synthetic, test real", "trtr_auc"),
+    ("fd", "Frechet distance to real train features", "fd_real"),
+    ("kid", "kernel distance (KID) to real train features", "kid_real"),
+    ("diversity", "diversity, mean pairwise 1 - SSIM", "diversity_real"),
+    ("memorisation", "share nearer to a train slice than 95% of real test", None),
+)
+
+
+def format_comparison(metrics: dict) -> str:
+    """A plain-text table: each figure at both scales, mean +- spread over seeds, beside its reference."""
+    seeds = len(metrics.get("config", {}).get("seeds", ())) or 1
+    size = metrics.get("config", {}).get("image_size", "?")
+    down = size // 4 if isinstance(size, int) else "?"
+    header = f"{'figure':<15}{'':<52}{f'{size} px':>22}{f'{down} px (down4)':>22}"
+    lines = [
+        f"{metrics.get('synthetic')} judged against {metrics.get('real')}: "
+        f"{metrics.get('num_synthetic_train', 0) + metrics.get('num_synthetic_test', 0)} synthetic slices, "
+        f"{metrics.get('num_real_test')} real test slices of {metrics.get('real_test_patients')} patients; "
+        f"mean +- spread over {seeds} classifier seeds ({metrics.get('seconds')} s)",
+        header,
+    ]
+
+    def cell(key: str, suffix: str) -> str:
+        value = metrics.get(key + suffix)
+        std = metrics.get(f"{key}_std{suffix}")
+        text = _fmt(value, 4 if key.startswith("kid") else 3)
+        return text + (
+            f" +- {_fmt(std, 4 if key.startswith('kid') else 3)}" if std is not None else ""
+        )
+
+    for key, text, reference in _TABLE:
+        keys = [key, f"{key}_patient"] if key.endswith("_auc") else [key]
+        for name in keys:
+            label = text + (" (per patient)" if name.endswith("_patient") else "")
+            lines.append(f"{name:<15}{label:<52}{cell(name, ''):>22}{cell(name, '_down4'):>22}")
+        if reference is not None and not reference.startswith("trtr"):
+            lines.append(
+                f"{reference:<15}{'  real reference':<52}{cell(reference, ''):>22}{cell(reference, '_down4'):>22}"
+            )
+    return "\n".join(lines)
+
+
+def plot_comparison(comparison: Comparison, path: str | os.PathLike, title: str) -> Path:
+    """ROC curves of every classifier (first seed; both scales) above synthetic and real slices."""
+    from keras_vqpix import plots
+
+    panels = []
+    for suffix, curves in comparison.curves.items():
+        lines = []
+        for name in AUC_NAMES:
+            if name in curves:
+                labels, scores = curves[name]
+                auc = roc_auc(labels, scores)
+                if auc is not None:
+                    fpr, tpr = roc_curve(labels, scores)
+                    lines.append((f"{name} {auc:.3f}", fpr, tpr))
+        scale = "full scale" if not suffix else "4x downsampled"
+        panels.append((scale, lines))
+    return plots.plot_roc_panels(panels, comparison.examples, Path(path), title)

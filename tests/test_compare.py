@@ -1,0 +1,188 @@
+"""`vqpix compare`: known answers on the demo data (real vs real, corrupted, swapped, copied)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from keras_vqpix.compare import (
+    SEEDED_NAMES,
+    SET_NAMES,
+    SliceSet,
+    frechet_distance,
+    judge_once,
+    kernel_distance,
+    per_patient,
+    roc_auc,
+    set_figures,
+)
+from keras_vqpix.config import CompareConfig
+from keras_vqpix.data.discover import discover_folder
+from keras_vqpix.models.slice_classifier import SliceClassifier
+from keras_vqpix_cli.main import main
+
+# Small budgets for tiny sets; the code path of the default budget.
+BUDGET = CompareConfig(image_size=32, epochs=10, seeds=(0,), batch_size=16, learning_rate=3e-3)
+
+
+def test_roc_auc_and_patient_scores_known_answers():
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert roc_auc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert roc_auc([1, 1], [0.1, 0.2]) is None
+    labels, scores = per_patient(
+        np.array(["a", "a", "b"]), np.array([1, 1, 0]), np.array([0.2, 0.4, 0.9])
+    )
+    np.testing.assert_allclose(scores, [0.3, 0.9])
+    assert labels.tolist() == [1, 0]
+
+
+def test_distances_known_answers():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2000, 4)), rng.normal(size=(2000, 4))
+    assert frechet_distance(a, b) < 0.05 and abs(kernel_distance(a, b)) < 0.01
+    shifted = b + np.array([2.0, 0, 0, 0])
+    assert abs(frechet_distance(a, shifted) - 4.0) < 0.3  # |mu_a - mu_b|^2
+    assert kernel_distance(a, shifted) > 0.5
+    scaled = rng.normal(size=(4000, 4)) * 2.0  # Tr(S_a + S_b - 2 sqrt(S_a S_b)) = 4 * (1 + 4 - 4)
+    assert abs(frechet_distance(rng.normal(size=(4000, 4)), scaled) - 4.0) < 0.4
+
+
+def test_slice_classifier_shapes_and_config():
+    model = SliceClassifier(widths=(4, 8))
+    images = np.zeros((3, 16, 16, 1), np.float32)
+    assert tuple(model(images).shape) == (3,)
+    assert tuple(model.features(images).shape) == (3, 8)
+    clone = SliceClassifier.from_config(model.get_config())
+    assert clone.widths == (4, 8)
+    with pytest.raises(ValueError, match="widths"):
+        SliceClassifier(widths=())
+
+
+def _link(records, root: Path, split: str, *, swap: bool = False, prefix: str = "") -> None:
+    for record in records:
+        label = ("AD", "NC")[record.label] if swap else ("NC", "AD")[record.label]
+        folder = root / split / label
+        folder.mkdir(parents=True, exist_ok=True)
+        os.symlink(record.path, folder / (prefix + Path(record.path).name))
+
+
+@pytest.fixture(scope="module")
+def demo_halves(demo_data, tmp_path_factory):
+    """Disjoint patients of the demo set, every fourth slice: `real` (train: 8 patients per
+    class, test: the demo test set, 4 per class) and `other` (train: 4 other train patients per
+    class, test: the last 4), so each test side holds 4 patients per class."""
+    base = tmp_path_factory.mktemp("compare")
+    train = [r for r in discover_folder(demo_data, "train") if r.slice_index % 4 == 0]
+    test = [r for r in discover_folder(demo_data, "test") if r.slice_index % 4 == 0]
+    order = {label: sorted({r.patient for r in train if r.label == label}) for label in (0, 1)}
+    rank = {p: i for label in (0, 1) for i, p in enumerate(order[label])}
+    real, other = base / "real", base / "other"
+    _link([r for r in train if rank[r.patient] < 8], real, "train")
+    _link(test, real, "test")
+    _link([r for r in train if 8 <= rank[r.patient] < 12], other, "train")
+    _link([r for r in train if rank[r.patient] >= 12], other, "test")
+    return real, other
+
+
+@pytest.fixture(scope="module")
+def ellipse_sets(tiny_adni, tmp_path_factory):
+    """`tiny_adni` (AD and NC told apart at once: smaller heads) as real slices, as images."""
+    from keras_vqpix.compare import SliceSet
+
+    return tuple(
+        SliceSet.load(discover_folder(tiny_adni, split), BUDGET.image_size)
+        for split in ("train", "test")
+    )
+
+
+def test_real_vs_real_is_indistinguishable_and_cli_writes_every_key(demo_halves, tmp_path):
+    real, other = demo_halves
+    result = CliRunner().invoke(
+        main,
+        [
+            "compare",
+            str(other),
+            "--real",
+            str(real),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "r.png"),
+            "--image-size",
+            "48",
+            "--epochs",
+            "6",
+            "--seeds",
+            "1",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "r.json").read_text())
+    for name in (*SEEDED_NAMES, *SET_NAMES):
+        for key in (name, f"{name}_down4"):
+            assert key in metrics, key
+    assert "c2st_auc_std" in metrics and "c2st_auc" in metrics["per_seed"]
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    assert "c2st_auc" in result.output and "down4" in result.output
+    # Known answers: two disjoint sets of real patients cannot be told apart, lie as far from
+    # the real train slices as the real test slices do, and are no copies.
+    assert abs(metrics["c2st_auc"] - 0.5) < 0.2, metrics["c2st_auc"]
+    assert abs(metrics["c2st_auc_down4"] - 0.5) < 0.2, metrics["c2st_auc_down4"]
+    assert 0.4 < metrics["fd"] / metrics["fd_real"] < 2.5, (metrics["fd"], metrics["fd_real"])
+    # 5% by construction for sets of many patients; 40 real test slices of 8 patients give a
+    # coarse 95th percentile, so only "no copies" is asserted here.
+    assert metrics["memorisation"] < 0.5
+    assert 0.6 < metrics["diversity"] / metrics["diversity_real"] < 1.6
+
+
+def test_noisy_slices_are_told_apart(ellipse_sets):
+    real_train, real_test = ellipse_sets
+    rng = np.random.default_rng(0)
+
+    def noisy(images: SliceSet) -> SliceSet:
+        pixels = images.images + rng.normal(0, 0.1, images.images.shape)
+        return SliceSet(np.clip(pixels, 0, 1).astype(np.float32), images.labels, images.patients)
+
+    # The held-apart "synthetic" slices are the real test slices plus noise: noise is all
+    # that tells the two test sides apart.
+    figures = judge_once(real_train, real_test, noisy(real_train), noisy(real_test), BUDGET, 0)
+    assert figures["c2st_auc"] > 0.9, figures["c2st_auc"]
+    assert figures["fd"] > figures["fd_real"], (figures["fd"], figures["fd_real"])
+
+
+def test_swapped_labels_score_well_below_half(ellipse_sets):
+    real_train, real_test = ellipse_sets
+
+    def swapped(images: SliceSet) -> SliceSet:
+        return SliceSet(images.images, 1 - images.labels, images.patients)
+
+    figures = judge_once(real_train, real_test, swapped(real_train), swapped(real_test), BUDGET, 0)
+    assert figures["trtr_auc"] > 0.9
+    assert figures["fidelity_auc"] < 0.1 and figures["tstr_auc"] < 0.1, figures
+    assert figures["fidelity_auc_patient"] < 0.1 and figures["tstr_auc_patient"] < 0.1
+
+
+def test_copies_of_training_slices_are_memorised(ellipse_sets):
+    real_train, real_test = ellipse_sets
+    copies = real_train.subset(np.arange(0, len(real_train), 2))
+    every = np.arange(len(copies))
+    figures = set_figures(real_train, real_test, copies, BUDGET, every, np.arange(len(real_test)))
+    assert figures["memorisation"] == 1.0 and figures["nn_ssim"] > 0.999
+    # Real unseen slices are the reference: about 1 - 95% of them lie above the threshold.
+    fresh = set_figures(real_train, real_test, real_test, BUDGET, every[:10], every[:10])
+    assert fresh["memorisation"] <= 0.1
+
+
+def test_compare_refuses_shared_patients_and_bad_options(demo_halves):
+    real, _ = demo_halves
+    result = CliRunner().invoke(main, ["compare", str(real), "--real", str(real)])
+    assert result.exit_code == 2 and "share patient" in result.output
+    result = CliRunner().invoke(main, ["compare", str(real), "--image-size", "30"])
+    assert result.exit_code == 2 and "multiple of 4" in result.output

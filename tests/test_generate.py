@@ -1,0 +1,136 @@
+"""`vqpix generate`: synthetic and reconstructed data sets in the ADNI layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from PIL import Image
+
+from keras_vqpix.data.discover import discover_folder, discover_splits
+from keras_vqpix.data.pipeline import resize_with_pad
+from keras_vqpix.synthetic import padding_box, run_frame, to_frame
+from keras_vqpix_cli.main import main
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.jpeg"))}
+
+
+def test_to_frame_undoes_the_pipelines_padding():
+    for width, height, size in ((256, 240, 32), (240, 256, 64), (300, 100, 48)):
+        ones = tf.ones((height, width, 1))
+        padded = resize_with_pad(ones, size).numpy()[None]
+        top, left, h, w = padding_box((width, height), size)
+        assert padded[0, top : top + h, left : left + w].min() > 0.99  # the slice
+        assert padded[0].sum() == pytest.approx(h * w, abs=1e-3)  # the rest is padding
+        back = to_frame(padded, (width, height))
+        assert back.shape == (1, height, width) and back.min() >= 252
+
+
+def test_generate_writes_a_data_set_that_trains_and_reproduces(quick_run, tmp_path):
+    out = tmp_path / "syn"
+    args = ["generate", str(quick_run), "--per-class", "5", "--test-fraction", "0.4"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "Wrote 10 slices" in result.output
+    # The frame was recorded at training time: the tiny data's 256x240 slices.
+    assert json.loads((quick_run / "split.json").read_text())["frame"] == [256, 240]
+    splits = discover_splits(out)
+    train, test = splits.train + splits.validation, splits.test
+    assert len(train) == 6 and len(test) == 4
+    assert all(r.patient.startswith("syn3-") for r in train + test)
+    assert {r.label for r in test} == {0, 1}
+    with Image.open(test[0].path) as image:
+        assert image.size == (256, 240) and image.mode == "L"
+    rows = list(csv.DictReader((out / "manifest.csv").read_text().splitlines()))
+    assert len(rows) == 10 and {"file", "split", "label", "seed", "temperature"} <= set(rows[0])
+    assert all((out / row["file"]).is_file() for row in rows)
+    record = json.loads((out / "generator.json").read_text())
+    assert (
+        record["kind"] == "samples"
+        and record["prior_fingerprint"]
+        and record["frame"] == [256, 240]
+    )
+    assert record["options"]["seed"] == 3 and "vqpix generate" in record["command"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+    # Same seed, same bytes; another seed, other slices.
+    again = tmp_path / "again"
+    assert CliRunner().invoke(main, [*args, "--out", str(again), "--seed", "3"]).exit_code == 0
+    assert _files(again) == _files(out)
+    other = tmp_path / "other"
+    assert CliRunner().invoke(main, [*args, "--out", str(other), "--seed", "4"]).exit_code == 0
+    assert _files(other) != {k.replace("syn3", "syn4"): v for k, v in _files(out).items()}
+
+    # `vqpix train` reads it unchanged.
+    run = tmp_path / "run"
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--config",
+            "quick",
+            "--data",
+            str(out),
+            "--out",
+            str(run),
+            "--stage",
+            "vqvae",
+            "--epochs",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_generate_refuses_bad_options_in_one_line(quick_run, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    cases = [
+        (["--out", str(taken)], "not empty"),
+        (["--out", str(tmp_path / "a"), "--per-class", "0"], "--per-class"),
+        (["--out", str(tmp_path / "b"), "--size", "256"], "WIDTHxHEIGHT"),
+        (["--out", str(tmp_path / "c"), "--reconstruct", str(quick_run), "--seed", "2"], "--seed"),
+        (["--out", str(tmp_path / "d"), "--temperature", "0"], "--temperature"),
+    ]
+    for extra, message in cases:
+        result = CliRunner().invoke(main, ["generate", str(quick_run), *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output
+    assert (taken / "keep.txt").read_text() == "mine"
+
+
+def test_reconstruct_keeps_layout_patients_and_frame(quick_run, tiny_adni, tmp_path):
+    out = tmp_path / "rec"
+    result = CliRunner().invoke(
+        main, ["generate", str(quick_run), "--reconstruct", str(tiny_adni), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    for split in ("train", "test"):
+        source = discover_folder(tiny_adni, split)
+        written = discover_folder(out, split)
+        assert [f"rec-{r.patient}" for r in source] == [r.patient for r in written]
+        assert [r.label for r in source] == [r.label for r in written]
+    with Image.open(written[0].path) as image:
+        assert image.size == (256, 240)
+    assert json.loads((out / "generator.json").read_text())["kind"] == "reconstructions"
+
+
+def test_run_frame_of_a_run_trained_before_frames_were_recorded(quick_run, tmp_path):
+    run = tmp_path / "old_run"
+    run.mkdir()
+    record = json.loads((quick_run / "split.json").read_text())
+    record.pop("frame")
+    (run / "split.json").write_text(json.dumps(record))
+    assert run_frame(run) == (256, 240)  # read from a slice of the recorded data folder
+    (run / "split.json").write_text(json.dumps({**record, "data": str(tmp_path / "gone")}))
+    with pytest.raises(ValueError, match="--size"):
+        run_frame(run)
+    assert np.array_equal(padding_box((256, 240), 32), (1, 0, 30, 32))
