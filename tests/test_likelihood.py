@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from keras_vqpix.codes import encode_records
 from keras_vqpix.data.discover import discover_splits
 from keras_vqpix.data.pipeline import load_images
 from keras_vqpix.likelihood import (
@@ -20,9 +21,8 @@ from keras_vqpix.likelihood import (
     detect_anomalies,
     log_likelihood_ratios,
 )
-from keras_vqpix.training.artifacts import load_prior, load_vqvae
-from keras_vqpix.training.codes import encode_records
-from keras_vqpix.training.prior_training import bits_per_code
+from keras_vqpix.models.pixelcnn import bits_per_code
+from keras_vqpix.run_folder import load_prior, load_vqvae
 from keras_vqpix_cli.main import main
 
 pytestmark = pytest.mark.large
