@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keras_vqpix.config import PRESETS
+from keras_vqpix.config import PRESETS, RUN_SEED_RANGE
 
 from .common import InputError, resolve_data, user_errors
 
@@ -68,10 +68,10 @@ from .common import InputError, resolve_data, user_errors
 )
 @click.option(
     "--seed",
-    type=click.IntRange(0, 2**32 - 1),
+    type=click.IntRange(*RUN_SEED_RANGE),
     default=0,
     show_default=True,
-    help="Seed of the split, shuffling and initialisation.",
+    help="Seed of the split, shuffling, initialisation and the plots' samples (0 .. 2**31 - 1).",
 )
 @click.option(
     "--overwrite",
@@ -125,7 +125,7 @@ def train(
     diverged (the run folder keeps its last complete epoch).
     """
     from keras_vqpix.config import get_config
-    from keras_vqpix.training.artifacts import RunPaths, read_config
+    from keras_vqpix.run_folder import RunPaths, read_config
     from keras_vqpix.training.distribute import make_cluster, precision_policy
 
     # First of all: a multi-worker strategy must exist before TensorFlow runs anything.

@@ -2,7 +2,7 @@
 
 Two presets: `quick` (tiny, seconds, for tests) and `default` (the real model). A run can be
 reproduced from its `config.json` alone, and a prior can refuse a VQ-VAE it was not trained on
-by comparing fingerprints (see `keras_vqpix.training.artifacts`).
+by comparing fingerprints (see `keras_vqpix.run_folder`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,31 @@ QUANTIZERS = ("ema", "gradient")
 # Keras dtype policies a run may train with (`vqpix train --mixed-precision` picks the mixed one
 # for the hardware: float16 on GPUs, bfloat16 on CPUs and TPUs).
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# The exported generator's default cap on `num_samples` per request (`vqpix export
+# --max-samples`): what one CPU core serves in about 1-2 s with the default config
+# (benchmarks/RESULTS.md, "Serving"). Not part of a run: an export option.
+SERVING_MAX_SAMPLES = 16
+
+# Seeds, in one place. A sampling seed is an int32: the samplers' stateless seeds and the exported
+# generator's `seed` input are int32. A run's seed seeds its split, shuffles and initial weights
+# and also draws the samples of its plots, so it is a sampling seed too; NumPy refuses negative
+# seeds, hence `RUN_SEED_RANGE` is the non-negative int32s. Both ranges are inclusive.
+SEED_RANGE = (-(2**31), 2**31 - 1)
+RUN_SEED_RANGE = (0, 2**31 - 1)
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _model_arguments(section) -> dict[str, Any]:
+    """A config section's fields but its `TRAINING_FIELDS`: the model's arguments, by name."""
+    return {
+        f.name: getattr(section, f.name)
+        for f in dataclasses.fields(section)
+        if f.name not in section.TRAINING_FIELDS
+    }
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,13 @@ class VQVAEConfig:
     learning_rate: float = 2e-3
     final_learning_rate_ratio: float = 0.05
     epochs: int = 12
+
+    # Fields of the training recipe; every other field is an argument of `VQVAE`.
+    TRAINING_FIELDS = ("learning_rate", "final_learning_rate_ratio", "epochs")
+
+    def model_arguments(self) -> dict[str, Any]:
+        """The fields that are `keras_vqpix.models.vqvae.VQVAE` arguments, by name."""
+        return _model_arguments(self)
 
     def __post_init__(self) -> None:
         _check(
@@ -198,6 +225,13 @@ class PriorConfig:
     epochs: int = 20
     batch_size: int = 32
 
+    # Fields of the training recipe; every other field is an argument of `PixelCNN`.
+    TRAINING_FIELDS = ("learning_rate", "epochs", "batch_size")
+
+    def model_arguments(self) -> dict[str, Any]:
+        """The fields that are `keras_vqpix.models.pixelcnn.PixelCNN` arguments, by name."""
+        return _model_arguments(self)
+
     def __post_init__(self) -> None:
         _check(
             self.num_layers >= 1, f"num_layers must be >= 1. Received: num_layers={self.num_layers}"
@@ -257,6 +291,13 @@ class RunConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
 
     def __post_init__(self) -> None:
+        low, high = RUN_SEED_RANGE
+        _check(
+            isinstance(self.seed, int)
+            and not isinstance(self.seed, bool)
+            and low <= self.seed <= high,
+            f"seed must be an integer in {low} .. {high} (2**31 - 1). Received: seed={self.seed!r}",
+        )
         _check(
             self.precision in PRECISIONS,
             f"precision must be one of {PRECISIONS}. Received: precision={self.precision!r}",

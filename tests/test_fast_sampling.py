@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
-from test_pixelcnn_steps import ARCHITECTURES, random_prior
+from conftest import ARCHITECTURES, random_prior
 
 from keras_vqpix import sampling
 from keras_vqpix.sampling import (
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("time_limit")
 @pytest.fixture(scope="module")
 def quick_prior(quick_run):
     """The prior `vqpix train --config quick` trained (8x8 code maps, K = 16)."""
-    from keras_vqpix.training.artifacts import load_prior
+    from keras_vqpix.run_folder import load_prior
 
     return load_prior(quick_run)[0]
 
@@ -157,7 +157,7 @@ def test_vqpix_sample_draws_with_the_fast_sampler(quick_run, quick_prior, tmp_pa
     def refuse(*args, **kwargs):
         raise AssertionError("the reference sampler ran")
 
-    monkeypatch.setitem(sampling.SAMPLERS, "reference", refuse)
+    monkeypatch.setitem(sampling.SAMPLERS, "reference", sampling.Sampler(refuse, refuse))
     monkeypatch.setattr(sampling, "sample_codes_reference", refuse)
     result = CliRunner().invoke(
         main, ["sample", str(quick_run), "--num", "4", "--seed", "3", "--out", str(tmp_path / "s")]

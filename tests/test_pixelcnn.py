@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_config_round_trip
 
 from keras_vqpix.config import PriorConfig, get_config
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
@@ -221,29 +222,43 @@ def test_the_default_prior_is_dilated_and_the_undilated_one_stays_a_preset():
 
 
 @pytest.mark.parametrize(
-    "layer",
+    ("cls", "arguments"),
     [
-        MaskedConv2D(4, (1, 3), "A", use_bias=False, name="masked"),
-        GatedBlock(8, 5, "A", num_labels=3, dilation=2, name="block"),
-        PixelCNN(
-            num_embeddings=8,
-            num_layers=1,
-            filters=8,
-            embedding_dim=4,
-            conditional=False,
-            label_dropout=0.2,
-            dropout=0.1,
-            code_shape=(4, 5),
-            seed=3,
-            position_embedding=True,
-            dilation_cycle=2,
+        (
+            MaskedConv2D,
+            dict(
+                filters=4,
+                kernel_size=(1, 3),
+                mask_type="A",
+                use_bias=False,
+                kernel_initializer="he_normal",
+                bias_initializer="ones",
+            ),
+        ),
+        (GatedBlock, dict(filters=8, kernel_size=5, mask_type="A", num_labels=3, dilation=2)),
+        (
+            PixelCNN,
+            dict(
+                num_embeddings=8,
+                num_layers=1,
+                filters=8,
+                kernel_size=5,
+                embedding_dim=4,
+                conditional=False,
+                num_classes=3,
+                label_dropout=0.2,
+                dropout=0.1,
+                code_shape=(4, 5),
+                seed=3,
+                position_embedding=True,
+                dilation_cycle=2,
+            ),
         ),
     ],
     ids=["MaskedConv2D", "GatedBlock", "PixelCNN"],
 )
-def test_get_config_round_trips(layer):
-    config = layer.get_config()
-    assert type(layer).from_config(config).get_config() == config
+def test_get_config_round_trips(cls, arguments):
+    assert_config_round_trip(cls, arguments)
 
 
 def tiny_prior(**kwargs) -> PixelCNN:
