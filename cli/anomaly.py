@@ -26,7 +26,11 @@ from .common import user_errors
     help="The run's ADNI-layout data folder: score the slices of --split (instead of IMAGEs).",
 )
 @click.option(
-    "--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True
+    "--split",
+    type=click.Choice(["test", "val", "train", "all"]),
+    default="test",
+    show_default=True,
+    help="A split of the run's own data; of other data (external): its test/ folder, or all.",
 )
 @click.option(
     "--out",

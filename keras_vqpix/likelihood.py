@@ -60,7 +60,6 @@ DEFAULT_SURPRISE_THRESHOLD = -math.log(0.005)  # 5.30 nats
 # tissue); a quantile of healthy codes redraws the same share whatever the prior's fit.
 DEFAULT_HEALTHY_QUANTILE = 0.99
 _LOG_LIKELIHOODS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-SPLITS = {"test": "test", "val": "validation", "validation": "validation", "train": "train"}
 
 
 # -- Per-code log-likelihoods --------------------------------------------------------------------------
@@ -126,20 +125,39 @@ def log_likelihood_ratios(prior, codes, batch_size: int = 64) -> np.ndarray:
 
 # -- Which slices an evaluation reads ------------------------------------------------------------------
 def evaluation_split(run_dir: str | os.PathLike, data_root: str | os.PathLike, split: str = "test"):
-    """`(splits, records)`: the run's data splits and the slices of `split` to evaluate.
+    """`(splits, chosen)`: the run's own data splits and the slices of `data_root` to evaluate.
 
-    Today `data_root` must hold the run's own data (`load_splits` checks its patients against
-    the run's `split.json`) and `split` picks one of its splits. This is the one place that
-    decides it: when `vqpix evaluate --data` learns to read other folders as external data,
-    only this function changes.
+    `chosen` is the `keras_vqpix.evaluation.EvaluationData` (records, split, external) of `keras_vqpix.evaluation.evaluation_records`: a split of the run's
+    own data, or, when `data_root` holds other patients, its `test/` folder (`split="test"`) or
+    every slice (`"all"`) as external data. `splits` are always the run's own (its training and
+    validation slices give the class prior, the CNN and the anomaly threshold): for external
+    data they are read from the data folder the run recorded in `split.json`.
+
+    Raises:
+        RunFolderError: external data, and the run's own data folder is not at hand.
     """
-    from keras_vqpix.run_folder import RunPaths, load_splits, read_config
+    from keras_vqpix.evaluation import evaluation_records
+    from keras_vqpix.run_folder import RunPaths, read_config
 
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of test, val, train. Received: split={split!r}")
     paths = RunPaths(Path(run_dir))
-    splits = load_splits(data_root, read_config(paths), paths)
-    return splits, getattr(splits, SPLITS[split])
+    config = read_config(paths)
+    chosen = evaluation_records(paths.root, data_root, split, config)
+    if not chosen.external:
+        return chosen.splits, chosen
+    return recorded_splits(paths, config), chosen
+
+
+def recorded_splits(paths, config) -> DataSplits:
+    """The run's data splits, of the data folder its `split.json` names (checked unchanged)."""
+    from keras_vqpix.run_folder import RunFolderError, load_splits, read_json
+
+    recorded = read_json(paths.split).get("data") if paths.split.is_file() else None
+    if not recorded or not Path(recorded).is_dir():
+        raise RunFolderError(
+            f"the data {paths.root} was trained on ({recorded or 'not recorded'}) is not at hand: "
+            "its training and validation slices are needed beside external data"
+        )
+    return load_splits(recorded, config, paths)
 
 
 # -- Classification ------------------------------------------------------------------------------------
@@ -292,7 +310,8 @@ def classify_run(
         raise ValueError(
             f"{paths.root}: its prior is unconditional (trained without labels), so it cannot classify"
         )
-    splits, records = evaluation_split(paths.root, data_root, split)
+    splits, chosen = evaluation_split(paths.root, data_root, split)
+    records = chosen.records
     train_labels = np.asarray([r.label for r in splits.train])
     train_patient_labels = np.asarray(
         [r.label for r in {r.patient: r for r in splits.train}.values()]
@@ -303,7 +322,9 @@ def classify_run(
     patients = [r.patient for r in records]
     figures, tables = classification_scores(labels, patients, ratios, slice_prior, patient_prior)
     result = {
-        "split": SPLITS[split],
+        "split": chosen.split,
+        "external": chosen.external,
+        "data": str(Path(data_root).resolve()),
         "num_slices": len(records),
         "num_patients": len(tables["patients"]),
         "prior_log_odds_slice": slice_prior,
@@ -314,7 +335,7 @@ def classify_run(
         "prior_epoch": prior_meta.get("epoch"),
         "prior_fingerprint": prior_meta.get("fingerprint"),
     }
-    if SPLITS[split] != "validation":
+    if chosen.split != "validation":
         # Summing slices as if independent makes patients' P(AD) overconfident and shifts
         # them by any bias of the ratio; a threshold chosen on the validation patients shows
         # what the ranking is worth as a decision (reported beside, never instead).
@@ -430,7 +451,12 @@ def format_classification(result: dict) -> str:
         if key.endswith("_slice_auc")
     ]
     lines = [
-        f"{result['split']} split: {result['num_slices']} slices of {result['num_patients']} patients",
+        (
+            f"external data {result['data']} ({'every slice' if result['split'] == 'all' else 'test/'})"
+            if result.get("external")
+            else f"{result['split']} split"
+        )
+        + f": {result['num_slices']} slices of {result['num_patients']} patients",
         f"{'classifier':<14}{'slice AUC':>11}{'slice bal.acc':>15}{'patient AUC':>13}{'patient bal.acc':>17}",
     ]
     for name, prefix in names:
@@ -560,16 +586,18 @@ def calibrate_threshold(
 
 
 def _healthy_reference(paths, data_root):
-    """NC slices of the run's validation split (of `data_root`, else of the data the run
-    recorded in `split.json`), or None when that data is not at hand."""
-    from keras_vqpix.run_folder import read_json
+    """NC slices of the run's validation split (of `data_root` when it is the run's data, else of
+    the data the run recorded in `split.json`), or None when no data is given and the recorded
+    data is not at hand."""
+    from keras_vqpix.run_folder import RunFolderError, read_config
 
-    if data_root is None:
-        recorded = read_json(paths.split).get("data") if paths.split.is_file() else None
-        if not recorded or not Path(recorded).is_dir():
+    if data_root is not None:
+        splits, _ = evaluation_split(paths.root, data_root, "test")
+    else:
+        try:
+            splits = recorded_splits(paths, read_config(paths))
+        except RunFolderError:
             return None
-        data_root = recorded
-    splits, _ = evaluation_split(paths.root, data_root, "validation")
     healthy = [r for r in splits.validation if r.label == NC]
     return healthy or None
 
@@ -689,7 +717,8 @@ def anomaly_run(
         )
     size = config.data.image_size
     if data_root is not None:
-        _, records = evaluation_split(paths.root, data_root, split)
+        _, chosen = evaluation_split(paths.root, data_root, split)
+        records = chosen.records
         images = load_images(records, size)
         files = [r.path for r in records]
         patients = [r.patient for r in records]
@@ -740,7 +769,8 @@ def anomaly_run(
     record = {
         "run": str(paths.root.resolve()),
         "data": None if data_root is None else str(Path(data_root).resolve()),
-        "split": SPLITS[split] if data_root is not None else None,
+        "split": chosen.split if data_root is not None else None,
+        "external": chosen.external if data_root is not None else None,
         "num_slices": len(files),
         "label": "NC" if label_value == NC else "unconditional",
         "threshold_nats": threshold,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from keras_vqpix.likelihood import (
     classify_run,
     code_log_likelihoods,
     detect_anomalies,
+    format_classification,
     log_likelihood_ratios,
 )
 from keras_vqpix.models.pixelcnn import bits_per_code
@@ -228,3 +230,27 @@ def test_bad_options_exit_2_in_one_line(quick_run, tiny_adni, tmp_path, args, me
     error = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(error) == 1 and message in error[0], result.output
     assert not (tmp_path / "a").exists()
+
+
+def test_classify_and_anomaly_on_external_data(quick_run, tmp_path):
+    # Patients the run never saw: classified with the run's own training prior and validation
+    # threshold (from the data it recorded), and reported as external.
+    from keras_vqpix.data.demo import generate_demo_dataset
+
+    other = tmp_path / "other"
+    generate_demo_dataset(
+        other, seed=3, train_patients_per_class=1, test_patients_per_class=1, slices_per_patient=2
+    )
+    result = classify_run(quick_run, other)
+    assert (result["external"], result["split"], result["num_slices"]) == (True, "test", 4)
+    assert result["num_patients"] == 2 and 0.0 <= result["slice_auc"] <= 1.0
+    assert "external data" in format_classification(result).splitlines()[0]
+    nc_only = tmp_path / "nc_only"
+    shutil.copytree(other / "test" / "NC", nc_only / "test" / "NC")  # one patient, one class
+    out = tmp_path / "maps"
+    result = invoke("anomaly", quick_run, "--data", nc_only, "--out", out, "--threshold", "2")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "anomaly.json").read_text())
+    assert (record["external"], record["split"], record["num_slices"]) == (True, "test", 2)
+    refused = invoke("classify", quick_run, "--data", nc_only, "--split", "val", "--no-cnn")
+    assert refused.exit_code == 2 and "has no validation split" in refused.output

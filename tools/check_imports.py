@@ -48,10 +48,15 @@ LAYERS = (
     ("code maps and sample statistics", ("keras_vqpix.codes", "keras_vqpix.sample_quality")),
     ("training", ("keras_vqpix.training", "keras_vqpix.training.*")),
     (
-        "synthetic data sets, judging them, the prior's likelihood",
-        ("keras_vqpix.synthetic", "keras_vqpix.compare", "keras_vqpix.likelihood"),
+        "evaluation, export, synthetic data sets, judging them, the prior's likelihood",
+        (
+            "keras_vqpix.evaluation",
+            "keras_vqpix.export",
+            "keras_vqpix.synthetic",
+            "keras_vqpix.compare",
+            "keras_vqpix.likelihood",
+        ),
     ),
-    ("evaluation and export", ("keras_vqpix.evaluation", "keras_vqpix.export")),
     ("cli", ("keras_vqpix_cli", "keras_vqpix_cli.*")),
 )
 # Modules documented as importing no TensorFlow (tools that only list files start fast).
