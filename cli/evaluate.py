@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from keras_vqpix.config import SEED_RANGE
+
 from .common import resolve_data, user_errors
 
 
@@ -18,10 +20,16 @@ from .common import resolve_data, user_errors
     "--data",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="ADNI-layout folder. Default: the demo data set.",
+    help="ADNI-layout folder. Default: the demo data set. A folder that is not the run's own "
+    "data (its patients differ from RUN/split.json) is evaluated as external data.",
 )
 @click.option(
-    "--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True
+    "--split",
+    type=click.Choice(["test", "val", "train", "all"]),
+    default="test",
+    show_default=True,
+    help="test, val or train split of the run's own data; of external data: its test/ folder "
+    "(test) or every slice in it (all).",
 )
 @click.option(
     "--samples",
@@ -37,9 +45,15 @@ from .common import resolve_data, user_errors
     default=None,
     help="Write the metrics to this JSON file.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the samples.")
+@click.option(
+    "--seed",
+    type=click.IntRange(*SEED_RANGE),
+    default=0,
+    show_default=True,
+    help="Seed for the samples (an int32).",
+)
 def evaluate(run_dir, data, split, samples, json_path, seed) -> None:
-    """Evaluate the run RUN on a split of DATA."""
+    """Evaluate the run RUN on a split of DATA, or on external data (external validation)."""
     from keras_vqpix.evaluation import evaluate_run, format_metrics
 
     data = resolve_data(data)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from keras_vqpix.config import SERVING_MAX_SAMPLES
+
 from .common import user_errors
 
 
@@ -34,7 +36,16 @@ from .common import user_errors
     help="BASE as the server sees it (e.g. /models in a container), for models.config; "
     "default: BASE's absolute path.",
 )
-def export(run_dir, base, version, serving_base_path) -> None:
+@click.option(
+    "--max-samples",
+    type=click.IntRange(min=1, max=2**31 - 1),
+    default=SERVING_MAX_SAMPLES,
+    show_default=True,
+    metavar="N",
+    help="The generator's cap on num_samples per request: more is refused before any work "
+    "(the default: about 1-2 s of one CPU core with the default config).",
+)
+def export(run_dir, base, version, serving_base_path, max_samples) -> None:
     """Export the run RUN as SavedModels under --base, for TensorFlow Serving.
 
     Writes BASE/vqvae/<version>/ and, when the run has a prior, BASE/vqpix_generator/<version>/,
@@ -48,6 +59,7 @@ def export(run_dir, base, version, serving_base_path) -> None:
             base,
             version=version,
             serving_base_path=serving_base_path,
+            max_samples=max_samples,
             on_note=click.echo,
         )
     for path in paths:

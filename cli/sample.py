@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from keras_vqpix.config import SEED_RANGE
+
 from .common import user_errors
 
 
@@ -16,7 +18,13 @@ from .common import user_errors
 @click.option(
     "--num", type=click.IntRange(min=1), default=16, show_default=True, help="Number of samples."
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same samples.")
+@click.option(
+    "--seed",
+    type=click.IntRange(*SEED_RANGE),
+    default=0,
+    show_default=True,
+    help="Same seed, same samples (an int32).",
+)
 @click.option(
     "--label",
     type=click.Choice(["AD", "NC"], case_sensitive=False),

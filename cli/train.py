@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from keras_vqpix.config import PRESETS, RUN_SEED_RANGE
+
 from .common import InputError, resolve_data, user_errors
 
 
@@ -27,10 +29,11 @@ from .common import InputError, resolve_data, user_errors
 @click.option(
     "--config",
     "config_name",
-    type=click.Choice(["quick", "default"]),
+    type=click.Choice(sorted(PRESETS)),
     default="default",
     show_default=True,
-    help="Preset: quick (tiny, seconds) or default (the real model).",
+    help="Preset: quick (tiny, seconds), default (the real model) or default-undilated (the "
+    "default with the previous prior, whose vertical stacks are not dilated).",
 )
 @click.option(
     "--stage",
@@ -65,10 +68,10 @@ from .common import InputError, resolve_data, user_errors
 )
 @click.option(
     "--seed",
-    type=click.IntRange(0, 2**32 - 1),
+    type=click.IntRange(*RUN_SEED_RANGE),
     default=0,
     show_default=True,
-    help="Seed of the split, shuffling and initialisation.",
+    help="Seed of the split, shuffling, initialisation and the plots' samples (0 .. 2**31 - 1).",
 )
 @click.option(
     "--overwrite",
@@ -122,7 +125,7 @@ def train(
     diverged (the run folder keeps its last complete epoch).
     """
     from keras_vqpix.config import get_config
-    from keras_vqpix.training.artifacts import RunPaths, read_config
+    from keras_vqpix.run_folder import RunPaths, read_config
     from keras_vqpix.training.distribute import make_cluster, precision_policy
 
     # First of all: a multi-worker strategy must exist before TensorFlow runs anything.

@@ -2,7 +2,7 @@
 
 Two presets: `quick` (tiny, seconds, for tests) and `default` (the real model). A run can be
 reproduced from its `config.json` alone, and a prior can refuse a VQ-VAE it was not trained on
-by comparing fingerprints (see `keras_vqpix.training.artifacts`).
+by comparing fingerprints (see `keras_vqpix.run_folder`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,31 @@ QUANTIZERS = ("ema", "gradient")
 # Keras dtype policies a run may train with (`vqpix train --mixed-precision` picks the mixed one
 # for the hardware: float16 on GPUs, bfloat16 on CPUs and TPUs).
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# The exported generator's default cap on `num_samples` per request (`vqpix export
+# --max-samples`): what one CPU core serves in about 1-2 s with the default config
+# (benchmarks/RESULTS.md, "Serving"). Not part of a run: an export option.
+SERVING_MAX_SAMPLES = 16
+
+# Seeds, in one place. A sampling seed is an int32: the samplers' stateless seeds and the exported
+# generator's `seed` input are int32. A run's seed seeds its split, shuffles and initial weights
+# and also draws the samples of its plots, so it is a sampling seed too; NumPy refuses negative
+# seeds, hence `RUN_SEED_RANGE` is the non-negative int32s. Both ranges are inclusive.
+SEED_RANGE = (-(2**31), 2**31 - 1)
+RUN_SEED_RANGE = (0, 2**31 - 1)
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _model_arguments(section) -> dict[str, Any]:
+    """A config section's fields but its `TRAINING_FIELDS`: the model's arguments, by name."""
+    return {
+        f.name: getattr(section, f.name)
+        for f in dataclasses.fields(section)
+        if f.name not in section.TRAINING_FIELDS
+    }
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,13 @@ class VQVAEConfig:
     final_learning_rate_ratio: float = 0.05
     epochs: int = 12
 
+    # Fields of the training recipe; every other field is an argument of `VQVAE`.
+    TRAINING_FIELDS = ("learning_rate", "final_learning_rate_ratio", "epochs")
+
+    def model_arguments(self) -> dict[str, Any]:
+        """The fields that are `keras_vqpix.models.vqvae.VQVAE` arguments, by name."""
+        return _model_arguments(self)
+
     def __post_init__(self) -> None:
         _check(
             self.downsample_factor in (4, 8),
@@ -157,10 +184,13 @@ class VQVAEConfig:
 class PriorConfig:
     """Gated PixelCNN prior over code maps.
 
-    The default (10 gated layers of 32 channels: a receptive field of 10 code rows above and
-    10 columns to each side, 0.27 M parameters for K = 256) is sized for CPUs: on 2 shared
-    cores one epoch over ~1300 32x32 code maps takes about 1-2 minutes; 8 layers of 64
-    channels (0.9 M parameters) take about twice as long.
+    The default (10 gated layers of 32 channels, 0.30 M parameters for K = 256 and 32x32
+    code maps) is sized for CPUs: on 2 shared cores one epoch over ~1300 32x32 code maps
+    takes about 1-2 minutes; 8 layers of 64 channels (0.9 M parameters) take about twice as
+    long. Its vertical stacks are dilated 1, 2, 4, 8, 1, 2, 4, 8, 1, 2 (`dilation_cycle=4`):
+    each position sees 34 code rows above and as many columns to each side, the whole brain,
+    for the weights and the training and sampling cost of the undilated prior, which saw 11
+    rows (the `default-undilated` preset; README "Prior ablation").
 
     Attributes:
         num_layers: int, gated blocks after the first (type A) layer.
@@ -174,6 +204,8 @@ class PriorConfig:
         dropout: float, dropout before the output head.
         position_embedding: bool, learn an embedding per code position (`PixelCNN`): without
             it, default-config samples on the demo set were brain texture, not slices.
+        dilation_cycle: int, block i's vertical stack is dilated by `2 ** (i % dilation_cycle)`
+            (`PixelCNN`); 1: no dilation.
         learning_rate: float, Adam learning rate.
         epochs: int, training epochs.
         batch_size: int, code maps per batch.
@@ -188,9 +220,17 @@ class PriorConfig:
     embedding_dim: int = 32
     dropout: float = 0.0
     position_embedding: bool = True
+    dilation_cycle: int = 4
     learning_rate: float = 1e-3
     epochs: int = 20
     batch_size: int = 32
+
+    # Fields of the training recipe; every other field is an argument of `PixelCNN`.
+    TRAINING_FIELDS = ("learning_rate", "epochs", "batch_size")
+
+    def model_arguments(self) -> dict[str, Any]:
+        """The fields that are `keras_vqpix.models.pixelcnn.PixelCNN` arguments, by name."""
+        return _model_arguments(self)
 
     def __post_init__(self) -> None:
         _check(
@@ -216,6 +256,10 @@ class PriorConfig:
         _check(
             0.0 <= self.dropout < 1.0,
             f"dropout must be in [0, 1). Received: dropout={self.dropout}",
+        )
+        _check(
+            self.dilation_cycle >= 1,
+            f"dilation_cycle must be >= 1. Received: dilation_cycle={self.dilation_cycle}",
         )
         _check(
             self.learning_rate > 0,
@@ -247,6 +291,13 @@ class RunConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
 
     def __post_init__(self) -> None:
+        low, high = RUN_SEED_RANGE
+        _check(
+            isinstance(self.seed, int)
+            and not isinstance(self.seed, bool)
+            and low <= self.seed <= high,
+            f"seed must be an integer in {low} .. {high} (2**31 - 1). Received: seed={self.seed!r}",
+        )
         _check(
             self.precision in PRECISIONS,
             f"precision must be one of {PRECISIONS}. Received: precision={self.precision!r}",
@@ -389,11 +440,16 @@ def _default() -> RunConfig:
     return RunConfig(name="default")
 
 
-PRESETS = {"quick": _quick, "default": _default}
+def _default_undilated() -> RunConfig:
+    # The default prior before dilated vertical stacks (11 code rows of context).
+    return RunConfig(name="default-undilated", prior=PriorConfig(dilation_cycle=1))
+
+
+PRESETS = {"quick": _quick, "default": _default, "default-undilated": _default_undilated}
 
 
 def get_config(name: str) -> RunConfig:
-    """Return the named preset (`quick` or `default`)."""
+    """Return the named preset (`quick`, `default` or `default-undilated`)."""
     if name not in PRESETS:
         raise ValueError(f"Unknown config {name!r}; choose one of {sorted(PRESETS)}.")
     return PRESETS[name]()

@@ -33,16 +33,24 @@ and through the C API that TF Serving's loader uses).
 
 Inputs are checked inside the graph, with messages naming the input: dtypes by the signatures;
 shapes by a `tf.ensure_shape` first (a signature loaded by `tf.saved_model.load` does not
-check the shapes it is fed); then `images` in [0, 1], `codes` in [0, K), `num_samples` >= 1,
-`temperature` > 0 and finite, and `label` in {-1 (unconditional), 0 (NC), 1 (AD)} for a
-conditional prior but exactly -1 for an unconditional one (as
+check the shapes it is fed); then `images` in [0, 1], `codes` in [0, K), `num_samples` in
+1 .. the export's cap (`max_samples`), `temperature` a normal float32 > 0, and `label` in
+{-1 (unconditional), 0 (NC), 1 (AD)} for a conditional prior but exactly -1 for an unconditional one (as
 `keras_vqpix.sampling.resolve_labels`: a class label given to a prior that cannot honour it is
 an error, not silently ignored).
+
+Bounded work per request: four scalars must not buy unbounded work, so the generator refuses
+`num_samples` above the cap baked in at export (`vqpix export --max-samples`, recorded in the
+version's README and in the `serving` section of its config.json). The check runs before the
+sampler allocates anything (every tensor the sampler makes depends on the checked
+`num_samples`), so an oversized request costs a few microseconds and no memory. A client
+wanting more samples sends several requests with different seeds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import re
@@ -52,15 +60,20 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from keras_vqpix.config import SERVING_MAX_SAMPLES
 from keras_vqpix.io import atomic_directory, atomic_write_text
-from keras_vqpix.sampling import UNCONDITIONAL, codes_graph
-from keras_vqpix.training.artifacts import RunPaths, load_prior, load_vqvae, read_config
+from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae, read_config
+from keras_vqpix.sampling import (
+    DEFAULT_METHOD,
+    TEMPERATURE_RANGE,
+    UNCONDITIONAL,
+    codes_graph,
+    sampler,
+)
 
 VQVAE_NAME = "vqvae"
 GENERATOR_NAME = "vqpix_generator"
 MODELS_CONFIG = "models.config"
-# The sampler the generator runs; `codes_graph` documents the methods (all draw the same codes).
-SAMPLER_METHOD = "fast"
 
 
 # -- Signatures -------------------------------------------------------------------------------------
@@ -91,8 +104,11 @@ def _checked_codes(codes, spec: tf.TensorSpec, num_embeddings: int):
         return tf.identity(codes)
 
 
-def _checked_sample_inputs(prior, specs, num_samples, seed, temperature, label):
-    """The inputs of `sample`, each checked for its shape (scalar) and its range."""
+def _checked_sample_inputs(prior, specs, max_samples, num_samples, seed, temperature, label):
+    """The inputs of `sample`, each checked for its shape (scalar) and its range.
+
+    `num_samples` above `max_samples` is refused here, before the sampler allocates anything.
+    """
     num_samples, seed, temperature, label = (
         _checked_shape(value, spec)
         for value, spec in zip((num_samples, seed, temperature, label), specs, strict=True)
@@ -109,13 +125,35 @@ def _checked_sample_inputs(prior, specs, num_samples, seed, temperature, label):
     checks = [
         tf.debugging.Assert(num_samples >= 1, ["num_samples must be >= 1. Received:", num_samples]),
         tf.debugging.Assert(
-            tf.logical_and(temperature > 0.0, tf.math.is_finite(temperature)),
-            ["temperature must be a finite number > 0. Received:", temperature],
+            num_samples <= max_samples,
+            [
+                f"num_samples must be <= {max_samples}, the cap per request of this export "
+                "(vqpix export --max-samples); send several requests with other seeds. Received:",
+                num_samples,
+            ],
+        ),
+        tf.debugging.Assert(
+            tf.logical_and(temperature >= TEMPERATURE_RANGE[0], tf.math.is_finite(temperature)),
+            [
+                f"temperature must be a finite number > 0 (a normal float32, >= "
+                f"{TEMPERATURE_RANGE[0]:.3g}). Received:",
+                temperature,
+            ],
         ),
         tf.debugging.Assert(label_ok, [label_message, label]),
     ]
     with tf.control_dependencies(checks):
         return tuple(tf.identity(v) for v in (num_samples, seed, temperature, label))
+
+
+def _unless_empty(batch, run, empty: dict) -> dict:
+    """`run(batch)`, or the `empty` outputs (tensors of zero rows) when `batch` has no rows.
+
+    No model runs on an empty batch: TensorFlow's oneDNN `Conv2D` returns the input's shape for
+    one (`keras_vqpix.data.pipeline.batch_sizes` has the reproduction), so a request of zero
+    images or code maps would fail, or answer with wrongly shaped tensors.
+    """
+    return tf.cond(tf.shape(batch)[0] > 0, lambda: run(batch), lambda: empty)
 
 
 def vqvae_archive(vqvae, image_shape: tuple[int, int]):
@@ -128,16 +166,29 @@ def vqvae_archive(vqvae, image_shape: tuple[int, int]):
     images_spec = tf.TensorSpec([None, height, width, 1], tf.float32, name="images")
     codes_spec = tf.TensorSpec([None, code_height, code_width], tf.int32, name="codes")
 
+    no_images = tf.zeros([0, height, width, 1], tf.float32)
+    no_codes = tf.zeros([0, code_height, code_width], tf.int32)
+
     def reconstruct(images):
-        images = _checked_images(images, images_spec)
-        outputs = vqvae(images, training=False)
-        return {"reconstruction": outputs["reconstruction"], "codes": outputs["codes"]}
+        def run(images):
+            outputs = vqvae(images, training=False)
+            return {"reconstruction": outputs["reconstruction"], "codes": outputs["codes"]}
+
+        empty = {"reconstruction": no_images, "codes": no_codes}
+        return _unless_empty(_checked_images(images, images_spec), run, empty)
 
     def encode(images):
-        return {"codes": vqvae.encode(_checked_images(images, images_spec))}
+        def run(images):
+            return {"codes": vqvae.encode(images)}
+
+        return _unless_empty(_checked_images(images, images_spec), run, {"codes": no_codes})
 
     def decode(codes):
-        return {"images": vqvae.decode(_checked_codes(codes, codes_spec, vqvae.num_embeddings))}
+        def run(codes):
+            return {"images": vqvae.decode(codes)}
+
+        codes = _checked_codes(codes, codes_spec, vqvae.num_embeddings)
+        return _unless_empty(codes, run, {"images": no_images})
 
     archive = keras.export.ExportArchive()
     archive.track(vqvae)
@@ -147,14 +198,24 @@ def vqvae_archive(vqvae, image_shape: tuple[int, int]):
     return archive
 
 
-def generator_archive(vqvae, prior, code_shape: tuple[int, int], method: str = SAMPLER_METHOD):
+def generator_archive(
+    vqvae,
+    prior,
+    code_shape: tuple[int, int],
+    method: str = DEFAULT_METHOD,
+    max_samples: int = SERVING_MAX_SAMPLES,
+):
     """A `keras.export.ExportArchive` of the generator: `sample` (also `serving_default`).
 
-    The whole ancestral sampling loop runs inside the graph (`codes_graph`), then the VQ-VAE's
-    decoder turns the codes into images.
+    The whole ancestral sampling loop runs inside the graph (`codes_graph` with `method`, a key
+    of `keras_vqpix.sampling.SAMPLERS`; all draw the same codes), then the VQ-VAE's decoder
+    turns the codes into images. `max_samples`: int >= 1, the cap on `num_samples` per
+    request, baked into the graph.
     """
+    sampler(method)  # an unknown method is refused here, not when the graph is traced
     import keras
 
+    max_samples = check_max_samples(max_samples)
     code_height, code_width = code_shape
     specs = [
         tf.TensorSpec([], tf.int32, name="num_samples"),
@@ -165,7 +226,7 @@ def generator_archive(vqvae, prior, code_shape: tuple[int, int], method: str = S
 
     def sample(num_samples, seed, temperature, label):
         num_samples, seed, temperature, label = _checked_sample_inputs(
-            prior, specs, num_samples, seed, temperature, label
+            prior, specs, max_samples, num_samples, seed, temperature, label
         )
         labels = tf.fill(tf.reshape(num_samples, [1]), label)
         codes = codes_graph(
@@ -180,6 +241,19 @@ def generator_archive(vqvae, prior, code_shape: tuple[int, int], method: str = S
     archive.add_endpoint("sample", sample, input_signature=specs)
     # The first endpoint is also written as `serving_default`.
     return archive
+
+
+def check_max_samples(max_samples) -> int:
+    """`max_samples` as an int in 1 .. 2**31 - 1 (an int32, as `num_samples`), or a ValueError."""
+    if (
+        isinstance(max_samples, bool)
+        or not isinstance(max_samples, int)
+        or not 1 <= max_samples < 2**31
+    ):
+        raise ValueError(
+            f"--max-samples must be an integer in 1 .. 2**31 - 1. Received: {max_samples!r}"
+        )
+    return max_samples
 
 
 # -- Versions and models.config ---------------------------------------------------------------------
@@ -291,12 +365,15 @@ _GENERATOR_README = """\
 SavedModel (tag "serve") written by keras_vqpix {package_version} with TensorFlow {tf_version}.
 
 Signatures (serving_default is the same as sample):
-  sample  num_samples int32 scalar >= 1, seed int32 scalar, temperature float32 scalar > 0,
-          label int32 scalar ({labels})
+  sample  num_samples int32 scalar, 1 .. {max_samples} (this export's cap per request),
+          seed int32 scalar, temperature float32 scalar > 0, label int32 scalar ({labels})
           -> images float32 [num_samples, {height}, {width}, 1] in [0, 1],
              codes int32 [num_samples, {h}, {w}]
 The whole ancestral sampling loop runs in the graph ({method} sampler); the same seed, label
 and temperature give the same codes as `keras_vqpix.sampling.sample_codes`.
+num_samples above {max_samples} is refused at once (InvalidArgument, nothing allocated): ask for
+more in several requests with other seeds. The cap is set by `vqpix export --max-samples` and
+recorded in config.json ("serving": {{"max_samples": {max_samples}}}).
 
 Prior fingerprint: {prior_fingerprint} (epoch {prior_epoch}; see prior.json)
 VQ-VAE fingerprint: {vqvae_fingerprint} (epoch {vqvae_epoch}; see vqvae.json)
@@ -304,10 +381,19 @@ Run config: config.json
 """
 
 
-def _write_version_files(folder: Path, paths: RunPaths, readme: str, with_prior: bool) -> None:
-    _write_file(folder / "config.json", paths.config.read_text())
+def _write_version_files(
+    folder: Path, paths: RunPaths, readme: str, serving: dict | None = None
+) -> None:
+    """config.json (the run's, plus a `serving` section for the generator), the models' JSON
+    and the README."""
+    config = paths.config.read_text()
+    if serving is not None:
+        # A section of its own beside the run's: drop it to read the file as a RunConfig.
+        values = {**json.loads(config), "serving": serving}
+        config = json.dumps(values, indent=2, sort_keys=True) + "\n"
+    _write_file(folder / "config.json", config)
     _write_file(folder / "vqvae.json", paths.vqvae_meta.read_text())
-    if with_prior:
+    if serving is not None:
         _write_file(folder / "prior.json", paths.prior_meta.read_text())
     _write_file(folder / "README", readme)
 
@@ -359,7 +445,9 @@ def export_run(
     version: int | None = None,
     *,
     serving_base_path: str | None = None,
+    max_samples: int = SERVING_MAX_SAMPLES,
     on_note: Callable[[str], None] | None = None,
+    method: str = DEFAULT_METHOD,
 ) -> list[Path]:
     """Export the run `run_dir` under `base` for TF Serving; the version folders written.
 
@@ -373,7 +461,11 @@ def export_run(
         version: int >= 1, or None for the next free number; an existing one is refused.
         serving_base_path: the base path as the server sees it (e.g. `/models` inside a
             container), written into `models.config`; default: `base`'s absolute path.
+        max_samples: int >= 1, the generator's cap on `num_samples` per request (see the
+            module docstring); the default serves in about 1-2 s on one CPU core.
         on_note: called with one-line notes (a run without a prior exports the VQ-VAE only).
+        method: the sampler the generator runs, a key of `keras_vqpix.sampling.SAMPLERS`
+            (all draw the same codes; "fast", the default, is the quickest).
 
     Raises:
         FileExistsError: `version` exists already (checked before any work).
@@ -382,10 +474,12 @@ def export_run(
     """
     paths = RunPaths(Path(run_dir))
     read_config(paths)
+    sampler(method)
     base = Path(base)
     if base.exists() and not base.is_dir():
         raise ValueError(f"--base {base} is a file; choose a folder")
     served_base = _serving_base_path(serving_base_path)
+    max_samples = check_max_samples(max_samples)
     model_dirs = {VQVAE_NAME: base / VQVAE_NAME, GENERATOR_NAME: base / GENERATOR_NAME}
     # Refused before any work (and before the lock, so a mistake is reported at once).
     choose_version(list(model_dirs.values()), version)
@@ -393,7 +487,7 @@ def export_run(
     with _base_lock(base):
         _remove_leftovers(model_dirs.values(), on_note)
         version = choose_version(list(model_dirs.values()), version)
-        written = _export_versions(paths, model_dirs, version, on_note)
+        written = _export_versions(paths, model_dirs, version, max_samples, on_note, method)
         served = {
             name: posixpath.join(served_base, name) if served_base else str(folder.resolve())
             for name, folder in model_dirs.items()
@@ -403,7 +497,14 @@ def export_run(
     return written
 
 
-def _export_versions(paths: RunPaths, model_dirs: dict[str, Path], version: int, on_note):
+def _export_versions(
+    paths: RunPaths,
+    model_dirs: dict[str, Path],
+    version: int,
+    max_samples: int,
+    on_note,
+    method: str,
+):
     """Write version `version` of the models of the run `paths` (see `export_run`)."""
     from keras_vqpix import __version__
 
@@ -444,13 +545,14 @@ def _export_versions(paths: RunPaths, model_dirs: dict[str, Path], version: int,
         folder = stack.enter_context(atomic_directory(model_dirs[VQVAE_NAME] / str(version)))
         vqvae_archive(vqvae, image_shape).write_out(str(folder), verbose=False)
         readme = _VQVAE_README.format(name=VQVAE_NAME, **fields)
-        _write_version_files(folder, paths, readme, with_prior=False)
+        _write_version_files(folder, paths, readme)
         written.append(model_dirs[VQVAE_NAME] / str(version))
         if prior is not None:
             folder = stack.enter_context(
                 atomic_directory(model_dirs[GENERATOR_NAME] / str(version))
             )
-            generator_archive(vqvae, prior, code_shape).write_out(str(folder), verbose=False)
+            archive = generator_archive(vqvae, prior, code_shape, method, max_samples)
+            archive.write_out(str(folder), verbose=False)
             labels = (
                 "0 NC, 1 AD, -1 unconditional"
                 if prior.conditional
@@ -459,11 +561,13 @@ def _export_versions(paths: RunPaths, model_dirs: dict[str, Path], version: int,
             readme = _GENERATOR_README.format(
                 name=GENERATOR_NAME,
                 labels=labels,
-                method=SAMPLER_METHOD,
+                method=method,
+                max_samples=max_samples,
                 prior_fingerprint=prior_meta.get("fingerprint"),
                 prior_epoch=prior_meta.get("epoch"),
                 **fields,
             )
-            _write_version_files(folder, paths, readme, with_prior=True)
+            serving = {"max_samples": max_samples, "sampler": method}
+            _write_version_files(folder, paths, readme, serving)
             written.append(model_dirs[GENERATOR_NAME] / str(version))
     return written

@@ -233,3 +233,90 @@ class CodebookUsage(keras.metrics.Metric):
 
     def get_config(self):
         return {**super().get_config(), "num_embeddings": self.num_embeddings}
+
+
+# -- Detection and classification scores (NumPy) ----------------------------------------------------
+def _binary(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    if labels.shape != scores.shape:
+        raise ValueError(
+            f"labels and scores must have one value each per item. Received: {labels.size} labels, {scores.size} scores"
+        )
+    return labels, scores
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(false positive rates, true positive rates, thresholds)` of `scores` (higher: positive).
+
+    One point per distinct score, from (0, 0) (threshold +inf) to (1, 1); ties move together.
+    """
+    labels, scores = _binary(labels, scores)
+    order = np.argsort(-scores, kind="stable")
+    labels, scores = labels[order], scores[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    true_positives = np.cumsum(labels)[last_of_tie]
+    false_positives = (last_of_tie + 1) - true_positives
+    positives, negatives = labels.sum(), labels.size - labels.sum()
+    tpr = np.r_[0.0, true_positives / max(positives, 1)]
+    fpr = np.r_[0.0, false_positives / max(negatives, 1)]
+    return fpr, tpr, np.r_[np.inf, scores[last_of_tie]]
+
+
+def roc_auc(labels, scores) -> float | None:
+    """Area under the ROC curve: the probability that a random positive outscores a random
+    negative (ties count one half). None when one class is absent."""
+    labels, scores = _binary(labels, scores)
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0:
+        return None
+    # Mann-Whitney U from mid-ranks: exact with ties, O(n log n).
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    ranks = np.empty(scores.size, np.float64)
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], scores.size]
+    mid_ranks = (starts + ends + 1) / 2.0  # 1-based mean rank of each tie group
+    ranks[order] = np.repeat(mid_ranks, ends - starts)
+    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))
+
+
+def average_precision(labels, scores) -> float | None:
+    """Area under the precision-recall curve as the mean precision at each positive's recall
+    step (ties move together): 1 for a perfect ranking, about the positive rate for a random
+    one. None without positives."""
+    labels, scores = _binary(labels, scores)
+    positives = int(labels.sum())
+    if positives == 0:
+        return None
+    fpr, tpr, _ = roc_curve(labels, scores)
+    true_positives = tpr[1:] * positives
+    predicted = true_positives + fpr[1:] * (labels.size - positives)
+    precision = true_positives / predicted
+    return float(np.sum(np.diff(tpr) * precision))
+
+
+def best_dice(labels, scores) -> tuple[float | None, float | None]:
+    """`(Dice, threshold)`: the best Dice overlap of `scores >= threshold` with `labels` over
+    all thresholds (the "best achievable Dice" of anomaly segmentation). None without positives."""
+    labels, scores = _binary(labels, scores)
+    positives = int(labels.sum())
+    if positives == 0:
+        return None, None
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    true_positives = tpr * positives
+    predicted = true_positives + fpr * (labels.size - positives)
+    dice = 2 * true_positives / (predicted + positives)
+    best = int(np.argmax(dice))
+    return float(dice[best]), float(thresholds[best])
+
+
+def balanced_accuracy(labels, predictions) -> float | None:
+    """Mean of the true positive and true negative rates; None when a class is absent."""
+    labels, predictions = _binary(labels, predictions)
+    predictions = predictions.astype(bool)
+    if labels.all() or not labels.any():
+        return None
+    return float((predictions[labels].mean() + (~predictions[~labels]).mean()) / 2)

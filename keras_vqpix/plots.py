@@ -1,7 +1,9 @@
 """PNG plots of a run: learning curves, reconstructions, codebook usage and sample grids.
 
-Every figure is written atomically (temporary file, then rename) with matplotlib's Agg backend,
-so plotting works on machines without a display.
+Every figure is written atomically (temporary file, then rename). Figures are made with
+`matplotlib.figure.Figure`, not `pyplot`: they render with the Agg canvas whatever backend the
+process uses, so plotting works on machines without a display, and importing this module
+changes no global matplotlib state (no `matplotlib.use`).
 """
 
 from __future__ import annotations
@@ -9,19 +11,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from keras_vqpix.data.discover import label_name
+from keras_vqpix.io import atomic_path
 
-from keras_vqpix.io import atomic_path  # noqa: E402
+
+def _figure(rows: int = 1, columns: int = 1, **options):
+    """A new figure and its axes (`squeeze` as in `pyplot.subplots`), outside pyplot."""
+    figure = Figure(figsize=options.pop("figsize"))
+    return figure, figure.subplots(rows, columns, **options)
 
 
 def _save(figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(figure)
     return Path(path)
 
 
@@ -33,7 +39,7 @@ def plot_curves(
 ) -> Path:
     """One panel per `(ylabel, [metric, ...])`, train and `val_` curves per epoch."""
     epochs = [row["epoch"] for row in rows]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    figure, axes = _figure(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for axis, (label, names) in zip(axes[0], panels, strict=True):
         for name in names:
             for prefix, style in (("", "-"), ("val_", "--")):
@@ -65,7 +71,7 @@ def plot_image_rows(
 ) -> Path:
     """A grid with one row per `(row label, images [N, H, W, 1])`, grayscale in [0, 1]."""
     columns = max(len(images) for _, images in rows)
-    figure, axes = plt.subplots(
+    figure, axes = _figure(
         len(rows), columns, figsize=(1.6 * columns, 1.7 * len(rows)), squeeze=False
     )
     for r, (label, images) in enumerate(rows):
@@ -114,7 +120,7 @@ def plot_codebook_usage(counts: np.ndarray, path: Path, title: str) -> Path:
     probabilities = counts / max(counts.sum(), 1.0)
     nonzero = probabilities[probabilities > 0]
     perplexity = float(np.exp(-(nonzero * np.log(nonzero)).sum()))
-    figure, axis = plt.subplots(figsize=(7, 3))
+    figure, axis = _figure(figsize=(7, 3))
     axis.bar(np.arange(len(order)), order, width=1.0, color="tab:blue")
     axis.set_xlabel("code (sorted by use)")
     axis.set_ylabel("assignments")
@@ -122,6 +128,127 @@ def plot_codebook_usage(counts: np.ndarray, path: Path, title: str) -> Path:
         f"{title}: {used}/{len(counts)} codes used, perplexity {perplexity:.1f}", fontsize=10
     )
     axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+SAMPLE_COLUMNS = 8
+
+
+def plot_samples_vs_real(
+    samples: tuple[np.ndarray, np.ndarray],
+    real: tuple[np.ndarray, np.ndarray],
+    path: Path,
+    title: str,
+) -> Path:
+    """For each class of the samples, a row of samples above a row of real slices.
+
+    Args:
+        samples, real: `(images [N, H, W, 1], labels [N])`; a sample label of -1
+            (unconditional) is shown above all real slices.
+    Rows show at most `SAMPLE_COLUMNS` images each, so the picture stays legible however many
+    samples the statistics use.
+    """
+    rows = []
+    for value in sorted(set(np.asarray(samples[1]).tolist())):
+        name = label_name(value)
+        rows.append((f"{name} samples", samples[0][samples[1] == value][:SAMPLE_COLUMNS]))
+        real_images = real[0] if value < 0 else real[0][real[1] == value]
+        rows.append((f"{name} real", real_images[:SAMPLE_COLUMNS]))
+    return plot_image_rows(rows, path, title)
+
+
+def _gray_rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat((np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., None], 3, -1)
+
+
+def _heat_over(image: np.ndarray, values: np.ndarray, vmax: float) -> np.ndarray:
+    """`values` in colour (inferno, 0..vmax) blended over the grayscale `image`, uint8 RGB."""
+    colours = colormaps["inferno"](np.clip(values / max(vmax, 1e-12), 0.0, 1.0))[..., :3]
+    alpha = np.clip(values / max(vmax, 1e-12), 0.0, 1.0)[..., None] * 0.8
+    blended = (1 - alpha) * np.clip(image, 0.0, 1.0)[..., None] + alpha * colours
+    return (blended * 255.0).round().astype(np.uint8)
+
+
+def save_grayscale(path: Path, image: np.ndarray) -> Path:
+    """An 8-bit grayscale PNG of a float image in [0, 1] `[H, W]`."""
+    from PIL import Image
+
+    pixels = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
+    return Path(path)
+
+
+def save_anomaly_overlay(
+    path: Path,
+    image: np.ndarray,
+    healed: np.ndarray,
+    residual: np.ndarray,
+    surprise: np.ndarray,
+    mask: np.ndarray | None = None,
+) -> Path:
+    """One RGB PNG strip, all `[H, W]`: input | healed | residual over the input | code surprise
+    (nats) over the input; a lesion mask, when given, outlined in green on the input."""
+    from PIL import Image
+
+    first = _gray_rgb(image)
+    if mask is not None:
+        edge = mask & ~(
+            np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+        )
+        first[edge] = (0, 255, 0)
+    strip = np.concatenate(
+        [
+            first,
+            _gray_rgb(healed),
+            _heat_over(image, residual, max(float(np.quantile(residual, 0.999)), 0.1)),
+            _heat_over(image, surprise, max(float(surprise.max()), 1.0)),
+        ],
+        axis=1,
+    )
+    with atomic_path(path) as tmp:
+        Image.fromarray(strip, mode="RGB").save(tmp, format="PNG")
+    return Path(path)
+
+
+def plot_anomaly_examples(path: Path, rows: Sequence[tuple], title: str) -> Path:
+    """One row per slice `(input, mask or None, reconstruction, healed, |input - reconstruction|,
+    |input - healed|, code surprise)`, all `[H, W]`; the residuals share one colour scale."""
+    names = (
+        "input (lesion outlined)",
+        "VQ-VAE reconstruction",
+        "healed (prior)",
+        "|input - reconstruction|",
+        "|input - healed|",
+        "code surprise (nats)",
+    )
+    figure, axes = _figure(
+        max(len(rows), 1),
+        len(names),
+        figsize=(1.9 * len(names), 2.0 * max(len(rows), 1)),
+        squeeze=False,
+    )
+    for r, (image, mask, reconstruction, healed, baseline, residual, surprise) in enumerate(rows):
+        scale = max(float(np.quantile(np.concatenate([baseline, residual]), 0.999)), 0.05)
+        panels = (
+            (image, "gray", 0.0, 1.0),
+            (reconstruction, "gray", 0.0, 1.0),
+            (healed, "gray", 0.0, 1.0),
+            (baseline, "inferno", 0.0, scale),
+            (residual, "inferno", 0.0, scale),
+            (surprise, "inferno", 0.0, max(float(surprise.max()), 1.0)),
+        )
+        for c, (values, cmap, low, high) in enumerate(panels):
+            axis = axes[r][c]
+            axis.imshow(values, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+            if c == 0 and mask is not None and mask.any():
+                axis.contour(mask, levels=[0.5], colors="lime", linewidths=0.6)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if r == 0:
+                axis.set_title(names[c], fontsize=7)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return _save(figure, path)
 
@@ -139,7 +266,7 @@ def plot_roc_panels(
         rows: `(row label, images [N, H, W, 1])`, grayscale in [0, 1]; at most 8 shown per row.
     """
     columns = max([min(8, len(images)) for _, images in rows] + [2 * len(panels)])
-    figure = plt.figure(figsize=(1.6 * columns, 4.0 + 1.7 * len(rows)))
+    figure = Figure(figsize=(1.6 * columns, 4.0 + 1.7 * len(rows)))
     grid = figure.add_gridspec(1 + len(rows), columns, height_ratios=[4.0] + [1.7] * len(rows))
     span = columns // max(1, len(panels))
     for p, (panel_title, curves) in enumerate(panels):

@@ -20,12 +20,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from keras_vqpix import plots
+from keras_vqpix.codes import cached_codes, encode_records
 from keras_vqpix.data.discover import SliceRecord, spread_records
 from keras_vqpix.data.pipeline import load_images
+from keras_vqpix.models.pixelcnn import bits_per_code, max_bits_per_code
+from keras_vqpix.run_folder import load_prior
+from keras_vqpix.sampling import decode_codes, resolve_labels, sample_codes
 from keras_vqpix.similarity import (
     memorisation_share,
     pairwise_diversity,
@@ -44,50 +48,30 @@ def real_counterparts(records: Sequence[SliceRecord], labels: np.ndarray) -> lis
     return chosen
 
 
-# -- Pictures -------------------------------------------------------------------------------------
-PLOT_COLUMNS = 8
-
-
-def plot_samples_vs_real(
-    path: Path,
+# -- Samples beside real slices (for the pictures) ------------------------------------------------
+def samples_beside_real(
     prior,
     vqvae,
     records: Sequence[SliceRecord],
-    config,
+    image_size: int,
     *,
     samples_per_class: int,
     seed: int,
-    title: str,
-    samples: tuple[np.ndarray, np.ndarray] | None = None,
-    real: tuple[np.ndarray, np.ndarray] | None = None,
-) -> Path:
-    """A grid: for each class, a row of samples above a row of real slices of `records`.
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """`(samples, real)`, each `(images, labels)`: what `plots.plot_samples_vs_real` shows.
 
-    Rows show at most `PLOT_COLUMNS` images each, so the picture stays legible however many
-    samples the statistics use. `samples` / `real`: `(images, labels)` already at hand; otherwise `samples_per_class`
-    samples per class are drawn with `seed` (unconditional prior: one row of twice as many)
-    and as many real slices chosen with `real_counterparts`.
+    `samples_per_class` samples per class drawn with `seed` (unconditional prior: one group of
+    twice as many, label -1), and as many real slices of `records` chosen with
+    `real_counterparts`.
     """
-    from keras_vqpix import plots
-    from keras_vqpix.sampling import decode_codes, label_name, sample_codes
-
-    if samples is None:
-        if prior.conditional:
-            labels = np.repeat(np.arange(prior.num_classes, dtype=np.int32), samples_per_class)
-        else:
-            labels = np.full(2 * samples_per_class, -1, np.int32)
-        codes = sample_codes(prior, len(labels), seed, labels)
-        samples = (decode_codes(vqvae, codes), labels)
-    if real is None:
-        chosen = real_counterparts(records, samples[1])
-        real = (load_images(chosen, config.data.image_size), np.array([r.label for r in chosen]))
-    rows = []
-    for value in sorted(set(samples[1].tolist())):
-        name = label_name(value)
-        rows.append((f"{name} samples", samples[0][samples[1] == value][:PLOT_COLUMNS]))
-        real_images = real[0] if value < 0 else real[0][real[1] == value]
-        rows.append((f"{name} real", real_images[:PLOT_COLUMNS]))
-    return plots.plot_image_rows(rows, path, title)
+    if prior.conditional:
+        labels = np.repeat(np.arange(prior.num_classes, dtype=np.int32), samples_per_class)
+    else:
+        labels = np.full(2 * samples_per_class, -1, np.int32)
+    samples = (decode_codes(vqvae, sample_codes(prior, len(labels), seed, labels)), labels)
+    chosen = real_counterparts(records, labels)
+    real = (load_images(chosen, image_size), np.array([r.label for r in chosen]))
+    return samples, real
 
 
 # -- vqpix evaluate --samples ---------------------------------------------------------------------
@@ -95,36 +79,40 @@ def evaluate_prior(
     paths,
     model,
     meta: dict,
-    splits,
+    records: Sequence[SliceRecord],
     config,
     *,
     split: str = "test",
+    train_records: Sequence[SliceRecord] = (),
+    cache_codes: bool = True,
     num_samples: int = 0,
     seed: int = 0,
 ) -> dict:
-    """Prior metrics of a run on one split (see the module docstring).
+    """Prior metrics of a run on the evaluated records (see the module docstring).
 
     Args:
         paths: the run's `RunPaths`.
         model, meta: the VQ-VAE and its metadata from `load_vqvae`.
-        splits: the run's `DataSplits`.
+        records: the evaluated slices.
         config: the run's `RunConfig`.
-        split: "train", "validation" or "test".
+        split: the records' split ("train", "validation", "test"; for external data "test"
+            or "all"): names the code cache and the plot.
+        train_records: the run's training slices (for `sample_nn_ssim`; needed with samples).
+        cache_codes: keep the records' code maps in `RUN/codes/<split>.npz` (the run's own
+            splits); external data is encoded without touching the run folder.
         num_samples: samples to draw (0: bits per code only); half NC, half AD for a
             conditional prior.
         seed: sampling seed.
     """
-    from keras_vqpix.models.pixelcnn import max_bits_per_code
-    from keras_vqpix.sampling import decode_codes, resolve_labels, sample_codes
-    from keras_vqpix.training.artifacts import load_prior
-    from keras_vqpix.training.codes import cached_codes
-    from keras_vqpix.training.prior_training import bits_per_code
-
     if num_samples < 0:
         raise ValueError(f"--samples must be >= 0. Received: samples={num_samples}")
+    if num_samples and not train_records:
+        raise ValueError("sample statistics need the run's training slices (train_records)")
     prior, prior_meta = load_prior(paths.root, meta)
-    records = getattr(splits, split)
-    codes, labels = cached_codes(paths, split, model, meta["fingerprint"], records, config)
+    if cache_codes:
+        codes, labels = cached_codes(paths, split, model, meta["fingerprint"], records, config)
+    else:
+        codes, labels = encode_records(model, records, config)
     batch_size = config.prior.batch_size
     metrics = {
         "prior_epoch": prior_meta.get("epoch"),
@@ -140,8 +128,8 @@ def evaluate_prior(
     samples = decode_codes(model, sample_codes(prior, num_samples, seed, sample_labels))
     chosen = real_counterparts(records, sample_labels)
     real = load_images(chosen, config.data.image_size)
-    train_paths = [r.path for r in splits.train]
-    train_images = load_images(splits.train, config.data.image_size)
+    train_paths = [r.path for r in train_records]
+    train_images = load_images(train_records, config.data.image_size)
     exclude = np.array([train_paths.index(r.path) if r.path in train_paths else -1 for r in chosen])
     sample_diversity, diversity_metric = pairwise_diversity(samples)
     real_diversity, _ = pairwise_diversity(real)
@@ -160,16 +148,10 @@ def evaluate_prior(
             "sample_memorisation": memorisation_share(sample_nn, real_nn),
         }
     )
-    plot_samples_vs_real(
+    plots.plot_samples_vs_real(
+        (samples, sample_labels),
+        (real, np.array([r.label for r in chosen])),
         paths.plots / "samples_vs_real.png",
-        prior,
-        model,
-        records,
-        config,
-        samples_per_class=0,
-        seed=seed,
-        title=f"Samples (seed {seed}) beside real {split} slices",
-        samples=(samples, sample_labels),
-        real=(real, np.array([r.label for r in chosen])),
+        f"Samples (seed {seed}) beside real {split} slices",
     )
     return metrics

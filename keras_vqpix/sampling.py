@@ -50,29 +50,35 @@ import json
 import os
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from keras_vqpix.data.discover import CLASS_NAMES, LABELS
+from keras_vqpix import plots
+from keras_vqpix.config import SEED_RANGE
+from keras_vqpix.data.discover import CLASS_NAMES, LABELS, UNCONDITIONAL, label_name
+from keras_vqpix.io import atomic_directory
 from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
+from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
 
 SEED_SALT = 1606  # arXiv 1606.05328
-UNCONDITIONAL = -1
-_INT32 = (-(2**31), 2**31 - 1)
+# Temperatures the samplers take: float32's normal numbers (subnormals are flushed to zero).
+TEMPERATURE_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
 _ROW_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAST_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RESAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # -- The seeding contract ---------------------------------------------------------------------------
 def check_seed(seed) -> int:
-    """`seed` as a Python int in the int32 range, or a one-line ValueError."""
+    """`seed` as a Python int in `keras_vqpix.config.SEED_RANGE` (int32), or a one-line ValueError."""
     if (
         isinstance(seed, bool)
         or not isinstance(seed, (int, np.integer))
-        or not _INT32[0] <= seed <= _INT32[1]
+        or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]
     ):
         raise ValueError(f"seed must be an int32 (-2**31 <= seed < 2**31). Received: seed={seed!r}")
     return int(seed)
@@ -88,6 +94,12 @@ def check_temperature(temperature) -> float:
         raise ValueError(
             f"temperature must be a finite number > 0. Received: temperature={temperature!r}"
         )
+    if not TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]:
+        raise ValueError(
+            f"temperature must be a normal float32, {TEMPERATURE_RANGE[0]:.3g} .. "
+            f"{TEMPERATURE_RANGE[1]:.3g} (TensorFlow's CPU kernels read smaller ones as 0). "
+            f"Received: temperature={temperature!r}"
+        )
     return value
 
 
@@ -97,29 +109,49 @@ def position_seed(seed, index):
     return tf.random.experimental.stateless_fold_in(pair, tf.cast(index, tf.int32), alg="philox")
 
 
-def map_seeds(at_position, num_maps):
-    """Seeds `int32 [num_maps, 2]` of maps `0 .. num_maps - 1` at a position: row i is
-    `stateless_fold_in(at_position, i, alg="philox")`.
+def map_seeds(at_position, num_maps, first_map=0):
+    """Seeds `int32 [num_maps, 2]` of maps `first_map .. first_map + num_maps - 1` at a
+    position: the seed of map i is `stateless_fold_in(at_position, i, alg="philox")`.
 
     Computed at once: `stateless_fold_in(s, i)` is `[x, i]`, where `x` is drawn from `s` alone
-    (tested against `stateless_fold_in` itself).
+    (tested against `stateless_fold_in` itself). `first_map` lets a large request be drawn in
+    batches that draw the codes of one call (`sample_codes(..., batch_size=...)`).
     """
     first = tf.random.experimental.stateless_fold_in(at_position, 0, alg="philox")[0]
-    return tf.stack([tf.fill([num_maps], first), tf.range(num_maps, dtype=tf.int32)], axis=1)
+    first_map = tf.cast(first_map, tf.int32)
+    indices = tf.range(first_map, first_map + tf.cast(num_maps, tf.int32), dtype=tf.int32)
+    return tf.stack([tf.fill([num_maps], first), indices], axis=1)
 
 
-def draw_codes(logits, seed, index, temperature):
+def scaled_logits(logits, temperature):
+    """`logits / temperature` (float32), kept finite for any temperature > 0.
+
+    `stateless_categorical` treats a non-finite logit as probability zero, and a row with no
+    finite logit draws the out-of-range code K: a tiny temperature (1e-30) that overflows the
+    largest logits to +inf would drop the most likely codes. Such rows are scaled after
+    subtracting their maximum ((logits - max) / temperature: the maximum stays 0, the same
+    distribution); other rows are divided as they are, so their draws do not change.
+    """
+    logits = tf.cast(logits, tf.float32)
+    temperature = tf.cast(temperature, tf.float32)
+    scaled = logits / temperature
+    finite = tf.reduce_all(tf.math.is_finite(scaled), axis=-1, keepdims=True)
+    shifted = (logits - tf.reduce_max(logits, axis=-1, keepdims=True)) / temperature
+    return tf.where(finite, scaled, shifted)
+
+
+def draw_codes(logits, seed, index, temperature, first_map=0):
     """Codes `[n]` int32 of the n maps at raster index `index`, from their `logits [n, K]`.
 
-    Map i draws from `Categorical(logits[i] / temperature)` with the seed
-    `stateless_fold_in(position_seed(seed, index), i)`: see the module docstring. Each draw is
-    what `tfp.distributions.Categorical(logits=logits[i] / temperature, dtype=tf.int32)
+    Map i (counted from `first_map`) draws from `Categorical(logits[i] / temperature)` with the
+    seed `stateless_fold_in(position_seed(seed, index), i)`: see the module docstring. Each draw
+    is what `tfp.distributions.Categorical(logits=logits[i] / temperature, dtype=tf.int32)
     .sample(seed=...)` runs, `tf.random.stateless_categorical(logits[i][None], 1, seed)`, one
-    map per kernel call.
+    map per kernel call (logits that overflow are scaled as `scaled_logits` says).
     """
-    logits = tf.cast(logits, tf.float32) / tf.cast(temperature, tf.float32)
+    logits = scaled_logits(logits, temperature)
     num_maps = tf.shape(logits)[0]
-    seeds = map_seeds(position_seed(seed, index), num_maps)
+    seeds = map_seeds(position_seed(seed, index), num_maps, first_map)
 
     def draw_one(i, drawn):
         code = tf.random.stateless_categorical(logits[i][None], 1, seeds[i], dtype=tf.int32)
@@ -192,7 +224,9 @@ def _code_shape(prior, code_shape) -> tuple[int, int]:
     return height, width
 
 
-def sample_rows_reference(prior, codes, labels, seed, temperature, row_start, row_end):
+def sample_rows_reference(
+    prior, codes, labels, seed, temperature, row_start, row_end, first_map=0, redraw=None
+):
     """Draw rows `row_start .. row_end - 1` of `codes [n, h, w]` (a TF function body).
 
     One forward pass per position: the logits of `(r, c)` are computed afresh from the current
@@ -200,7 +234,9 @@ def sample_rows_reference(prior, codes, labels, seed, temperature, row_start, ro
     its row and column steps over the rows above and the columns before `(r, c)`
     (`PixelCNNSteps.position_logits`, the arithmetic the fast sampler shares); for another
     prior, its `call` over the whole map. Returns the codes with those rows filled in; the
-    other rows are returned unchanged.
+    other rows are returned unchanged. `first_map`: the index of map 0 of `codes` in the whole
+    request (see `map_seeds`). With `redraw` (bool `[n, h, w]`), only the positions it marks
+    are drawn, the others keep their code in `codes` (see `resample_codes`).
     """
     height, width = codes.shape[1], codes.shape[2]
     rows = tf.range(height)[:, None]
@@ -213,7 +249,9 @@ def sample_rows_reference(prior, codes, labels, seed, temperature, row_start, ro
             logits = prior(codes, labels, training=False)[:, row, col, :]
         else:
             logits = steps.position_logits(codes, row, col)
-        draws = draw_codes(logits, seed, index, temperature)
+        draws = draw_codes(logits, seed, index, temperature, first_map)
+        if redraw is not None:
+            draws = tf.where(redraw[:, row, col], draws, codes[:, row, col])
         here = tf.logical_and(tf.equal(rows, row), tf.equal(cols, col))
         return index + 1, tf.where(here[None], draws[:, None, None], codes)
 
@@ -224,7 +262,8 @@ def sample_rows_reference(prior, codes, labels, seed, temperature, row_start, ro
 
 
 def _row_sampler(prior, height: int, width: int):
-    """A traced-once `tf.function(codes, labels, seed, temperature, row)` drawing one row."""
+    """A traced-once `tf.function(codes, labels, seed, temperature, row, first_map)` drawing
+    one row."""
     cached = _ROW_SAMPLERS.get(prior, {}).get((height, width))
     if cached is not None:
         return cached
@@ -239,17 +278,26 @@ def _row_sampler(prior, height: int, width: int):
             tf.TensorSpec([], tf.int32),
             tf.TensorSpec([], tf.float32),
             tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.int32),
         ],
         autograph=False,
     )
-    def sample_row(codes, labels, seed, temperature, row):
-        return sample_rows_reference(prior_ref(), codes, labels, seed, temperature, row, row + 1)
+    def sample_row(codes, labels, seed, temperature, row, first_map):
+        return sample_rows_reference(
+            prior_ref(), codes, labels, seed, temperature, row, row + 1, first_map
+        )
 
     _ROW_SAMPLERS.setdefault(prior, {})[(height, width)] = sample_row
     return sample_row
 
 
-def _checked_arguments(prior, num_samples, seed, labels, temperature, code_shape):
+def _checked_arguments(prior, num_samples, seed, labels, temperature, code_shape, first_map=0):
+    if isinstance(first_map, bool) or not isinstance(first_map, (int, np.integer)):
+        raise ValueError(f"first_map must be an int >= 0. Received: first_map={first_map!r}")
+    if not 0 <= first_map <= np.iinfo(np.int32).max - num_samples:
+        raise ValueError(
+            f"first_map must be in 0 .. 2**31 - 1 - num_samples. Received: first_map={first_map}"
+        )
     seed = check_seed(seed)
     temperature = check_temperature(temperature)
     labels = resolve_labels(prior, num_samples, labels)
@@ -259,7 +307,7 @@ def _checked_arguments(prior, num_samples, seed, labels, temperature, code_shape
         tf.constant(seed, tf.int32),
         tf.constant(temperature, tf.float32),
     )
-    return arguments, height, width
+    return arguments, height, width, tf.constant(int(first_map), tf.int32)
 
 
 def sample_codes_reference(
@@ -271,6 +319,7 @@ def sample_codes_reference(
     *,
     code_shape=None,
     on_row: Callable[[int, int], None] | None = None,
+    first_map: int = 0,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 drawn by the straightforward reference sampler.
 
@@ -286,21 +335,25 @@ def sample_codes_reference(
         temperature: float > 0; logits are divided by it.
         code_shape: (h, w); default: the prior's `code_shape`.
         on_row: called with `(rows done, h)` after each row (progress).
+        first_map: int >= 0, the index of the first of these maps in a larger request drawn in
+            batches: maps `first_map ..` of that request (see `map_seeds`).
     """
-    arguments, height, width = _checked_arguments(
-        prior, num_samples, seed, labels, temperature, code_shape
+    arguments, height, width, first_map = _checked_arguments(
+        prior, num_samples, seed, labels, temperature, code_shape, first_map
     )
     sample_row = _row_sampler(prior, height, width)
     codes = tf.zeros((num_samples, height, width), tf.int32)
     for row in range(height):
-        codes = sample_row(codes, *arguments, tf.constant(row, tf.int32))
+        codes = sample_row(codes, *arguments, tf.constant(row, tf.int32), first_map)
         if on_row is not None:
             on_row(row + 1, height)
     return codes.numpy()
 
 
 # -- Fast sampler ---------------------------------------------------------------------------------------
-def sample_rows_fast(steps, codes, state, seed, temperature, row_start, row_end):
+def sample_rows_fast(
+    steps, codes, state, seed, temperature, row_start, row_end, first_map=0, redraw=None
+):
     """Draw rows `row_start .. row_end - 1` of `codes [n, h, w]` from cached activations (a TF
     function body).
 
@@ -309,6 +362,11 @@ def sample_rows_fast(steps, codes, state, seed, temperature, row_start, row_end)
         codes: `[n, h, w]` int32, rows before `row_start` drawn.
         state: the steps' state after row `row_start - 1` (`steps.start()` for row 0).
         seed, temperature, row_start, row_end: scalars (tensors or Python numbers).
+        first_map: the index of map 0 of `codes` in the whole request (see `map_seeds`).
+        redraw: None (draw every position), or bool `[n, h, w]`: draw only the positions it
+            marks and keep the codes of `codes` elsewhere (`resample_codes`). A row where no
+            map redraws anything costs only its `finish_row` (the vertical stack never reads
+            the horizontal one).
 
     Each position costs one `steps.column` (the new column of both stacks, and the head) and
     one `draw_codes`; each row one `steps.finish_row` (its vertical stack). Returns
@@ -321,15 +379,25 @@ def sample_rows_fast(steps, codes, state, seed, temperature, row_start, row_end)
     def draw_row(row, codes, state):
         def draw_column(col, row_state, drawn):
             logits, row_state = steps.column(state, row_state, col)
-            draws = draw_codes(logits, seed, row * width + col, temperature)
+            draws = draw_codes(logits, seed, row * width + col, temperature, first_map)
+            if redraw is not None:
+                draws = tf.where(redraw[:, row, col], draws, codes[:, row, col])
             return col + 1, steps.push_code(row_state, draws, row, col), drawn.write(col, draws)
 
-        _, _, drawn = tf.while_loop(
-            lambda col, *_: col < width,
-            draw_column,
-            (tf.constant(0), steps.start_row(), tf.TensorArray(tf.int32, width)),
-        )
-        row_codes = tf.transpose(drawn.stack())  # [n, w]
+        def drawn_row():
+            _, _, drawn = tf.while_loop(
+                lambda col, *_: col < width,
+                draw_column,
+                (tf.constant(0), steps.start_row(), tf.TensorArray(tf.int32, width)),
+            )
+            return tf.transpose(drawn.stack())  # [n, w]
+
+        if redraw is None:
+            row_codes = drawn_row()
+        else:
+            row_codes = tf.cond(
+                tf.reduce_any(redraw[:, row]), drawn_row, lambda: tf.gather(codes, row, axis=1)
+            )
         codes = tf.where(tf.equal(rows, row), row_codes[:, None, :], codes)
         return row + 1, codes, steps.finish_row(state, row_codes, row)
 
@@ -375,7 +443,7 @@ def reference_codes_graph(prior, num_samples, seed, labels, temperature, height:
 
 def _fast_row_sampler(prior, height: int, width: int):
     """Traced-once `tf.function`s `start(labels) -> state` and
-    `sample_row(codes, state, labels, seed, temperature, row) -> (codes, state)`."""
+    `sample_row(codes, state, labels, seed, temperature, row, first_map) -> (codes, state)`."""
     cached = _FAST_SAMPLERS.get(prior, {}).get((height, width))
     if cached is not None:
         return cached
@@ -399,12 +467,13 @@ def _fast_row_sampler(prior, height: int, width: int):
             tf.TensorSpec([], tf.int32),
             tf.TensorSpec([], tf.float32),
             tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.int32),
         ],
         autograph=False,
     )
-    def sample_row(codes, state, labels, seed, temperature, row):
+    def sample_row(codes, state, labels, seed, temperature, row, first_map):
         steps = PixelCNNSteps(prior_ref(), labels, width)
-        return sample_rows_fast(steps, codes, state, seed, temperature, row, row + 1)
+        return sample_rows_fast(steps, codes, state, seed, temperature, row, row + 1, first_map)
 
     _FAST_SAMPLERS.setdefault(prior, {})[(height, width)] = (start, sample_row)
     return start, sample_row
@@ -419,6 +488,7 @@ def sample_codes_fast(
     *,
     code_shape=None,
     on_row: Callable[[int, int], None] | None = None,
+    first_map: int = 0,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 drawn by the fast sampler: the reference's codes.
 
@@ -428,22 +498,60 @@ def sample_codes_fast(
     """
     if not isinstance(prior, PixelCNN):
         return sample_codes_reference(
-            prior, num_samples, seed, labels, temperature, code_shape=code_shape, on_row=on_row
+            prior,
+            num_samples,
+            seed,
+            labels,
+            temperature,
+            code_shape=code_shape,
+            on_row=on_row,
+            first_map=first_map,
         )
-    arguments, height, width = _checked_arguments(
-        prior, num_samples, seed, labels, temperature, code_shape
+    arguments, height, width, first_map = _checked_arguments(
+        prior, num_samples, seed, labels, temperature, code_shape, first_map
     )
     start, sample_row = _fast_row_sampler(prior, height, width)
     codes = tf.zeros((num_samples, height, width), tf.int32)
     state = start(arguments[0])
     for row in range(height):
-        codes, state = sample_row(codes, state, *arguments, tf.constant(row, tf.int32))
+        codes, state = sample_row(codes, state, *arguments, tf.constant(row, tf.int32), first_map)
         if on_row is not None:
             on_row(row + 1, height)
     return codes.numpy()
 
 
-SAMPLERS = {"fast": sample_codes_fast, "reference": sample_codes_reference}
+@dataclass(frozen=True)
+class Sampler:
+    """One sampling method, in its two forms (both draw the same codes as every other method).
+
+    Attributes:
+        codes: `(prior, num_samples, seed, labels, temperature, *, code_shape, on_row,
+            first_map)` -> codes `[n, h, w]` int32 (NumPy), one graph-mode row per call
+            (progress).
+        graph: `(prior, num_samples, seed, labels, temperature, height, width)` -> codes, the
+            whole loop in the graph (a `tf.function` or SavedModel signature body).
+    """
+
+    codes: Callable
+    graph: Callable
+
+
+# The sampling methods, by name: the one registry both `sample_codes` and `codes_graph` read.
+SAMPLERS = {
+    "fast": Sampler(sample_codes_fast, fast_codes_graph),
+    "reference": Sampler(sample_codes_reference, reference_codes_graph),
+}
+DEFAULT_METHOD = "fast"
+# Maps drawn per graph call by `sample_codes`: bounds the sampler's working memory (the fast
+# sampler's cache of activations grows with the maps drawn at once) whatever `num_samples` is.
+SAMPLE_BATCH_SIZE = 64
+
+
+def sampler(method: str) -> Sampler:
+    """The `Sampler` named `method` (a key of `SAMPLERS`), or a one-line ValueError."""
+    if method not in SAMPLERS:
+        raise ValueError(f"method must be one of {sorted(SAMPLERS)}. Received: method={method!r}")
+    return SAMPLERS[method]
 
 
 def sample_codes(
@@ -455,25 +563,137 @@ def sample_codes(
     *,
     code_shape=None,
     on_row: Callable[[int, int], None] | None = None,
-    method: str = "fast",
+    method: str = DEFAULT_METHOD,
+    batch_size: int = SAMPLE_BATCH_SIZE,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 from `prior`: the public entry point.
 
-    Arguments as `sample_codes_reference`; `method`: "fast" (`sample_codes_fast`, the default)
-    or "reference" (`sample_codes_reference`). Both draw the same codes.
+    Arguments as `sample_codes_reference`; `method`: a key of `SAMPLERS`, "fast"
+    (`sample_codes_fast`, the default) or "reference" (`sample_codes_reference`). Both draw the
+    same codes.
+
+    Any number of maps: they are drawn `batch_size` at a time, so the sampler's memory is
+    bounded by the batch (only the int32 codes, `4 * h * w` bytes a map, grow with
+    `num_samples`). Batching does not change the codes: map i draws with its index in the whole
+    request (`map_seeds`), whatever batch it falls in. `on_row` is called with
+    `(rows done, h * number of batches)`.
     """
-    if method not in SAMPLERS:
-        raise ValueError(f"method must be one of {sorted(SAMPLERS)}. Received: method={method!r}")
-    return SAMPLERS[method](
-        prior, num_samples, seed, labels, temperature, code_shape=code_shape, on_row=on_row
+    draw = sampler(method).codes
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise ValueError(f"batch_size must be an int >= 1. Received: batch_size={batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1. Received: batch_size={batch_size}")
+    labels = resolve_labels(prior, num_samples, labels)
+    starts = range(0, num_samples, batch_size)
+    codes = None
+    for batch, start in enumerate(starts):
+        progress = None
+        if on_row is not None:
+
+            def progress(done, rows, batch=batch):
+                on_row(batch * rows + done, rows * len(starts))
+
+        chosen = labels[start : start + batch_size]
+        drawn = draw(
+            prior,
+            len(chosen),
+            seed,
+            chosen,
+            temperature,
+            code_shape=code_shape,
+            on_row=progress,
+            first_map=start,
+        )
+        if codes is None:  # filled in place: no second copy of a large request
+            codes = np.empty((num_samples, *drawn.shape[1:]), np.int32)
+        codes[start : start + len(chosen)] = drawn
+    return codes
+
+
+def _resampler(prior, height: int, width: int):
+    """A traced-once `tf.function(codes, redraw, labels, seed, temperature) -> codes`."""
+    cached = _RESAMPLERS.get(prior, {}).get((height, width))
+    if cached is not None:
+        return cached
+    prior_ref = weakref.ref(prior)  # as in `_row_sampler`
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, height, width], tf.int32),
+            tf.TensorSpec([None, height, width], tf.bool),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.float32),
+        ],
+        autograph=False,
     )
+    def resample(codes, redraw, labels, seed, temperature):
+        prior = prior_ref()
+        if not isinstance(prior, PixelCNN):
+            return sample_rows_reference(
+                prior, codes, labels, seed, temperature, 0, height, redraw=redraw
+            )
+        steps = PixelCNNSteps(prior, labels, width)
+        codes, _ = sample_rows_fast(
+            steps, codes, steps.start(), seed, temperature, 0, height, redraw=redraw
+        )
+        return codes
+
+    _RESAMPLERS.setdefault(prior, {})[(height, width)] = resample
+    return resample
 
 
-GRAPH_METHODS = ("fast", "reference")
+def resample_codes(
+    prior, codes, redraw, seed: int = 0, labels=None, temperature: float = 1.0
+) -> np.ndarray:
+    """`codes [n, h, w]` with the positions marked in `redraw` drawn afresh from `prior`.
+
+    Ancestral resampling in raster order conditioned on the kept codes: position `(r, c)`
+    marked in `redraw` draws from `p(c_rc | c_<rc, label)`, where `c_<rc` holds the kept
+    codes and the codes already redrawn; every unmarked position keeps its code exactly. This
+    "heals" a code map (Pinaya et al. 2022, https://arxiv.org/abs/2102.11650): the codes a
+    prior finds surprising are replaced by likely ones. Only the codes before a position
+    condition it (a PixelCNN cannot look ahead), so a redrawn code need not agree with the
+    kept codes below it.
+
+    Keeps the seeding contract of the module docstring (map i of `codes` is map i of the
+    batch): a redrawn code is the one `sample_codes` draws there for the same seed, label,
+    temperature and codes before it, so `redraw` all True gives `sample_codes`' maps. All maps
+    go through one graph call of the fast sampler's steps; a row where no map redraws
+    anything costs only its vertical stack.
+
+    Args:
+        prior: a `PixelCNN` (or a callable prior, as in `sample_codes_reference`).
+        codes: int `[n, h, w]`, the code maps.
+        redraw: bool `[n, h, w]`, where to draw.
+        seed, labels, temperature: as in `sample_codes`; labels one for all or one per map.
+    """
+    codes = np.asarray(codes, np.int32)
+    redraw = np.asarray(redraw, bool)
+    if codes.ndim != 3 or redraw.shape != codes.shape:
+        raise ValueError(
+            f"codes must be [n, h, w] and redraw of the same shape. Received: codes {codes.shape}, "
+            f"redraw {redraw.shape}"
+        )
+    num_maps, height, width = codes.shape
+    arguments, _, _, _ = _checked_arguments(
+        prior, num_maps, seed, labels, temperature, (height, width)
+    )
+    if not redraw.any():  # nothing to draw (and never run a model on nothing)
+        return codes
+    resample = _resampler(prior, height, width)
+    return resample(codes, redraw, *arguments).numpy()
 
 
 def codes_graph(
-    prior, num_samples, seed, labels, temperature, height: int, width: int, method="fast"
+    prior,
+    num_samples,
+    seed,
+    labels,
+    temperature,
+    height: int,
+    width: int,
+    method: str = DEFAULT_METHOD,
 ):
     """Code maps `[num_samples, height, width]` int32 drawn entirely in the graph (a TF function body).
 
@@ -490,25 +710,32 @@ def codes_graph(
             valid for `prior` (see `resolve_labels`): nothing is checked here.
         temperature: float32 scalar tensor > 0.
         height, width: Python ints, the code map size (static).
-        method: "fast" (`fast_codes_graph`: cached activations, a few forward passes' cost
-            per map) or "reference" (`reference_codes_graph`: one forward pass per code).
-            Every method draws the same codes; they differ in speed only.
+        method: a key of `SAMPLERS`: "fast" (`fast_codes_graph`: cached activations, a few
+            forward passes' cost per map) or "reference" (`reference_codes_graph`: one forward
+            pass per code). Every method draws the same codes; they differ in speed only.
 
     Returns:
         int32 tensor `[n, height, width]` with a static `[None, height, width]` shape.
     """
-    if method not in GRAPH_METHODS:
-        raise ValueError(f"method must be one of {GRAPH_METHODS}. Received: method={method!r}")
-    draw = fast_codes_graph if method == "fast" else reference_codes_graph
+    draw = sampler(method).graph
     seed = tf.cast(seed, tf.int32)
     temperature = tf.cast(temperature, tf.float32)
     return draw(prior, num_samples, seed, labels, temperature, height, width)
 
 
 def decode_codes(vqvae, codes, batch_size: int = 32) -> np.ndarray:
-    """Images `[n, H, W, 1]` float32 in [0, 1] of code maps `[n, h, w]` (`vqvae.decode`)."""
-    decode = tf.function(vqvae.decode)
+    """Images `[n, H, W, 1]` float32 in [0, 1] of code maps `[n, h, w]` (`vqvae.decode`).
+
+    Zero code maps give zero images without running the decoder (on an empty batch oneDNN's
+    `Conv2D` answers with a wrong shape: `keras_vqpix.data.pipeline.batch_sizes`).
+    """
     codes = np.asarray(codes, np.int32)
+    if codes.ndim != 3:
+        raise ValueError(f"codes must be [n, h, w]. Received: shape {codes.shape}")
+    if len(codes) == 0:
+        factor = vqvae.downsample_factor
+        return np.zeros((0, codes.shape[1] * factor, codes.shape[2] * factor, 1), np.float32)
+    decode = tf.function(vqvae.decode)
     return np.concatenate(
         [
             decode(tf.constant(codes[i : i + batch_size])).numpy()
@@ -517,12 +744,10 @@ def decode_codes(vqvae, codes, batch_size: int = 32) -> np.ndarray:
     )
 
 
-def label_name(label: int) -> str:
-    """ "NC", "AD" or "unconditional"."""
-    return "unconditional" if label < 0 else CLASS_NAMES[label]
-
-
 # -- vqpix sample ---------------------------------------------------------------------------------------
+GRID_PER_LABEL = 64  # samples of each label shown in `grid.png` (8 rows of 8)
+
+
 def sample_run(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -536,7 +761,7 @@ def sample_run(
     """Sample `num_samples` slices from the run's prior into the new folder `out_dir`; the count written.
 
     Writes `sample_<i>_<label>.png` (8-bit grayscale), `sample_<i>_<label>.npy` (the code map,
-    int32), `grid.png` and `samples.json` (seed, temperature, labels, which models), all into a
+    int32), `grid.png` (the first `GRID_PER_LABEL` of each label) and `samples.json` (seed, temperature, labels, which models), all into a
     temporary folder renamed to `out_dir` at the end. A non-empty `out_dir` is refused.
 
     Args:
@@ -545,10 +770,6 @@ def sample_run(
         on_row: progress callback, as in `sample_codes_reference`.
     """
     from PIL import Image
-
-    from keras_vqpix import plots
-    from keras_vqpix.io import atomic_directory
-    from keras_vqpix.training.artifacts import RunPaths, load_prior, load_vqvae
 
     seed = check_seed(seed)
     temperature = check_temperature(temperature)
@@ -564,19 +785,26 @@ def sample_run(
         )
     labels = resolve_labels(prior, num_samples, label)
     codes = sample_codes(prior, num_samples, seed, labels, temperature, on_row=on_row)
-    images = decode_codes(vqvae, codes)
     digits = max(3, len(str(num_samples - 1)))
     with atomic_directory(out_dir, overwrite=out_dir.exists()) as tmp:
         names = []
-        for i, (code_map, image, value) in enumerate(zip(codes, images, labels, strict=True)):
-            stem = f"sample_{i:0{digits}d}_{label_name(int(value))}"
-            pixels = np.round(np.clip(image[..., 0], 0.0, 1.0) * 255.0).astype(np.uint8)
-            Image.fromarray(pixels, mode="L").save(tmp / f"{stem}.png")
-            np.save(tmp / f"{stem}.npy", code_map.astype(np.int32))
-            names.append(stem)
+        shown = {value: [] for value in sorted(set(labels.tolist()))}  # the grid's images
+        # Decoded and written a batch at a time: memory does not grow with num_samples.
+        for start in range(0, num_samples, SAMPLE_BATCH_SIZE):
+            batch = slice(start, start + SAMPLE_BATCH_SIZE)
+            images = decode_codes(vqvae, codes[batch])
+            for i, code_map, image, value in zip(
+                range(start, start + len(images)), codes[batch], images, labels[batch], strict=True
+            ):
+                stem = f"sample_{i:0{digits}d}_{label_name(int(value))}"
+                pixels = np.round(np.clip(image[..., 0], 0.0, 1.0) * 255.0).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(tmp / f"{stem}.png")
+                np.save(tmp / f"{stem}.npy", code_map.astype(np.int32))
+                names.append(stem)
+                if len(shown[int(value)]) < GRID_PER_LABEL:
+                    shown[int(value)].append(image)
         rows = []
-        for value in sorted(set(labels.tolist())):
-            chosen = images[labels == value]
+        for value, chosen in shown.items():
             rows += [(label_name(value), chosen[i : i + 8]) for i in range(0, len(chosen), 8)]
         plots.plot_image_rows(
             rows,

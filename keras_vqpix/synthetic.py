@@ -74,7 +74,7 @@ def run_frame(run_dir: str | os.PathLike) -> tuple[int, int]:
     Recorded in the run's `split.json` (`"frame"`) at training time; for runs trained before
     that, read from one slice of the data folder `split.json` names.
     """
-    from keras_vqpix.training.artifacts import RunFolderError, RunPaths, read_json
+    from keras_vqpix.run_folder import RunFolderError, RunPaths, read_json
 
     paths = RunPaths(Path(run_dir))
     if not paths.split.is_file():
@@ -213,8 +213,8 @@ def generate_dataset(
         on_progress: called with `(slices done, slices)` after each batch.
     """
     from keras_vqpix.io import atomic_directory
+    from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
     from keras_vqpix.sampling import check_seed, check_temperature, decode_codes, sample_codes
-    from keras_vqpix.training.artifacts import RunPaths, load_prior, load_vqvae
 
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ValueError(f"--per-class must be an int >= 1. Received: per_class={per_class!r}")
@@ -311,7 +311,7 @@ def reconstruct_dataset(
 
     from keras_vqpix.data.pipeline import make_dataset
     from keras_vqpix.io import atomic_directory
-    from keras_vqpix.training.artifacts import RunPaths, load_vqvae
+    from keras_vqpix.run_folder import RunPaths, load_vqvae
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1. Received: batch_size={batch_size}")

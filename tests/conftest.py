@@ -154,3 +154,87 @@ def quick_run(tiny_adni, tmp_path_factory) -> Path:
     assert result.exit_code == 0, result.output
     assert "Prior: best epoch" in result.output
     return out
+
+
+# -- Priors with random weights (test_pixelcnn_steps, test_fast_sampling) --------------------------
+def random_prior(shape=(4, 5), **kwargs):
+    """A built `PixelCNN` whose biases and label embeddings are random too (not zeros)."""
+    import keras
+    import tensorflow as tf
+
+    from keras_vqpix.models.pixelcnn import PixelCNN
+
+    keras.utils.set_random_seed(1)
+    prior = PixelCNN(code_shape=shape, **kwargs)
+    prior(tf.zeros((1, *shape), tf.int32), tf.zeros((1,), tf.int32))
+    for variable in prior.weights:
+        if any(part in variable.path for part in ("bias", "label", "position")):
+            variable.assign(tf.random.normal(variable.shape, stddev=0.5, seed=2))
+    return prior
+
+
+ARCHITECTURES = {
+    # The default prior (PriorConfig) with K = 256.
+    "default": dict(
+        num_embeddings=256,
+        num_layers=9,
+        filters=32,
+        embedding_dim=32,
+        position_embedding=True,
+        dilation_cycle=4,
+    ),
+    "quick": dict(
+        num_embeddings=16, num_layers=2, filters=16, embedding_dim=8, position_embedding=True
+    ),
+    "kernel5_unconditional": dict(
+        num_embeddings=8, num_layers=2, filters=8, kernel_size=5, embedding_dim=3, conditional=False
+    ),
+    # Vertical stacks dilated 1, 2, 4, 1: reaches beyond the 4-row map, as on a real map.
+    "dilated": dict(
+        num_embeddings=16,
+        num_layers=3,
+        filters=8,
+        embedding_dim=4,
+        dilation_cycle=3,
+        position_embedding=True,
+    ),
+}
+
+
+# -- get_config round trips that fail when an argument is lost ---------------------------------------
+def assert_config_round_trip(cls, arguments: dict, *, optional_kept: tuple[str, ...] = ()):
+    """`cls(**arguments)` and its `from_config` clone both report every argument given.
+
+    Every constructor argument of `cls` must be given (`optional_kept`: those left out on
+    purpose) with a value other than its default, so an argument dropped from `get_config`, or
+    from `from_config`, shows up as the default in its place. Compared with the arguments given,
+    not with the first `get_config`: a field dropped from both would otherwise pass.
+    """
+    import inspect
+
+    import keras
+
+    parameters = {
+        name: p
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    missing = sorted(set(parameters) - set(arguments) - set(optional_kept))
+    assert not missing, f"{cls.__name__}: give every argument a value; missing {missing}"
+    for name, value in arguments.items():
+        assert parameters[name].default != value, f"{name}={value!r} is the default"
+
+    def expected(name, value):
+        if name.endswith("_initializer"):
+            return keras.initializers.serialize(keras.initializers.get(value))
+        return list(value) if isinstance(value, tuple) else value
+
+    original = cls(**arguments)
+    clone = cls.from_config(original.get_config())
+    for which, instance in (("get_config", original), ("from_config clone", clone)):
+        config = instance.get_config()
+        for name, value in arguments.items():
+            got = config[name]
+            got = list(got) if isinstance(got, tuple) else got
+            assert got == expected(name, value), f"{cls.__name__} {which}: {name}={got!r}"
+    return clone

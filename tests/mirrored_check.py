@@ -3,10 +3,14 @@
 The host CPU is split into two logical devices first (TensorFlow allows that only before it
 initialises its devices, hence a process of its own). Then, with the same config, data and
 global batch, on one device and on a two-replica `MirroredStrategy`: two epochs of the VQ-VAE
-(`fit` as the training stage calls it, without its files), the prior's loss and label-dropout
+(`fit` as the training stage calls it, without its files, on the batches the training stage
+plans for two replicas), the prior's loss and label-dropout
 draws on one batch (a whole `fit` of the prior costs 20 s more of tracing under the strategy),
 and one step of the replica-safe `LossScaleOptimizer` where only the second replica overflows. Writes
 `results.json` and `weights.npz` into OUT for the test to compare.
+
+It also records the size of every replica's slice of every batch that the training pipelines
+hand a two-replica strategy, with the plan of `batch_sizes` and with plain batching.
 
 Usage: python tests/mirrored_check.py DATA OUT
 """
@@ -27,24 +31,27 @@ import numpy as np  # noqa: E402
 
 from keras_vqpix.config import get_config  # noqa: E402
 from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch  # noqa: E402
-from keras_vqpix.training import load_splits  # noqa: E402
+from keras_vqpix.run_folder import load_splits  # noqa: E402
 from keras_vqpix.training.distribute import LossScaleOptimizer, make_cluster  # noqa: E402
 from keras_vqpix.training.prior_training import build_prior, code_dataset  # noqa: E402
-from keras_vqpix.training.vqvae_training import build_vqvae  # noqa: E402
+from keras_vqpix.training.vqvae_training import build_vqvae, training_dataset  # noqa: E402
 
-# 32 training slices in batches of 31: every epoch ends with a batch of one slice, which leaves
-# the second replica an empty slice. Dead-code restarts fire at the first step.
+# 32 training slices in batches of 31: plain batching would end every epoch with a batch of one
+# slice and leave the second replica an empty slice; the plan for two replicas is 30 + 2.
+# Dead-code restarts fire at the first step.
 BATCH = 31
+REPLICAS = 2
 EPOCHS = 2
 QUANTIZER = ("ema_cluster_size", "embeddings", "steps_since_used", "ema_dw")
 
 
 def train_vqvae_steps(config, splits, cluster) -> tuple[dict, dict, list[np.ndarray]]:
     """The VQ-VAE stage's `fit`: history, quantizer state, weights."""
-    steps = steps_per_epoch(len(splits.train), BATCH)
+    # Both the one-device and the two-replica run train on the two-replica plan's batches.
+    steps = steps_per_epoch(len(splits.train), BATCH, min_batch=REPLICAS)
     with cluster.strategy.scope():
         model = build_vqvae(config, steps)
-    data = make_dataset(splits.train, config.data.image_size, BATCH, shuffle=True, seed=0)
+    data = training_dataset(splits.train, config, min_batch=REPLICAS)
     history = model.fit(data, steps_per_epoch=steps, epochs=EPOCHS, shuffle=False, verbose=0)
     quantizer = {name: getattr(model.quantizer, name).numpy().tolist() for name in QUANTIZER}
     return history.history, quantizer, model.get_weights()
@@ -107,6 +114,42 @@ def loss_scale_step(cluster) -> dict:
     }
 
 
+def replica_batch_sizes(strategy, dataset, steps: int) -> list[list[int]]:
+    """The rows of each replica's slice of the first `steps` batches, as Keras' `fit` splits them."""
+    batches = iter(strategy.experimental_distribute_dataset(dataset))
+    sizes = []
+    for _ in range(steps):
+        slices = strategy.experimental_local_results(next(batches)[0])
+        sizes.append([int(s.shape[0]) for s in slices])
+    return sizes
+
+
+def pipelines(config, splits, min_batch: int) -> dict[str, tuple]:
+    """One epoch of each training stage's pipelines (dataset, steps) with this `min_batch`."""
+    train, validation = splits.train, splits.validation
+    size, rng = config.data.image_size, np.random.default_rng(2)
+    codes = rng.integers(0, 4, (33, 2, 2)).astype(np.int32)  # 33 maps: 16 + 16 + 1 plainly
+    labels = np.zeros(33, np.int32)
+    return {
+        "vqvae_train": (
+            training_dataset(train, config, min_batch=min_batch),
+            steps_per_epoch(len(train), BATCH, min_batch=min_batch),
+        ),
+        "vqvae_validation": (
+            make_dataset(validation, size, len(validation) - 1, min_batch=min_batch),
+            steps_per_epoch(len(validation), len(validation) - 1, min_batch=min_batch),
+        ),
+        "prior_train": (
+            code_dataset(codes, labels, 16, shuffle=True, min_batch=min_batch),
+            steps_per_epoch(33, 16, min_batch=min_batch),
+        ),
+        "prior_validation": (
+            code_dataset(codes, labels, 16, min_batch=min_batch),
+            steps_per_epoch(33, 16, min_batch=min_batch),
+        ),
+    }
+
+
 def main(data: str, out: str) -> None:
     out = Path(out)
     config = get_config("quick").replace(**{"data.batch_size": BATCH})
@@ -124,7 +167,15 @@ def main(data: str, out: str) -> None:
             "prior_loss": prior_loss,
             "label_draws": label_draws,
         }
-    results["loss_scale"] = loss_scale_step(make_cluster("mirrored"))
+    mirrored = make_cluster("mirrored")
+    results["loss_scale"] = loss_scale_step(mirrored)
+    results["replica_batch_sizes"] = {
+        plan: {
+            name: replica_batch_sizes(mirrored.strategy, dataset, steps)
+            for name, (dataset, steps) in pipelines(config, splits, min_batch).items()
+        }
+        for plan, min_batch in (("planned", REPLICAS), ("plain", 1))
+    }
     np.savez(out / "weights.npz", **weights)
     (out / "results.json").write_text(json.dumps(results))
 

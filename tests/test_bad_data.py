@@ -99,11 +99,12 @@ def test_unreadable_files_are_found_with_a_reason(odd_adni):
 
 def test_discover_splits_leaves_unreadable_files_out_and_the_rest_feeds_an_epoch(odd_adni):
     from keras_vqpix.data.pipeline import make_dataset
+    from keras_vqpix.data.screen import unreadable_files
 
     root, odd = odd_adni
     plain = discover_splits(root, 0.2, seed=0)
     assert plain.skipped == ()
-    splits = discover_splits(root, 0.2, seed=0, skip_unreadable=True)
+    splits = discover_splits(root, 0.2, seed=0, unreadable=unreadable_files)
     skipped = sorted(os.path.relpath(path, root) for path, _ in splits.skipped)
     assert skipped == odd["unreadable"]
     kept = {
@@ -130,10 +131,12 @@ def test_a_folder_where_nothing_is_readable_is_exit_2_before_anything_is_written
     root = make_adni_folder(tmp_path / "data", train_patients=2, test_patients=1, slices=2)
     for path in (root / "train").rglob("*.jpeg"):
         path.write_bytes(b"")
+    from keras_vqpix.data.screen import unreadable_files
+
     with pytest.raises(
         DatasetLayoutError, match=r"no image file in .*train can be read \(e\.g\. .*: empty file\)"
     ):
-        discover_splits(root, 0.2, skip_unreadable=True)
+        discover_splits(root, 0.2, unreadable=unreadable_files)
     out = tmp_path / "run"
     result = CliRunner().invoke(
         main, ["train", "--config", "quick", "--data", str(root), "--out", str(out)]
@@ -149,8 +152,9 @@ FUZZ_SCRIPT = textwrap.dedent(
     import json, sys, time
     from keras_vqpix.data import discover_splits
     from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch
+    from keras_vqpix.data.screen import unreadable_files
     started = time.monotonic()
-    splits = discover_splits(sys.argv[1], 0.2, seed=0, skip_unreadable=True)
+    splits = discover_splits(sys.argv[1], 0.2, seed=0, unreadable=unreadable_files)
     counts = {"skipped": len(splits.skipped)}
     for name in ("train", "validation", "test"):
         records = getattr(splits, name)

@@ -80,3 +80,34 @@ def test_save_missing_best_saves_the_restored_epoch_only_when_it_beat_the_saved_
     )
     callback.save_missing_best()
     assert saved == expected
+
+
+def test_building_the_models_seeds_their_weights_and_leaves_the_global_rngs_alone():
+    """build_vqvae/build_prior draw their weights from the config's seed alone, whatever the
+    process's random state, and hand that state back as it was (no global reseeding)."""
+    import random
+
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_vqpix.config import get_config
+    from keras_vqpix.training.prior_training import build_prior
+    from keras_vqpix.training.vqvae_training import build_vqvae
+
+    config = get_config("quick")
+    for build in (build_vqvae, build_prior):
+        weights = []
+        for process_seed in (1, 2):
+            random.seed(process_seed)
+            np.random.seed(process_seed)
+            tf.random.set_seed(process_seed)
+            expected = (random.random(), np.random.random(), float(tf.random.uniform([])))
+            random.seed(process_seed)
+            np.random.seed(process_seed)
+            tf.random.set_seed(process_seed)
+            weights.append([w.numpy() for w in build(config).weights])
+            after = (random.random(), np.random.random(), float(tf.random.uniform([])))
+            assert after == expected, f"{build.__name__} changed the global random state"
+        for a, b in zip(*weights, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert any(np.any(w != 0) for w in weights[0])

@@ -13,7 +13,7 @@ from keras_vqpix_cli.main import main
 
 def test_help_lists_every_command_and_every_command_has_help():
     result = CliRunner().invoke(main, ["--help"])
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.output
     commands = (
         "demo-data",
         "prepare",
@@ -22,17 +22,21 @@ def test_help_lists_every_command_and_every_command_has_help():
         "sample",
         "generate",
         "compare",
+        "classify",
+        "anomaly",
         "export",
     )
     for command in commands:
         assert command in result.output
         sub = CliRunner().invoke(main, [command, "--help"])
-        assert sub.exit_code == 0 and "Usage:" in sub.output
+        assert sub.exit_code == 0, sub.output
+        assert "Usage:" in sub.output
 
 
 def test_version():
     result = CliRunner().invoke(main, ["--version"])
-    assert result.exit_code == 0 and __version__ in result.output
+    assert result.exit_code == 0, result.output
+    assert __version__ in result.output
 
 
 def test_help_does_not_import_tensorflow():
@@ -50,7 +54,7 @@ def test_missing_data_folder_exits_2(tmp_path: Path, command):
     (tmp_path / "RUN").mkdir()
     args = [a if a != "RUN" else str(tmp_path / "RUN") for a in command]
     result = CliRunner().invoke(main, [*args, "--data", str(tmp_path / "missing")])
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "missing" in result.output and "does not exist" in result.output
 
 
@@ -86,7 +90,7 @@ def test_bad_image_size_names_the_option(tiny_adni: Path, tmp_path: Path):
             str(tmp_path / "r"),
         ],
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "--image-size" in result.output and "divisible" in result.output
     assert not (tmp_path / "r").exists()
 

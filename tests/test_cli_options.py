@@ -18,6 +18,8 @@ TRAIN_CASES = {
     "unknown config": (["--config", "huge"], "--config"),
     "unknown stage": (["--stage", "decoder"], "--stage"),
     "negative seed": (["--seed", "-1"], "--seed"),
+    # Beyond int32 the samples of the prior's plot could not be drawn: refused before training.
+    "seed beyond int32": (["--seed", str(2**31)], "--seed"),
     "out is a file": (["--out", "{tmp}/file.txt"], "--out"),
 }
 
@@ -27,6 +29,8 @@ SAMPLE_CASES = {
     "negative samples": (["--num", "-3"], "--num"),
     "zero temperature": (["--temperature", "0"], "--temperature"),
     "negative temperature": (["--temperature", "-1.5"], "--temperature"),
+    "seed beyond int32": (["--seed", str(2**31)], "--seed"),
+    "seed below int32": (["--seed", str(-(2**31) - 1)], "--seed"),
 }
 
 
@@ -84,6 +88,30 @@ def test_negative_evaluate_samples_exit_2(tmp_path):
 
 def test_train_help_lists_the_reliability_options():
     result = CliRunner().invoke(main, ["train", "--help"])
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.output
     for option in ("--overwrite", "--deterministic", "--seed"):
         assert option in result.output
+
+
+def test_every_seed_option_and_check_agree_on_one_range():
+    """One range (keras_vqpix.config) for `train`, `sample`, `evaluate`, RunConfig and the samplers.
+
+    The largest seed `vqpix train` accepts must be one the run's prior plot can sample with: a
+    run with `--seed 2**31` used to train both stages, then fail in the plot and exit 2.
+    """
+    from keras_vqpix.config import RUN_SEED_RANGE, SEED_RANGE, RunConfig
+    from keras_vqpix.sampling import check_seed
+
+    def seed_range(command):
+        option = next(p for p in main.commands[command].params if p.name == "seed")
+        return option.type.min, option.type.max
+
+    assert seed_range("train") == RUN_SEED_RANGE == (0, 2**31 - 1)
+    assert seed_range("sample") == seed_range("evaluate") == SEED_RANGE == (-(2**31), 2**31 - 1)
+    assert check_seed(RUN_SEED_RANGE[1]) == RunConfig(seed=RUN_SEED_RANGE[1]).seed == 2**31 - 1
+    for seed in (2**31, -1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer in 0 .. 2147483647"):
+            RunConfig(seed=seed)
+    for seed in (2**31, -(2**31) - 1):
+        with pytest.raises(ValueError, match="seed must be an int32"):
+            check_seed(seed)

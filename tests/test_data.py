@@ -134,6 +134,47 @@ def test_pipeline_shapes_dtype_range_and_determinism(tiny_adni: Path):
     assert sum(int(tf.shape(x)[0]) for x, _ in plain) == len(splits.train)
 
 
+@pytest.mark.parametrize(
+    ("records", "batch", "min_batch", "sizes"),
+    [
+        (10, 4, 1, [4, 4, 2]),  # one device: plain batching
+        (32, 31, 2, [30, 2]),  # a last batch of 1 for 2 replicas: split anew
+        (33, 16, 2, [16, 15, 2]),
+        (9, 4, 4, [4, 5]),  # 4 + 1 cannot be split into two of >= 4: merged
+        (10, 4, 2, [4, 4, 2]),  # nothing to change
+        (3, 8, 2, [3]),
+    ],
+)
+def test_batch_sizes_give_no_batch_fewer_examples_than_replicas(records, batch, min_batch, sizes):
+    from keras_vqpix.data.pipeline import batch_sizes, steps_per_epoch
+
+    assert batch_sizes(records, batch, min_batch) == sizes
+    assert steps_per_epoch(records, batch, min_batch=min_batch) == len(sizes)
+
+
+@pytest.mark.parametrize(
+    ("records", "batch", "min_batch", "message"),
+    [(1, 4, 2, "cannot give each of 2 replicas"), (8, 1, 2, "smaller than the 2 replicas")],
+)
+def test_batch_sizes_refuse_what_would_leave_a_replica_empty(records, batch, min_batch, message):
+    from keras_vqpix.data.pipeline import batch_sizes
+
+    with pytest.raises(ValueError, match=message):
+        batch_sizes(records, batch, min_batch)
+
+
+def test_the_pipeline_batches_by_the_plan_and_keeps_every_slice(tiny_adni: Path):
+    from keras_vqpix.data.pipeline import make_dataset
+
+    records = discover_splits(tiny_adni, 0.2, seed=0).train[:9]
+    for shuffle in (False, True):
+        dataset = make_dataset(records, 16, 4, shuffle=shuffle, min_batch=4).take(2)
+        batches = [images.numpy() for images, _ in dataset]
+        assert [len(b) for b in batches] == [4, 5]
+        sums = np.concatenate(batches).sum(axis=(1, 2, 3))
+        assert len(np.unique(sums.round(4))) == 9  # each of the 9 slices once
+
+
 def test_decode_keeps_aspect_ratio_with_black_padding(tmp_path: Path):
     from PIL import Image
 

@@ -202,7 +202,7 @@ def test_cli_demo_data(tmp_path: Path):
     result = CliRunner().invoke(
         main, ["demo-data", str(out), "--seed", "3", "--patients-per-class", "2"]
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "not empty" in result.output
 
 
@@ -257,3 +257,34 @@ def test_generator_needs_neither_tensorflow_nor_scipy_nor_nilearn():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_lesions_only_in_test_slices_with_masks_beside_them(small_set, tmp_path: Path):
+    from keras_vqpix.data.lesions import load_mask, mask_path
+
+    plain, _ = small_set
+    out = tmp_path / "lesions"
+    summary = demo.generate_demo_dataset(
+        out, seed=1, train_patients_per_class=2, slices_per_patient=SLICES, lesions=True
+    )
+    plain_files, lesion_files = tree_digest(plain), tree_digest(out)
+    slices = [name for name in lesion_files if name.endswith(".jpeg")]
+    assert sorted(slices) == sorted(n for n in plain_files if n.endswith(".jpeg"))
+    with_lesions = 0
+    for name in slices:
+        mask = load_mask(out / name)
+        if name.startswith("train"):
+            assert mask is None and lesion_files[name] == plain_files[name]
+            continue
+        assert mask.shape == (240, 256) and mask_path(out / name).is_file()
+        if mask.any():  # the lesion is in the image, inside the mask, and inside the head
+            with_lesions += 1
+            changed = np.asarray(Image.open(out / name), float) - np.asarray(
+                Image.open(plain / name), float
+            )
+            assert np.abs(changed[mask]).mean() > 4 * np.abs(changed[~mask]).mean() + 1
+            assert np.all(np.asarray(Image.open(plain / name))[mask] > 0)
+        else:  # a slice without a lesion is byte for byte the plain set's
+            assert lesion_files[name] == plain_files[name]
+    assert summary["lesions"]["slices_with_lesions"] == with_lesions > 0
+    assert summary["lesions"]["test_slices"] == 2 * SLICES

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from keras_vqpix.config import SERVING_MAX_SAMPLES
 from keras_vqpix_cli.main import main
 
 pytestmark = pytest.mark.large
@@ -83,6 +84,17 @@ np.savez(
     decoded=signatures["decode"](codes=tf.constant(codes_in))["images"].numpy(),
 )
 serve, decode, errors = signatures["serving_default"], signatures["decode"], vqvae["errors"]
+# Zero images or code maps: empty answers (the models must not run on an empty batch).
+no_images = tf.zeros([0, *images.shape[1:]], tf.float32)
+no_codes = tf.zeros([0, *codes_in.shape[1:]], tf.int32)
+vqvae["empty"] = {
+    name: {key: list(value.shape) for key, value in outputs.items()}
+    for name, outputs in (
+        ("serving_default", serve(images=no_images)),
+        ("encode", signatures["encode"](images=no_images)),
+        ("decode", decode(codes=no_codes)),
+    )
+}
 error_of(errors, "images_float64", serve, images=tf.constant(images, tf.float64))
 error_of(errors, "images_rank_3", serve, images=tf.constant(images[..., 0]))
 error_of(errors, "images_too_small", serve, images=tf.constant(images[:, :16, :16]))
@@ -179,8 +191,8 @@ def exported(quick_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(quick_run, exported, tmp_path_factory):
     """The in-memory models' outputs (this process), saved as .npy for the fresh processes."""
+    from keras_vqpix.run_folder import load_prior, load_vqvae
     from keras_vqpix.sampling import decode_codes, sample_codes
-    from keras_vqpix.training.artifacts import load_prior, load_vqvae
 
     work = tmp_path_factory.mktemp("export_work")
     vqvae, config, vqvae_meta = load_vqvae(quick_run)
@@ -345,7 +357,13 @@ def test_cli_prints_the_versions_and_writes_the_layout(exported, quick_run, jobs
         names = {p.name for p in version.iterdir()}
         assert names >= {"saved_model.pb", "variables", "config.json", "vqvae.json", "README"}
         assert names >= set(extra)
-        assert (version / "config.json").read_text() == (quick_run / "config.json").read_text()
+        config = (version / "config.json").read_text()
+        if model == "vqpix_generator":  # the run's, plus the export's cap (tests/test_serving.py)
+            values = json.loads(config)
+            assert values.pop("serving") == {"max_samples": SERVING_MAX_SAMPLES, "sampler": "fast"}
+            assert values == json.loads((quick_run / "config.json").read_text())
+        else:
+            assert config == (quick_run / "config.json").read_text()
         readme = (version / "README").read_text()
         fingerprint = json.loads((quick_run / "vqvae.json").read_text())["fingerprint"]
         assert fingerprint in readme and "signature" in readme.lower()
@@ -356,7 +374,18 @@ def test_cli_prints_the_versions_and_writes_the_layout(exported, quick_run, jobs
         # Readable by a server running as another user (not mkdtemp's 0700).
         assert stat.S_IMODE(version.stat().st_mode) == 0o777 & ~umask
     prior_fingerprint = json.loads((quick_run / "prior.json").read_text())["fingerprint"]
-    assert prior_fingerprint in (base / "vqpix_generator" / "1" / "README").read_text()
+    generator_readme = (base / "vqpix_generator" / "1" / "README").read_text()
+    assert prior_fingerprint in generator_readme
+    assert f"num_samples int32 scalar, 1 .. {SERVING_MAX_SAMPLES}" in generator_readme
+    assert "(fast sampler)" in generator_readme  # the method the archive was built with
+
+
+def test_an_unknown_sampler_method_is_refused_before_any_export(quick_run, tmp_path):
+    from keras_vqpix import export
+
+    with pytest.raises(ValueError, match="method must be one of"):
+        export.export_run(quick_run, tmp_path / "exported", method="slow")
+    assert not (tmp_path / "exported").exists()
 
 
 def test_models_config_is_tf_servings_and_keeps_other_models(exported):
@@ -504,6 +533,16 @@ def test_vqvae_export_computes_what_the_model_in_memory_computes(jobs, reference
     np.testing.assert_array_equal(out["encoded"], reference["encoded"])
     np.testing.assert_allclose(out["decoded"], reference["decoded"], atol=1e-5)
     assert out["codes"].dtype == np.int32 and out["reconstruction"].dtype == np.float32
+
+
+def test_vqvae_export_answers_zero_images_and_codes_with_empty_outputs(jobs, reference):
+    empty = report(jobs, reference, "vqvae")["empty"]
+    size, (h, w) = reference["image_size"], reference["code_shape"]
+    assert empty == {
+        "serving_default": {"reconstruction": [0, size, size, 1], "codes": [0, h, w]},
+        "encode": {"codes": [0, h, w]},
+        "decode": {"images": [0, size, size, 1]},
+    }
 
 
 def test_vqvae_export_rejects_bad_inputs(jobs, reference):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
-from test_pixelcnn_steps import ARCHITECTURES, random_prior
+from conftest import ARCHITECTURES, random_prior
 
 from keras_vqpix import sampling
 from keras_vqpix.sampling import (
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("time_limit")
 @pytest.fixture(scope="module")
 def quick_prior(quick_run):
     """The prior `vqpix train --config quick` trained (8x8 code maps, K = 16)."""
-    from keras_vqpix.training.artifacts import load_prior
+    from keras_vqpix.run_folder import load_prior
 
     return load_prior(quick_run)[0]
 
@@ -69,7 +69,13 @@ CASES = [  # (seed, labels, temperature)
 ]
 
 
-@pytest.fixture(params=["quick_prior", "default_prior"])
+@pytest.fixture(scope="module")
+def dilated_prior():
+    """Vertical stacks dilated 1, 2, 4, 1 (`dilation_cycle=3`), random weights, 5x7 maps."""
+    return random_prior((5, 7), **ARCHITECTURES["dilated"])
+
+
+@pytest.fixture(params=["quick_prior", "default_prior", "dilated_prior"])
 def prior(request):
     return request.getfixturevalue(request.param)
 
@@ -108,8 +114,10 @@ def test_one_graph_call_or_row_by_row_with_progress_agree(small_prior):
     np.testing.assert_array_equal(at_once.numpy(), by_row)
 
 
-def test_the_fast_sampler_in_a_saved_model_signature(tmp_path, small_prior):
+@pytest.mark.parametrize("name", ["small_prior", "dilated_prior"])
+def test_the_fast_sampler_in_a_saved_model_signature(tmp_path, request, name):
     """A dynamic number of samples, one label for all, as `vqpix export`'s generator takes them."""
+    small_prior = request.getfixturevalue(name)
     height, width = small_prior.code_shape
     module = tf.Module()
     module.prior = small_prior
@@ -149,7 +157,7 @@ def test_vqpix_sample_draws_with_the_fast_sampler(quick_run, quick_prior, tmp_pa
     def refuse(*args, **kwargs):
         raise AssertionError("the reference sampler ran")
 
-    monkeypatch.setitem(sampling.SAMPLERS, "reference", refuse)
+    monkeypatch.setitem(sampling.SAMPLERS, "reference", sampling.Sampler(refuse, refuse))
     monkeypatch.setattr(sampling, "sample_codes_reference", refuse)
     result = CliRunner().invoke(
         main, ["sample", str(quick_run), "--num", "4", "--seed", "3", "--out", str(tmp_path / "s")]

@@ -188,3 +188,27 @@ def test_image_metrics_agree_with_the_single_metrics(image_pairs):
         metrics["mse"], mse_per_image(references, degraded).numpy(), atol=1e-7
     )
     assert "ms_ssim" not in metrics  # 96 px: too small for five scales
+
+
+def test_ranking_scores_known_answers():
+    from keras_vqpix.metrics import average_precision, balanced_accuracy, best_dice, roc_auc
+
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert roc_auc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert roc_auc([1, 1], [0.1, 0.2]) is None
+    rng = np.random.default_rng(0)
+    labels = rng.random(300) < 0.3
+    scores = np.round(rng.normal(size=300) + labels, 1)  # with ties
+    pairs = scores[labels][:, None] - scores[~labels][None, :]
+    brute = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
+    assert roc_auc(labels, scores) == pytest.approx(brute, abs=1e-12)
+    # Positives ranked 1st and 3rd of 4: precision 1 at recall 1/2, 2/3 at recall 1.
+    assert average_precision([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(labels, labels.astype(float)) == 1.0
+    # Best Dice: a threshold at 0.7 finds both positives plus one negative: 2*2/(3+2).
+    dice, threshold = best_dice([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1])
+    assert dice == pytest.approx(0.8) and threshold == pytest.approx(0.7)
+    assert best_dice(labels, labels.astype(float))[0] == 1.0
+    assert balanced_accuracy([1, 1, 1, 0], [1, 1, 0, 0]) == pytest.approx((2 / 3 + 1) / 2)
+    assert balanced_accuracy([1, 1], [1, 0]) is None

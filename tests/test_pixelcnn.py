@@ -6,8 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_config_round_trip
 
-from keras_vqpix.config import PriorConfig
+from keras_vqpix.config import PriorConfig, get_config
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
 from keras_vqpix.layers.masked_conv import MaskedConv2D, causal_mask
 from keras_vqpix.models.pixelcnn import PixelCNN
@@ -80,6 +81,34 @@ def test_every_position_sees_exactly_the_earlier_positions(kwargs):
     assert violations == {"leaks": [], "blind_spots": []}
 
 
+def test_dilated_vertical_stacks_see_every_earlier_row_of_a_tall_map():
+    # 4 blocks dilated 1, 2, 4, 8 reach 16 rows above: on a 12x3 map every position must see
+    # every earlier one (no gap between the dilated taps, no leak); undilated, they reach 5.
+    keras.utils.set_random_seed(1)
+    labels = tf.constant([0, 1])
+    found = {}
+    for cycle in (4, 1):
+        prior = PixelCNN(
+            num_embeddings=8, num_layers=3, filters=8, embedding_dim=4, dilation_cycle=cycle
+        )
+        prior(tf.zeros((2, 12, 3), tf.int32), labels)
+        found[cycle] = (
+            [block.dilation for block in prior.blocks],
+            prior.receptive_rows,
+            causality_violations(
+                lambda x, prior=prior: prior.logits_from_embeddings(
+                    x, tf.tile(labels, [x.shape[0] // 2])
+                ),
+                random_embedded(height=12, width=3, batch=2),
+            ),
+        )
+    assert found[4] == ([1, 2, 4, 8], 16, {"leaks": [], "blind_spots": []})
+    dilations, rows, undilated = found[1]
+    assert dilations == [1, 1, 1, 1] and rows == 5 and not undilated["leaks"]
+    blind = {(p, q) for p, q in undilated["blind_spots"] if p == (11, 0)}
+    assert blind == {((11, 0), (r, c)) for r in range(6) for c in range(3)}  # 6 rows up and more
+
+
 def test_the_causality_check_catches_a_blind_spot_and_a_leak():
     """The same assertion fails on a plain masked-conv stack (blind spot) and on a leaky one."""
     keras.utils.set_random_seed(2)
@@ -150,6 +179,7 @@ def test_masked_conv_rejects_bad_arguments(kwargs, message):
         ({"filters": 4, "kernel_size": 4}, r"Received: kernel_size=4"),
         ({"filters": 4, "mask_type": "a"}, r"Received: mask_type='a'"),
         ({"filters": 4, "num_labels": -1}, r"Received: num_labels=-1"),
+        ({"filters": 4, "dilation": 0}, r"Received: dilation=0"),
     ],
 )
 def test_gated_block_rejects_bad_arguments(kwargs, message):
@@ -171,34 +201,64 @@ def test_pixelcnn_and_config_reject_bad_arguments():
         PriorConfig(label_dropout=-0.1)
     with pytest.raises(ValueError, match=r"Received: embedding_dim=0"):
         PriorConfig(embedding_dim=0)
+    with pytest.raises(ValueError, match=r"Received: dilation_cycle=0"):
+        PixelCNN(num_embeddings=8, dilation_cycle=0)
+    with pytest.raises(ValueError, match=r"Received: dilation_cycle=0"):
+        PriorConfig(dilation_cycle=0)
+
+
+def test_the_default_prior_is_dilated_and_the_undilated_one_stays_a_preset():
+    default, undilated = get_config("default"), get_config("default-undilated")
+    prior = PixelCNN.from_run_config(default.prior, 256, code_shape=(32, 32))
+    assert [block.dilation for block in prior.blocks] == [1, 2, 4, 8, 1, 2, 4, 8, 1, 2]
+    assert prior.receptive_rows == 34 >= default.code_size
+    assert undilated.prior.dilation_cycle == 1
+    # Only the prior's dilation differs: the VQ-VAE stage of both is the same run.
+    assert undilated.replace(name="default", **{"prior.dilation_cycle": 4}) == default
+    assert PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32)).receptive_rows == 11
 
 
 # -- Config and saving ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "layer",
+    ("cls", "arguments"),
     [
-        MaskedConv2D(4, (1, 3), "A", use_bias=False, name="masked"),
-        GatedBlock(8, 5, "A", num_labels=3, name="block"),
-        PixelCNN(
-            num_embeddings=8,
-            num_layers=1,
-            filters=8,
-            embedding_dim=4,
-            conditional=False,
-            label_dropout=0.2,
-            dropout=0.1,
-            code_shape=(4, 5),
-            seed=3,
-            position_embedding=True,
+        (
+            MaskedConv2D,
+            dict(
+                filters=4,
+                kernel_size=(1, 3),
+                mask_type="A",
+                use_bias=False,
+                kernel_initializer="he_normal",
+                bias_initializer="ones",
+            ),
+        ),
+        (GatedBlock, dict(filters=8, kernel_size=5, mask_type="A", num_labels=3, dilation=2)),
+        (
+            PixelCNN,
+            dict(
+                num_embeddings=8,
+                num_layers=1,
+                filters=8,
+                kernel_size=5,
+                embedding_dim=4,
+                conditional=False,
+                num_classes=3,
+                label_dropout=0.2,
+                dropout=0.1,
+                code_shape=(4, 5),
+                seed=3,
+                position_embedding=True,
+                dilation_cycle=2,
+            ),
         ),
     ],
     ids=["MaskedConv2D", "GatedBlock", "PixelCNN"],
 )
-def test_get_config_round_trips(layer):
-    config = layer.get_config()
-    assert type(layer).from_config(config).get_config() == config
+def test_get_config_round_trips(cls, arguments):
+    assert_config_round_trip(cls, arguments)
 
 
 def tiny_prior(**kwargs) -> PixelCNN:

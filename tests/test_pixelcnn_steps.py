@@ -6,22 +6,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import ARCHITECTURES, random_prior
 
-from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
 
 pytestmark = pytest.mark.usefixtures("time_limit")
-
-
-def random_prior(shape=(4, 5), **kwargs) -> PixelCNN:
-    """A built prior whose biases and label embeddings are random too (not zeros)."""
-    keras.utils.set_random_seed(1)
-    prior = PixelCNN(code_shape=shape, **kwargs)
-    prior(tf.zeros((1, *shape), tf.int32), tf.zeros((1,), tf.int32))
-    for variable in prior.weights:
-        if any(part in variable.path for part in ("bias", "label", "position")):
-            variable.assign(tf.random.normal(variable.shape, stddev=0.5, seed=2))
-    return prior
 
 
 def cached_logits(prior, codes, labels) -> np.ndarray:
@@ -39,20 +28,6 @@ def cached_logits(prior, codes, labels) -> np.ndarray:
         rows.append(tf.stack(columns, axis=1))
         state = steps.finish_row(state, codes[:, r], r)
     return tf.stack(rows, axis=1).numpy()
-
-
-ARCHITECTURES = {
-    # The default prior (PriorConfig) with K = 256.
-    "default": dict(
-        num_embeddings=256, num_layers=9, filters=32, embedding_dim=32, position_embedding=True
-    ),
-    "quick": dict(
-        num_embeddings=16, num_layers=2, filters=16, embedding_dim=8, position_embedding=True
-    ),
-    "kernel5_unconditional": dict(
-        num_embeddings=8, num_layers=2, filters=8, kernel_size=5, embedding_dim=3, conditional=False
-    ),
-}
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

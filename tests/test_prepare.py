@@ -381,11 +381,13 @@ def test_split_is_deterministic_for_a_seed(cohort, prepared, tmp_path):
 
     again = tmp_path / "again"
     args = ["--volumes", volumes, "--labels", labels, "--slices", 1, "--test-fraction", 0.4]
-    assert prepare(*args, "--seed", 3, "--out", again).exit_code == 0
+    result = prepare(*args, "--seed", 3, "--out", again)
+    assert result.exit_code == 0, result.output
     assert splits(again) == splits(out)
     others = []
     for seed in (4, 5, 6):
-        assert prepare(*args, "--seed", seed, "--out", tmp_path / f"s{seed}").exit_code == 0
+        result = prepare(*args, "--seed", seed, "--out", tmp_path / f"s{seed}")
+        assert result.exit_code == 0, result.output
         others.append(splits(tmp_path / f"s{seed}"))
     assert any(other != splits(out) for other in others)
 
@@ -483,7 +485,7 @@ def test_empty_volume_folder_exits_2(tmp_path):
     (tmp_path / "empty").mkdir()
     labels = write_labels(tmp_path / "l.csv", [("002_S_0001", "AD")])
     result = prepare("--volumes", tmp_path / "empty", "--labels", labels, "--out", tmp_path / "o")
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "holds no .nii or .nii.gz volume" in result.output
     assert not (tmp_path / "o").exists()
 
@@ -492,7 +494,7 @@ def test_csv_without_the_needed_columns_exits_2(tmp_path):
     volumes, _ = make_cohort(tmp_path, 1, 1)
     labels = write_labels(tmp_path / "bad.csv", [("002_S_0001", "AD")], ("Name", "Group"))
     result = prepare("--volumes", volumes, "--labels", labels, "--out", tmp_path / "o")
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "bad.csv has no subject column" in result.output
     assert "--subject-column" in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -504,7 +506,7 @@ def test_no_usable_volume_exits_2_and_writes_nothing(tmp_path):
     (volumes / "ADNI_002_S_0001.nii").write_bytes(b"\0" * 10)
     labels = write_labels(tmp_path / "l.csv", [("002_S_0001", "AD")])
     result = prepare("--volumes", volumes, "--labels", labels, "--out", tmp_path / "o")
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "none of the 1 volumes" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.csv", "volumes"]
 
@@ -516,7 +518,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     (out / "keep.txt").write_text("mine")
     args = ["--volumes", volumes, "--labels", labels, "--out", out, "--slices", 2]
     result = prepare(*args)
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "exists and is not empty" in result.output and "--overwrite" in result.output
     assert (out / "keep.txt").read_text() == "mine"
     result = prepare(*args, "--overwrite")
@@ -527,7 +529,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
 def test_output_holding_the_input_is_refused(tmp_path):
     volumes, labels = make_cohort(tmp_path)
     result = prepare("--volumes", volumes, "--labels", labels, "--out", tmp_path, "--overwrite")
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "holds the input" in result.output
     assert labels.is_file()
 
@@ -547,7 +549,7 @@ def test_bad_options_exit_2_naming_the_option(tmp_path, option, value, message):
     result = prepare(
         "--volumes", volumes, "--labels", labels, "--out", tmp_path / "o", option, value
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert message in result.output
 
 
@@ -589,7 +591,7 @@ def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
     monkeypatch.setattr(adni, "save_slice", failing_save)
     out = tmp_path / "out"
     result = prepare("--volumes", volumes, "--labels", labels, "--out", out, "--slices", 2)
-    assert result.exit_code != 0
+    assert result.exit_code != 0, result.output
     assert isinstance(result.exception, OSError)
     assert len(written) == 5
     assert not out.exists()
@@ -601,7 +603,7 @@ def test_only_mci_subjects_exits_2_with_the_counts(tmp_path):
     save_volume(volumes / "ADNI_002_S_0001.nii.gz")
     labels = write_labels(tmp_path / "l.csv", [("002_S_0001", "LMCI")])
     result = prepare("--volumes", volumes, "--labels", labels, "--out", tmp_path / "o")
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "no volume under" in result.output and "1 MCI subjects skipped" in result.output
     assert not (tmp_path / "o").exists()
 

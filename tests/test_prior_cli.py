@@ -97,7 +97,8 @@ def test_sample_a_label_and_refuse_a_non_empty_out(run, tmp_path):
     assert "exists and is not empty" in result.output
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     result = invoke("sample", run, "--num", 2, "--temperature", 0, "--out", tmp_path / "cold")
-    assert result.exit_code == 2 and "--temperature" in result.output
+    assert result.exit_code == 2, result.output
+    assert "--temperature" in result.output
 
 
 def test_evaluate_reports_prior_and_sample_statistics(run, tiny_adni, tmp_path):
@@ -124,7 +125,7 @@ def test_evaluate_reports_prior_and_sample_statistics(run, tiny_adni, tmp_path):
 
 def retrain_vqvae(run_dir: Path) -> str:
     """Stand-in for retraining the VQ-VAE: change its weights, save it and its metadata."""
-    from keras_vqpix.training.artifacts import save_model, weights_fingerprint, write_json
+    from keras_vqpix.run_folder import save_model, weights_fingerprint, write_json
 
     model = keras.saving.load_model(run_dir / "vqvae.keras", compile=False)
     bias = model.decoder.output_conv.bias
@@ -138,7 +139,7 @@ def retrain_vqvae(run_dir: Path) -> str:
 
 
 def test_a_prior_of_another_vqvae_is_refused_and_its_checkpoints_discarded(run_copy, tmp_path):
-    from keras_vqpix.training.artifacts import RunFolderError, RunPaths, load_prior
+    from keras_vqpix.run_folder import RunFolderError, RunPaths, load_prior
     from keras_vqpix.training.prior_training import _discard_stale_prior
 
     fingerprint = retrain_vqvae(run_copy)
@@ -206,7 +207,7 @@ def test_a_prior_resumed_from_an_older_checkpoint_ends_as_the_uninterrupted_one(
 
 def test_an_unconditional_prior_refuses_a_label(run_copy, tmp_path):
     from keras_vqpix.models.pixelcnn import PixelCNN
-    from keras_vqpix.training.artifacts import save_model, weights_fingerprint, write_json
+    from keras_vqpix.run_folder import save_model, weights_fingerprint, write_json
 
     prior = PixelCNN(
         num_embeddings=16,

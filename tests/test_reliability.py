@@ -212,7 +212,7 @@ def test_a_diverged_run_exits_1_keeps_its_last_good_epoch_and_resumes_from_it(
     from keras_vqpix.config import get_config
     from keras_vqpix.data.pipeline import steps_per_epoch
     from keras_vqpix.models.vqvae import VQVAE
-    from keras_vqpix.training import load_splits
+    from keras_vqpix.run_folder import load_splits
     from keras_vqpix.training.callbacks import EpochCheckpoint
 
     data, reference_run, _ = reference
@@ -310,7 +310,7 @@ def test_a_run_of_another_config_is_refused_and_overwrite_replaces_it(reference,
 
 @pytest.mark.large
 def test_a_second_trainer_on_the_same_folder_is_refused(reference, tmp_path):
-    from keras_vqpix.training.artifacts import RunPaths, run_folder_lock
+    from keras_vqpix.run_folder import RunPaths, run_folder_lock
 
     data, reference_run, _ = reference
     run = tmp_path / "busy"

@@ -12,6 +12,9 @@ from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.sampling import (
     SEED_SALT,
     codes_graph,
+    decode_codes,
+    draw_codes,
+    resample_codes,
     resolve_labels,
     sample_codes,
     sample_codes_reference,
@@ -92,6 +95,47 @@ def test_a_sample_depends_on_its_index_not_on_the_number_drawn(prior):
     )
 
 
+@pytest.mark.parametrize("method", ["fast", "reference"])
+def test_a_large_request_drawn_in_batches_draws_the_codes_of_one_call(prior, method):
+    """`sample_codes` draws `batch_size` maps per graph call (bounded memory for any n); each
+    map keeps its index in the whole request, so the codes do not depend on the batching."""
+    labels = [0, 1, -1, 1, 0, 1, 1]
+    whole = sample_codes(prior, 7, 11, labels, 0.9, method=method)
+    progress = []
+    batched = sample_codes(
+        prior,
+        7,
+        11,
+        labels,
+        0.9,
+        method=method,
+        batch_size=3,
+        on_row=lambda done, rows: progress.append((done, rows)),
+    )
+    assert batched.dtype == np.int32 and batched.shape == (7, 4, 5)
+    np.testing.assert_array_equal(batched, whole)
+    # Batches [0:3], [3:6], [6:7]: a map drawn in the last batch alone is still map 6.
+    np.testing.assert_array_equal(sample_codes_reference(prior, 7, 11, labels, 0.9)[6], batched[6])
+    assert progress == [(done, 12) for done in range(1, 13)]  # 4 rows x 3 batches, in order
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            sample_codes(prior, 2, 0, batch_size=bad)
+
+
+def test_a_tiny_temperature_draws_the_most_likely_code_never_an_out_of_range_one():
+    """At temperature 1e-30 the largest logits overflow to +inf; `stateless_categorical` would
+    treat them as probability 0 (and a row without a finite logit draws the code K). The draw
+    must be the argmax, as the limit T -> 0 of the distribution says."""
+    logits = tf.constant([[3.0, 1.0, 2.0, -1.0], [0.5, 4.0, 4.0, -2.0], [-5.0, -1.0, -3.0, -9.0]])
+    for temperature in (1e-30, 2e-38, 1e-6):
+        for seed in range(8):
+            codes = draw_codes(logits, seed, 3, temperature).numpy()
+            assert codes[0] == 0 and codes[1] in (1, 2) and codes[2] == 1, (temperature, codes)
+    # A huge temperature gives (nearly) uniform draws, all in range.
+    drawn = np.stack([draw_codes(logits, s, 0, 3e38).numpy() for s in range(40)])
+    assert drawn.min() >= 0 and drawn.max() < 4 and len(np.unique(drawn[:, 0])) == 4
+
+
 def test_rows_drawn_in_one_call_or_row_by_row_agree(prior):
     labels = tf.constant([1, 0], tf.int32)
     empty = tf.zeros((2, 4, 5), tf.int32)
@@ -122,6 +166,12 @@ def test_codes_graph_runs_whole_in_a_graph_and_draws_the_codes_of_sample_codes(p
     np.testing.assert_array_equal(codes.numpy(), sample_codes(prior, 3, 7, labels, 0.8))
     with pytest.raises(ValueError, match="method"):
         codes_graph(prior, 1, 0, [0], 1.0, 4, 5, method="nope")
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 5e-45, 1e39])
+def test_temperature_must_be_a_normal_float32(prior, temperature):
+    with pytest.raises(ValueError, match="temperature must be a normal float32"):
+        sample_codes(prior, 1, 0, temperature=temperature)
 
 
 @pytest.mark.parametrize("temperature", [0, -1.0, float("nan"), float("inf"), "warm", None])
@@ -186,3 +236,49 @@ def test_codes_follow_the_model_distribution(temperature):
     # 4000 draws: a standard error below 0.008 per frequency.
     np.testing.assert_allclose(frequencies, expected, atol=0.03)
     assert frequencies[3] == 0
+
+
+def test_zero_images_are_refused_or_answered_without_running_a_model(prior):
+    # No entry point runs a model on an empty batch (oneDNN's Conv2D gets its shape wrong).
+    from keras_vqpix.evaluation import evaluate_reconstructions
+    from keras_vqpix.models.vqvae import VQVAE
+
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        sample_codes(prior, 0, seed=1)
+    vqvae = VQVAE(hidden_channels=4, residual_channels=2, num_residual_blocks=0, num_embeddings=8)
+    images = decode_codes(vqvae, np.zeros((0, 3, 5), np.int32))
+    assert images.shape == (0, 12, 20, 1) and images.dtype == np.float32
+    with pytest.raises(ValueError, match="no slices to evaluate"):
+        evaluate_reconstructions(vqvae, [], 16, 4, 4)
+
+
+def test_resample_codes_redrawing_everything_draws_the_codes_of_sample_codes(prior):
+    labels = np.array([0, 1, -1], np.int32)
+    drawn = sample_codes(prior, 3, seed=5, labels=labels)
+    start = np.full((3, 4, 5), 7, np.int32)
+    assert np.array_equal(
+        resample_codes(prior, start, np.ones((3, 4, 5), bool), seed=5, labels=labels), drawn
+    )
+
+
+def test_resample_codes_keeps_unmarked_codes_and_conditions_on_them():
+    # Each position's logits put all mass on (the code before it in raster order + 1) mod K.
+    num_codes = 16
+
+    def next_code(codes, labels):
+        flat = tf.reshape(tf.cast(codes, tf.int32), (tf.shape(codes)[0], -1))
+        before = tf.concat([tf.zeros_like(flat[:, :1]), flat[:, :-1]], axis=1)
+        target = tf.reshape((before + 1) % num_codes, tf.shape(codes))
+        return 100.0 * tf.one_hot(target, num_codes)
+
+    codes = np.arange(24, dtype=np.int32).reshape(2, 3, 4) % 5
+    redraw = np.zeros_like(codes, bool)
+    redraw[0, 1, 2] = redraw[0, 1, 3] = redraw[0, 2, 0] = True  # a run crossing a row end
+    healed = resample_codes(FixedPrior(next_code), codes, redraw, seed=1, labels=0)
+    assert np.array_equal(healed[~redraw], codes[~redraw])  # kept codes unchanged
+    kept_before = codes[0, 1, 1]
+    assert healed[0, 1, 2] == kept_before + 1  # drawn given the kept code before it
+    assert healed[0, 1, 3] == kept_before + 2 and healed[0, 2, 0] == kept_before + 3
+    assert np.array_equal(healed[1], codes[1])  # nothing marked: the map as it was
+    # Nothing marked anywhere: returned as is, without running the prior.
+    assert np.array_equal(resample_codes(FixedPrior(None), codes, np.zeros_like(redraw)), codes)

@@ -16,3 +16,11 @@ def test_ruff_clean():
     for args in (["check"], ["format", "--check"]):
         result = subprocess.run([ruff, *args, str(ROOT)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_imports_run_one_way_without_circles():
+    """tools/check_imports.py: no module imports a layer above its own, no import circle."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_imports.py")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

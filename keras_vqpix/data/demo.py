@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from keras_vqpix.data.demo_render import PatientParams, random_patient, render_patient
+from keras_vqpix.data.demo_render import (
+    PatientParams,
+    random_patient,
+    render_patient,
+    render_patient_with_lesions,
+)
+from keras_vqpix.data.lesions import mask_path
 from keras_vqpix.io import atomic_directory
 
 __all__ = [
@@ -82,20 +88,33 @@ def _encode_jpeg(image: np.ndarray) -> bytes:
 
 
 def _write_dataset(
-    folder: Path, seed: int, train_per_class: int, test_per_class: int, slices: int
+    folder: Path,
+    seed: int,
+    train_per_class: int,
+    test_per_class: int,
+    slices: int,
+    lesions: bool = False,
 ) -> dict:
     plan = _plan(seed, train_per_class, test_per_class)
+    lesion_records: dict[str, list] = {}
     for split in ("train", "test"):
         for name in CLASS_FOLDERS.values():
             (folder / split / name).mkdir(parents=True, exist_ok=True)
 
     def write(item: tuple[str, PatientParams]) -> None:
         split, params = item
-        images = render_patient(params, slices)
+        with_lesions = lesions and split == "test"
+        if with_lesions:
+            images, masks, drawn = render_patient_with_lesions(params, slices)
+        else:
+            images = render_patient(params, slices)
         class_dir = folder / split / CLASS_FOLDERS[params.label]
         for k, image in enumerate(images):
             path = class_dir / f"{params.patient}_{params.first_slice + k}.jpeg"
             path.write_bytes(_encode_jpeg(image))
+            if with_lesions:
+                np.save(mask_path(path), masks[k].astype(np.uint8))
+                lesion_records[path.name] = [asdict(lesion) for lesion in drawn[k]]
 
     # NumPy and Pillow release the GIL in the heavy parts; threads avoid forking a process
     # that may already run TensorFlow.
@@ -119,7 +138,15 @@ def _write_dataset(
             for split in ("train", "test")
         },
     }
+    if lesions:
+        summary["lesions"] = {
+            "slices_with_lesions": sum(1 for found in lesion_records.values() if found),
+            "lesions": sum(len(found) for found in lesion_records.values()),
+            "test_slices": len(lesion_records),
+        }
     info = {**summary, "patient_params": [{"split": s, **asdict(p)} for s, p in plan]}
+    if lesions:
+        info["lesions_per_slice"] = dict(sorted(lesion_records.items()))
     (folder / "demo_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     return summary
 
@@ -146,6 +173,7 @@ def generate_demo_dataset(
     train_patients_per_class: int = 40,
     test_patients_per_class: int | None = None,
     slices_per_patient: int = 20,
+    lesions: bool = False,
 ) -> dict:
     """Write the synthetic set to `out/{train,test}/{AD,NC}/<patient>_<slice>.jpeg`.
 
@@ -159,10 +187,15 @@ def generate_demo_dataset(
         test_patients_per_class: patients per class in `test/`; default
             `max(1, train_patients_per_class // 4)`.
         slices_per_patient: consecutive axial slices per patient.
+        lesions: add synthetic lesions to about half of the test slices and write each test
+            slice's mask beside it (`keras_vqpix.data.lesions`); the slices without lesions,
+            and the whole train split, are byte for byte those of the same set without.
 
     Returns:
         A summary dict: `images`, `patients`, `seed`, `format_version`, `slices_per_patient`
-        and `splits[split][class]` = `{"patients": n, "images": n}`.
+        and `splits[split][class]` = `{"patients": n, "images": n}`; with `lesions`, also
+        `lesions` = `{"slices_with_lesions", "lesions", "test_slices"}`. `demo_info.json`
+        lists every lesion (centre, radius, contrast, tissue) per slice file.
 
     Raises:
         FileExistsError: `out` exists and is not empty.
@@ -183,7 +216,12 @@ def generate_demo_dataset(
     # An existing empty folder may be replaced; anything else is refused above.
     with atomic_directory(out, overwrite=out.exists()) as tmp:
         return _write_dataset(
-            tmp, seed, train_patients_per_class, test_patients_per_class, slices_per_patient
+            tmp,
+            seed,
+            train_patients_per_class,
+            test_patients_per_class,
+            slices_per_patient,
+            lesions,
         )
 
 

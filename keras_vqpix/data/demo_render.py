@@ -22,7 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_HEIGHT", "IMAGE_WIDTH", "PatientParams", "random_patient", "render_patient"]
+from keras_vqpix.data.lesions import Lesion, lesion_effect, plan_slice_lesions
+
+__all__ = [
+    "IMAGE_HEIGHT",
+    "IMAGE_WIDTH",
+    "PatientParams",
+    "random_patient",
+    "render_patient",
+    "render_patient_with_lesions",
+]
 
 TEMPLATE_PATH = Path(__file__).with_name("template") / "mni152_demo_template.npz.xz"
 IMAGE_WIDTH, IMAGE_HEIGHT = 256, 240
@@ -324,6 +333,22 @@ def _coarse_points(params: PatientParams, slices: int, template: _Template):
 
 def render_patient(params: PatientParams, slices: int = 20) -> np.ndarray:
     """The patient's consecutive axial slices: uint8 [slices, 240, 256]."""
+    return _render(params, slices)[0]
+
+
+def render_patient_with_lesions(
+    params: PatientParams, slices: int = 20
+) -> tuple[np.ndarray, np.ndarray, list[list[Lesion]]]:
+    """`render_patient`'s slices with synthetic lesions (`keras_vqpix.data.lesions`) in about
+    half of them: `(uint8 [slices, 240, 256], bool masks [slices, 240, 256], lesions per slice)`.
+
+    The lesions come from their own random stream (seeded by the patient's seed), so a slice
+    without lesions is byte for byte `render_patient`'s.
+    """
+    return _render(params, slices, np.random.default_rng([params.seed, 4]))
+
+
+def _render(params: PatientParams, slices: int, lesion_rng: np.random.Generator | None = None):
     template = _load_template()
     points, active = _coarse_points(params, slices, template)
     rng = np.random.default_rng([params.seed, 2])
@@ -340,6 +365,8 @@ def render_patient(params: PatientParams, slices: int = 20) -> np.ndarray:
     levels = np.sqrt(-2.0 * np.log1p(-quantiles)) * (0.25 * sigma * 255.0)
     lookup = np.clip(np.round(levels), 0, 255).astype(np.uint8)
     images = lookup[rng.integers(0, 256, (slices, IMAGE_HEIGHT * IMAGE_WIDTH), dtype=np.uint8)]
+    masks = np.zeros((slices, IMAGE_HEIGHT * IMAGE_WIDTH), bool)
+    lesions: list[list[Lesion]] = []
     for k in range(slices):  # one slice at a time keeps the temporaries in cache
         # The warp and the bias are smooth, so bilinear upsampling of the coarse grid is
         # exact enough; only the pixels of cells that may hold brain are sampled.
@@ -357,10 +384,19 @@ def render_patient(params: PatientParams, slices: int = 20) -> np.ndarray:
         wm_left = np.maximum(wm - np.maximum(loss - gm, 0.0), 0.0)
         csf = np.maximum(brain - gm_left - wm_left, 0.0)
         csf_i, gm_i, wm_i = params.intensities
-        values = (csf_i * csf + gm_i * gm_left + wm_i * wm_left) * np.exp(log_bias)
+        values = csf_i * csf + gm_i * gm_left + wm_i * wm_left
+        if lesion_rng is not None:
+            rows, cols = np.divmod(pixels, IMAGE_WIDTH)
+            lesions.append(plan_slice_lesions(lesion_rng, rows, cols, gm_left, wm_left))
+            if lesions[-1]:
+                change, inside = lesion_effect(lesions[-1], rows, cols, gm_left + wm_left)
+                values = values + change
+                masks[k, pixels[inside]] = True
+        values = values * np.exp(log_bias)
         # Rician noise: the magnitude of complex Gaussian noise added to the signal.
         noise = rng.standard_normal((2, len(pixels)), dtype=np.float32) * sigma
         magnitude = np.sqrt((values + noise[0]) ** 2 + noise[1] ** 2)
         magnitude *= 0.25 + 0.75 * np.clip(brain * 4.0, 0.0, 1.0)
         images[k, pixels] = np.clip(np.round(magnitude * 255.0), 0, 255).astype(np.uint8)
-    return images.reshape(slices, IMAGE_HEIGHT, IMAGE_WIDTH)
+    shape = (slices, IMAGE_HEIGHT, IMAGE_WIDTH)
+    return images.reshape(shape), masks.reshape(shape), lesions

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +21,15 @@ import numpy as np
 
 CLASS_NAMES = ("NC", "AD")
 LABELS = {name: index for index, name in enumerate(CLASS_NAMES)}
+UNCONDITIONAL = -1  # the label of a sample drawn without a class
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 SPLIT_FOLDERS = ("train", "test")
 EXPECTED_LAYOUT = "expected ROOT/{train,test}/{AD,NC}/<patient>_<slice>.jpeg"
+
+
+def label_name(label: int) -> str:
+    """ "NC", "AD" or "unconditional" (any label < 0)."""
+    return "unconditional" if label < 0 else CLASS_NAMES[label]
 
 
 class DatasetLayoutError(ValueError):
@@ -151,7 +157,7 @@ def discover_splits(
     validation_fraction: float = 0.2,
     seed: int = 0,
     *,
-    skip_unreadable: bool = False,
+    unreadable: Callable[[Sequence[str]], dict[int, str]] | None = None,
 ) -> DataSplits:
     """Read `root/train` and `root/test` and split train by patient into train/validation.
 
@@ -159,34 +165,21 @@ def discover_splits(
         root: the ADNI-layout folder.
         validation_fraction: share of the train folder's patients held out, per class.
         seed: seed of the split.
-        skip_unreadable: decode every file once (`keras_vqpix.data.screen`, needs TensorFlow)
-            and leave out those that are no readable image, before splitting; they are listed
-            in `DataSplits.skipped`.
+        unreadable: a screen `paths -> {index: reason}` of the files that are no readable
+            image, e.g. `keras_vqpix.data.screen.unreadable_files` (which decodes every file
+            once with TensorFlow; this module stays NumPy-only, so it is passed in, not
+            imported). Those files are left out before splitting and listed in
+            `DataSplits.skipped`. Default: no screening.
 
     Raises:
         DatasetLayoutError: a folder is missing or not in the layout, no file of `train/` or of
             `test/` can be read, or the patients do not allow the split.
     """
     root = Path(root)
-    train_records = discover_folder(root, "train")
-    test_records = discover_folder(root, "test")
-    skipped: tuple[tuple[str, str], ...] = ()
-    if skip_unreadable:
-        from keras_vqpix.data.screen import unreadable_files
-
-        every = train_records + test_records
-        reasons = unreadable_files([r.path for r in every])
-        skipped = tuple((every[i].path, reasons[i]) for i in sorted(reasons))
-        unreadable = {path for path, _ in skipped}
-        train_records = [r for r in train_records if r.path not in unreadable]
-        test_records = [r for r in test_records if r.path not in unreadable]
-    for split, kept in (("train", train_records), ("test", test_records)):
-        if not kept:
-            path, reason = next((p, r) for p, r in skipped if Path(p).parent.parent == root / split)
-            raise DatasetLayoutError(
-                f"no image file in {root / split} can be read (e.g. {display_path(path)}: {reason}); "
-                "the folders must hold JPEG or PNG images"
-            )
+    found, skipped = _readable(
+        root, {split: discover_folder(root, split) for split in SPLIT_FOLDERS}, unreadable
+    )
+    train_records, test_records = found["train"], found["test"]
     train, validation = split_by_patient(train_records, validation_fraction, seed)
     if not validation:
         raise DatasetLayoutError(
@@ -242,3 +235,72 @@ def slice_frame(records: Sequence[SliceRecord], probe: int = 32) -> tuple[int, i
         except (OSError, UnidentifiedImageError, ValueError):
             continue
     return sizes.most_common(1)[0][0] if sizes else None
+
+
+def discover_records(
+    root: str | os.PathLike,
+    folders: tuple[str, ...] | None = ("test",),
+    *,
+    unreadable: Callable[[Sequence[str]], dict[int, str]] | None = None,
+) -> tuple[tuple[SliceRecord, ...], tuple[tuple[str, str], ...]]:
+    """Every slice of some split folders of `root`, with no train/validation split.
+
+    For data that is only evaluated (another cohort, a hospital's test set): any number of
+    patients and classes will do, one class folder or one patient included.
+
+    Args:
+        root: the ADNI-layout folder.
+        folders: the split folders to read, e.g. `("test",)`; None reads every one present
+            (`train/`, `test/` or both).
+        unreadable: a screen of the files that are no readable image, left out (as
+            `discover_splits`); None keeps every file.
+
+    Returns:
+        `(records, skipped)`: the records sorted by patient then slice (folder by folder), and
+        the `(path, reason)` of the unreadable files left out.
+
+    Raises:
+        DatasetLayoutError: a folder asked for is missing or not in the layout (with None: no
+            split folder at all), or none of a folder's files can be read.
+    """
+    root = Path(root)
+    if folders is None:
+        if not root.is_dir():
+            raise DatasetLayoutError(f"data folder {root} does not exist; {EXPECTED_LAYOUT}")
+        folders = tuple(split for split in SPLIT_FOLDERS if (root / split).is_dir())
+        if not folders:
+            raise DatasetLayoutError(
+                f"{root} has neither a train nor a test folder; {EXPECTED_LAYOUT}"
+            )
+    found, skipped = _readable(
+        root, {split: discover_folder(root, split) for split in folders}, unreadable
+    )
+    return tuple(r for split in folders for r in found[split]), skipped
+
+
+def _readable(
+    root: Path,
+    found: dict[str, list[SliceRecord]],
+    unreadable: Callable[[Sequence[str]], dict[int, str]] | None,
+) -> tuple[dict[str, list[SliceRecord]], tuple[tuple[str, str], ...]]:
+    """`found` (records per split folder) without the files the `unreadable` screen names.
+
+    Raises `DatasetLayoutError` when no file of a folder can be read.
+    """
+    if unreadable is None:
+        return found, ()
+    every = [r for records in found.values() for r in records]
+    reasons = unreadable([r.path for r in every])
+    skipped = tuple((every[i].path, reasons[i]) for i in sorted(reasons))
+    left_out = {path for path, _ in skipped}
+    kept = {
+        split: [r for r in records if r.path not in left_out] for split, records in found.items()
+    }
+    for split, records in kept.items():
+        if not records:
+            path, reason = next((p, r) for p, r in skipped if Path(p).parent.parent == root / split)
+            raise DatasetLayoutError(
+                f"no image file in {root / split} can be read (e.g. {display_path(path)}: {reason}); "
+                "the folders must hold JPEG or PNG images"
+            )
+    return kept, skipped

@@ -14,59 +14,24 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_vqpix.data.decode import decode_and_resize, decode_grayscale, resize_with_pad
 from keras_vqpix.data.discover import SliceRecord
 
 AUTOTUNE = tf.data.AUTOTUNE
 _GRAPH_SEED = 20171102
 
-
-def decode_grayscale(contents: tf.Tensor) -> tf.Tensor:
-    """Encoded image bytes (JPEG, PNG, BMP or GIF) -> `[H, W, 1]` float32 in [0, 1].
-
-    8- and 16-bit images are scaled to [0, 1]; colour becomes luma; an alpha channel is
-    composited onto black (the background of brain slices); a GIF gives its first frame. Only
-    bytes that are no such image fail (`tf.errors.InvalidArgumentError`).
-    """
-    image = tf.io.decode_image(contents, dtype=tf.float32, expand_animations=False)
-    channels = tf.shape(image)[-1]
-    # 1: gray, 2: gray + alpha, 3: RGB, 4: RGBA.
-    gray = tf.cond(
-        channels >= 3, lambda: tf.image.rgb_to_grayscale(image[..., :3]), lambda: image[..., :1]
-    )
-    alpha = tf.cond(tf.equal(channels % 2, 0), lambda: image[..., -1:], lambda: tf.ones_like(gray))
-    return gray * alpha
-
-
-def resize_with_pad(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """`[H, W, 1]` -> `[image_size, image_size, 1]`: antialiased, aspect ratio kept, black padding.
-
-    `tf.image.resize_with_pad` to the pixel, except that a side it would shrink to zero pixels
-    (a strip more than `image_size` times longer than wide, where it fails) keeps one.
-    """
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    ratio = tf.reduce_max(shape / image_size)
-    resized = shape / ratio
-    new_size = tf.maximum(tf.cast(tf.floor(resized), tf.int32), 1)
-    offset = tf.maximum(tf.cast(tf.floor((image_size - resized) / 2), tf.int32), 0)
-    image = tf.image.resize(image, new_size, antialias=True)
-    return tf.image.pad_to_bounding_box(image, offset[0], offset[1], image_size, image_size)
-
-
-# Plain TensorFlow ops without Python control flow: no need for autograph, which doubled the
-# time `Dataset.map` spends tracing this function.
-@tf.autograph.experimental.do_not_convert
-def decode_and_resize(contents: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG bytes -> `[image_size, image_size, 1]` float32 in [0, 1].
-
-    Colour images are converted to grayscale, 8- and 16-bit images are scaled to [0, 1], and
-    the slice is resized keeping its aspect ratio, padded with black (brain slices sit on a
-    black background, so the padding is indistinguishable from it). Any size and any channel
-    count works (`decode_grayscale`, `resize_with_pad`): only bytes that are no image fail.
-    """
-    image = resize_with_pad(decode_grayscale(contents), image_size)
-    image = tf.clip_by_value(image, 0.0, 1.0)
-    image.set_shape([image_size, image_size, 1])
-    return image
+__all__ = [  # decode_* and resize_with_pad live in `keras_vqpix.data.decode`; imported here too
+    "AUTOTUNE",
+    "batch_by_plan",
+    "batch_sizes",
+    "decode_and_resize",
+    "decode_grayscale",
+    "load_image",
+    "make_dataset",
+    "resize_with_pad",
+    "shard_by_batch",
+    "steps_per_epoch",
+]
 
 
 def shard_by_batch(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -93,9 +58,70 @@ def load_image(path: str, image_size: int) -> tf.Tensor:
     return decode_and_resize(tf.io.read_file(path), image_size)
 
 
-def steps_per_epoch(num_records: int, batch_size: int, drop_remainder: bool = False) -> int:
-    """Batches in one pass over `num_records` examples."""
-    return num_records // batch_size if drop_remainder else -(-num_records // batch_size)
+def batch_sizes(num_records: int, batch_size: int, min_batch: int = 1) -> list[int]:
+    """The sizes of the batches of one pass over `num_records` examples: none below `min_batch`.
+
+    Full batches of `batch_size`, then the rest. Under `tf.distribute` each global batch is split
+    into one slice per replica, so a last batch with fewer examples than replicas (`min_batch`)
+    would leave a replica an empty slice. An empty batch is what TensorFlow's oneDNN `Conv2D`
+    gets wrong (TensorFlow 2.21 on CPUs with AVX-512, where oneDNN is on by default):
+
+        x = tf.zeros([0, 16, 16, 4]); k = tf.random.normal([4, 4, 4, 8])
+        tf.nn.conv2d(x, k, 2, "SAME").shape   # oneDNN on: (0, 16, 16, 4), the input's shape
+                                              # oneDNN off (TF_ENABLE_ONEDNN_OPTS=0): (0, 8, 8, 8)
+
+    and the next layer then fails. So such a remainder `r` is not left alone: the last full
+    batch and `r` are split anew into `batch_size + r - min_batch` and `min_batch` examples (or
+    merged into one batch of `batch_size + r` when that is too small to split). No example is
+    dropped (validation metrics cover every slice), and the number of batches is
+    `ceil(num_records / batch_size)` except in that last case. With `min_batch=1` (one device)
+    the plan is plain batching. Remove this once TensorFlow's empty-batch convolution is fixed.
+
+    Raises:
+        ValueError: `batch_size` or `num_records` smaller than `min_batch` (some replica would
+            get nothing in every step), or no records.
+    """
+    if num_records < 1 or batch_size < 1:
+        raise ValueError(
+            f"batch_sizes needs records and a batch size >= 1. Received: num_records={num_records}, "
+            f"batch_size={batch_size}"
+        )
+    if batch_size < min_batch:
+        raise ValueError(
+            f"the batch size {batch_size} is smaller than the {min_batch} replicas it is split "
+            "over: give every replica at least one example per batch (a larger --batch-size)"
+        )
+    if num_records < min_batch:
+        raise ValueError(
+            f"{num_records} examples cannot give each of {min_batch} replicas one: train on "
+            "fewer replicas or on more data"
+        )
+    full, rest = divmod(num_records, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest else [])
+    if 0 < rest < min_batch:
+        tail = sizes[-2] + rest
+        sizes[-2:] = [tail - min_batch, min_batch] if tail >= 2 * min_batch else [tail]
+    return sizes
+
+
+def steps_per_epoch(
+    num_records: int, batch_size: int, drop_remainder: bool = False, min_batch: int = 1
+) -> int:
+    """Batches in one pass over `num_records` examples (`batch_sizes` without `drop_remainder`)."""
+    if drop_remainder:
+        return num_records // batch_size
+    return len(batch_sizes(num_records, batch_size, min_batch))
+
+
+def batch_by_plan(
+    dataset: tf.data.Dataset, num_records: int, batch_size: int, min_batch: int = 1
+) -> tf.data.Dataset:
+    """One pass of `num_records` unbatched examples in the batches of `batch_sizes`."""
+    sizes = batch_sizes(num_records, batch_size, min_batch)
+    batched = dataset.batch(batch_size, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if sizes == batch_sizes(num_records, batch_size):
+        return batched
+    return batched.rebatch(tf.constant(sizes, tf.int64))
 
 
 def make_dataset(
@@ -109,6 +135,7 @@ def make_dataset(
     shuffle_buffer: int = 4096,
     cache: str = "memory",
     drop_remainder: bool = False,
+    min_batch: int = 1,
 ) -> tf.data.Dataset:
     """A dataset of `(images [B, S, S, 1] float32 in [0, 1], labels [B] int32)`.
 
@@ -127,6 +154,8 @@ def make_dataset(
         shuffle_buffer: shuffle buffer size (clipped to the number of records).
         cache: "memory", "" for no cache, or a file prefix for `Dataset.cache`.
         drop_remainder: drop a last, smaller batch of each epoch (static batch shapes).
+        min_batch: no batch smaller than this (`batch_sizes`): the number of replicas the
+            batches are split over, so that none gets an empty slice.
     """
     if not records:
         raise ValueError("make_dataset needs at least one record")
@@ -145,12 +174,11 @@ def make_dataset(
         decoded = decoded.cache(cache)
 
     def batched(dataset):
-        return dataset.batch(
-            batch_size,
-            drop_remainder=drop_remainder,
-            num_parallel_calls=AUTOTUNE,
-            deterministic=True,
-        )
+        if drop_remainder:
+            return dataset.batch(
+                batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=True
+            )
+        return batch_by_plan(dataset, len(records), batch_size, min_batch)
 
     if not shuffle:
         return shard_by_batch(batched(decoded).prefetch(AUTOTUNE))

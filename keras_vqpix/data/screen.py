@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from keras_vqpix.data.pipeline import decode_grayscale
+from keras_vqpix.data.decode import decode_grayscale
 
 
 def unreadable_files(paths: Sequence[str]) -> dict[int, str]:

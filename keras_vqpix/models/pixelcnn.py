@@ -9,11 +9,15 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from keras_vqpix.config import PriorConfig
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
 from keras_vqpix.models.distributed import DistributedFitMixin
 from keras_vqpix.replicas import all_reduce_sum, global_mean, global_rows, sync_context
 
 LN2 = math.log(2.0)
+# The defaults of `PixelCNN`'s arguments: those of the run config (one source). But for
+# `position_embedding`, False here: it needs a `code_shape`, which only a run knows.
+_DEFAULTS = PriorConfig()
 
 
 @keras.saving.register_keras_serializable(package="keras_vqpix")
@@ -26,8 +30,15 @@ class PixelCNN(DistributedFitMixin, keras.Model):
     ReLU, dropout, 1x1 conv ->
     `logits [B, h, w, K]` float32 (also under mixed precision). E.g. 32x32 code maps with
     K = 256 give logits `[B, 32, 32, 256]`; the logits at `(i, j)` depend on the codes before
-    `(i, j)` in raster order only (within a receptive field of `(num_layers + 1) * (k // 2)`
-    rows above and columns to each side), with no blind spot.
+    `(i, j)` in raster order only, with no blind spot, within a receptive field of
+    `receptive_rows` rows above (and as many columns to each side) and `(num_layers + 1) *
+    (k // 2)` columns to the left in row i.
+
+    Receptive field: block i's vertical stack is dilated by `2 ** (i % dilation_cycle)`
+    (`GatedBlock`), so `receptive_rows` is one (the horizontal stack reads the vertical one a
+    row down) plus `(k // 2)` times the sum of the dilations: with `dilation_cycle=1` (no
+    dilation) 10 blocks of k = 3 see 11 rows above, with `dilation_cycle=4` (dilations 1, 2,
+    4, 8, 1, 2, 4, 8, 1, 2) 34 rows, a whole 32x32 map, for the same weights and arithmetic.
 
     Position: with `position_embedding` (and a `code_shape`), a learnt embedding of each code
     position `(i, j)` is added to the code embedding there. The network is convolutional and
@@ -57,11 +68,17 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         num_classes: int, labels `0 .. num_classes - 1` of a conditional prior.
         label_dropout: float in [0, 1), training probability of the unconditional label.
         dropout: float in [0, 1), dropout before the output layer.
+        dilation_cycle: int >= 1, block i's vertical stack is dilated by
+            `2 ** (i % dilation_cycle)`; 1: no dilation.
         code_shape: (h, w) or None, the code map size the prior was trained on (what samplers
             draw; without a position embedding the network is fully convolutional).
         position_embedding: bool, learn an embedding per code position (needs `code_shape`;
             the prior then takes `code_shape` maps only).
         seed: int or None, seed of label dropout and dropout.
+
+    Defaults are those of `keras_vqpix.config.PriorConfig` (the one place they are written), but
+    `position_embedding`: False here, as it needs a `code_shape`. `PixelCNN.from_run_config`
+    builds the prior of a run config.
 
     Example:
     >>> prior = PixelCNN(num_embeddings=16, num_layers=2, filters=8, embedding_dim=4)
@@ -72,17 +89,20 @@ class PixelCNN(DistributedFitMixin, keras.Model):
     def __init__(
         self,
         num_embeddings: int,
-        num_layers: int = 9,
-        filters: int = 32,
-        kernel_size: int = 3,
-        embedding_dim: int = 32,
-        conditional: bool = True,
-        num_classes: int = 2,
-        label_dropout: float = 0.1,
-        dropout: float = 0.0,
+        num_layers: int = _DEFAULTS.num_layers,
+        filters: int = _DEFAULTS.filters,
+        kernel_size: int = _DEFAULTS.kernel_size,
+        embedding_dim: int = _DEFAULTS.embedding_dim,
+        conditional: bool = _DEFAULTS.conditional,
+        num_classes: int = _DEFAULTS.num_classes,
+        label_dropout: float = _DEFAULTS.label_dropout,
+        dropout: float = _DEFAULTS.dropout,
         code_shape=None,
         seed: int | None = None,
         position_embedding: bool = False,
+        # Not the config's default (4): a prior saved before dilation existed has no
+        # dilation_cycle in its config and must load undilated.
+        dilation_cycle: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -102,6 +122,10 @@ class PixelCNN(DistributedFitMixin, keras.Model):
                 f"label_dropout must be in [0, 1). Received: label_dropout={label_dropout}",
             ),
             (0.0 <= dropout < 1.0, f"dropout must be in [0, 1). Received: dropout={dropout}"),
+            (
+                dilation_cycle >= 1,
+                f"dilation_cycle must be >= 1. Received: dilation_cycle={dilation_cycle}",
+            ),
         )
         for ok, message in checks:
             if not ok:
@@ -124,6 +148,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         self.num_classes = int(num_classes)
         self.label_dropout = float(label_dropout)
         self.dropout = float(dropout)
+        self.dilation_cycle = int(dilation_cycle)
         self.code_shape = code_shape
         self.seed = seed
         policy = self.dtype_policy
@@ -137,6 +162,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
                 kernel_size,
                 "A" if i == 0 else "B",
                 num_labels,
+                dilation=2 ** (i % self.dilation_cycle),
                 name=f"gated_{i}",
                 dtype=policy,
             )
@@ -152,23 +178,21 @@ class PixelCNN(DistributedFitMixin, keras.Model):
 
     @classmethod
     def from_run_config(
-        cls, config, num_embeddings: int, code_shape=None, seed: int | None = None
+        cls, config: PriorConfig, num_embeddings: int, code_shape=None, seed: int | None = None
     ) -> PixelCNN:
-        """Build from a `keras_vqpix.config.PriorConfig` for a codebook of `num_embeddings`."""
+        """Build from a `keras_vqpix.config.PriorConfig` (every field but the training recipe)
+        for a codebook of `num_embeddings`."""
         return cls(
             num_embeddings=num_embeddings,
-            num_layers=config.num_layers,
-            filters=config.filters,
-            kernel_size=config.kernel_size,
-            embedding_dim=config.embedding_dim,
-            conditional=config.conditional,
-            num_classes=config.num_classes,
-            label_dropout=config.label_dropout,
-            dropout=config.dropout,
             code_shape=code_shape,
             seed=seed,
-            position_embedding=config.position_embedding,
+            **config.model_arguments(),
         )
+
+    @property
+    def receptive_rows(self) -> int:
+        """Rows above a position whose codes its logits can read (as many columns each side)."""
+        return 1 + sum(block.vertical_reach for block in self.blocks)
 
     def build(self, codes_shape, labels_shape=None):
         batch = codes_shape[0]
@@ -311,9 +335,45 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             "code_shape": None if self.code_shape is None else list(self.code_shape),
             "seed": self.seed,
             "position_embedding": self.position_embedding,
+            "dilation_cycle": self.dilation_cycle,
         }
 
 
 def max_bits_per_code(num_embeddings: int) -> float:
     """`log2(K)`: the bits per code of a uniform prior (what a prior must beat)."""
     return float(np.log2(num_embeddings))
+
+
+def bits_per_code(
+    prior, codes: np.ndarray, labels: np.ndarray | None, batch_size: int = 64
+) -> float:
+    """Mean cross-entropy of `codes [N, h, w]` under `prior`, in bits per code.
+
+    Args:
+        prior: a `PixelCNN` (or any `(codes, labels) -> logits [n, h, w, K]` callable).
+        codes: int code maps.
+        labels: `[N]` int, one per map; None: every map unconditional (label -1).
+        batch_size: maps per forward pass (the batches are taken in order, so the figure is
+            the same however it is called).
+    """
+    codes = np.asarray(codes, np.int32)
+    labels = np.full(len(codes), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+
+    # One trace for every batch (the last one is smaller), the shape fixed by the signature.
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec((None, *codes.shape[1:]), tf.int32),
+            tf.TensorSpec((None,), tf.int32),
+        ]
+    )
+    def batch_nats(batch_codes, batch_labels):
+        logits = prior(batch_codes, batch_labels, training=False)
+        return tf.reduce_sum(
+            keras.losses.sparse_categorical_crossentropy(batch_codes, logits, from_logits=True)
+        )
+
+    total = 0.0
+    for start in range(0, len(codes), batch_size):
+        stop = start + batch_size
+        total += float(batch_nats(tf.constant(codes[start:stop]), tf.constant(labels[start:stop])))
+    return total / (codes.size * LN2)

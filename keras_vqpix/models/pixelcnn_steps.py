@@ -16,8 +16,8 @@ class PixelCNNSteps:
     two kinds of step, each computing only what the next position needs:
 
     - `finish_row(state, codes_row, row)`, once a row is drawn: the vertical stack of that row in
-      every block (a `(k//2 + 1) x k` convolution over the block's last `k//2 + 1` vertical
-      input rows, kept in `state`), and its `vertical_to_horizontal` term, which the
+      every block (a `(k//2 + 1) x k` convolution, dilated by d, over the block's last
+      `d (k//2) + 1` vertical input rows, kept in `state`), and its `vertical_to_horizontal` term, which the
       horizontal stack of the *next* row reads (the model's `down_shift`).
     - `column(state, row_state, c)`: the horizontal stack at column `c` of the current row in
       every block (a `1 x k` masked convolution over the block's last `k//2` horizontal
@@ -40,8 +40,9 @@ class PixelCNNSteps:
     terms is one reduction, not a chain of adds that graph optimizers may reassociate.
 
     Shapes: `n` maps of width `w`, `k = kernel_size`, `p = filters`, `E = embedding_dim`,
-    `L + 1` blocks. `state`: a tuple of, per block, its vertical inputs of the last `k//2`
-    rows `[n, k//2, w + 2 (k//2), C]` (C = E for the first block, p after), and the next row's
+    `L + 1` blocks, block i dilated by d_i. `state`: a tuple of, per block, its vertical inputs
+    of the last `d_i (k//2)` rows `[n, d_i (k//2), w + 2 d_i (k//2), C]` (C = E for the first
+    block, p after), and the next row's
     horizontal bias `[w, L + 1, n, 2p]`. `row_state`: per block, its horizontal inputs of the
     last `k//2` columns, flattened `[n, (k//2) C]`. E.g. the default prior (K = 256, 10 blocks
     of 32 filters, k = 3) keeps per map 10 x 1 x 34 x 32 vertical and 10 x 32 horizontal
@@ -101,11 +102,13 @@ class PixelCNNSteps:
     # -- Vertical stack: once per row --------------------------------------------------------------
     def start(self):
         """The state before row 0: zero rows above the map."""
-        n, half, padded = self.num_maps, self.half, self.width + 2 * self.half
+        n = self.num_maps
         rows = []
         for i, block in enumerate(self.prior.blocks):
             channels = self.prior.embedding_dim if i == 0 else block.filters
-            rows.append(tf.zeros((n, half, padded, channels), block.compute_dtype))
+            reach = block.vertical_reach
+            shape = (n, reach, self.width + 2 * reach, channels)
+            rows.append(tf.zeros(shape, block.compute_dtype))
         filters = self.prior.blocks[0].filters
         # Row 0's horizontal stack reads the shifted-in zero row through vertical_to_horizontal.
         zero_row = tf.zeros((n, 1, self.width, 2 * filters), self.prior.blocks[0].compute_dtype)
@@ -118,13 +121,13 @@ class PixelCNNSteps:
     def finish_row(self, state, codes_row, row):
         """The state after row `row`, `codes_row [n, w]`, was drawn: its vertical stack, for the next row."""
         rows, _ = state
-        half = self.half
         x = self.prior.embed(codes_row, row)  # [n, w, E]
         new_rows, terms = [], []
         for block, above, label, bias in zip(
             self.prior.blocks, rows, self.vertical_labels, self.horizontal_bias, strict=True
         ):
-            current = ops.pad(x, [[0, 0], [half, half], [0, 0]])[:, None]
+            reach = block.vertical_reach
+            current = ops.pad(x, [[0, 0], [reach, reach], [0, 0]])[:, None]
             window = ops.concatenate([above, ops.cast(current, above.dtype)], axis=1)
             vertical_pre = block.vertical_conv(window)  # [n, 1, w, 2p]
             if label is not None:

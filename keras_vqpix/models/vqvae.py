@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from keras_vqpix.config import VQVAEConfig
 from keras_vqpix.layers.residual import ResidualBlock
 from keras_vqpix.layers.vector_quantizer import VectorQuantizer, VectorQuantizerEMA
 from keras_vqpix.metrics import (
@@ -19,6 +20,9 @@ from keras_vqpix.metrics import (
 )
 from keras_vqpix.models.distributed import DistributedFitMixin
 from keras_vqpix.replicas import all_reduce_sum, global_mean
+
+# The defaults of `VQVAE`'s arguments: those of the run config (one source).
+_DEFAULTS = VQVAEConfig()
 
 
 def _num_downsamplings(downsample_factor: int) -> int:
@@ -211,21 +215,24 @@ class VQVAE(DistributedFitMixin, keras.Model):
         dead_code_steps: int, dead-code restart period (0: off).
         ssim_loss_weight: float, weight of the SSIM term of the loss.
         seed: int or None, seed of the quantizer's restarts.
+
+    Defaults are those of `keras_vqpix.config.VQVAEConfig` (the one place they are written);
+    `VQVAE.from_run_config` builds the model of a run config.
     """
 
     def __init__(
         self,
-        hidden_channels: int = 64,
-        residual_channels: int = 32,
-        num_residual_blocks: int = 2,
-        downsample_factor: int = 4,
-        num_embeddings: int = 256,
-        embedding_dim: int = 32,
-        commitment_cost: float = 0.25,
-        quantizer: str = "ema",
-        ema_decay: float = 0.99,
-        dead_code_steps: int = 100,
-        ssim_loss_weight: float = 0.0,
+        hidden_channels: int = _DEFAULTS.hidden_channels,
+        residual_channels: int = _DEFAULTS.residual_channels,
+        num_residual_blocks: int = _DEFAULTS.num_residual_blocks,
+        downsample_factor: int = _DEFAULTS.downsample_factor,
+        num_embeddings: int = _DEFAULTS.num_embeddings,
+        embedding_dim: int = _DEFAULTS.embedding_dim,
+        commitment_cost: float = _DEFAULTS.commitment_cost,
+        quantizer: str = _DEFAULTS.quantizer,
+        ema_decay: float = _DEFAULTS.ema_decay,
+        dead_code_steps: int = _DEFAULTS.dead_code_steps,
+        ssim_loss_weight: float = _DEFAULTS.ssim_loss_weight,
         seed: int | None = None,
         **kwargs,
     ):
@@ -282,22 +289,9 @@ class VQVAE(DistributedFitMixin, keras.Model):
         self.usage = CodebookUsage(num_embeddings, name="codebook")
 
     @classmethod
-    def from_run_config(cls, config, seed: int | None = None) -> VQVAE:
-        """Build from a `keras_vqpix.config.VQVAEConfig`."""
-        return cls(
-            hidden_channels=config.hidden_channels,
-            residual_channels=config.residual_channels,
-            num_residual_blocks=config.num_residual_blocks,
-            downsample_factor=config.downsample_factor,
-            num_embeddings=config.num_embeddings,
-            embedding_dim=config.embedding_dim,
-            commitment_cost=config.commitment_cost,
-            quantizer=config.quantizer,
-            ema_decay=config.ema_decay,
-            dead_code_steps=config.dead_code_steps,
-            ssim_loss_weight=config.ssim_loss_weight,
-            seed=seed,
-        )
+    def from_run_config(cls, config: VQVAEConfig, seed: int | None = None) -> VQVAE:
+        """Build from a `keras_vqpix.config.VQVAEConfig` (every field but the training recipe)."""
+        return cls(**config.model_arguments(), seed=seed)
 
     def call(self, images, training=False):
         """`images [B, H, W, 1]` -> dict: reconstruction, codes, vq_loss, perplexity, codes_used."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,33 @@ import keras
 import tensorflow as tf
 
 from keras_vqpix.io import atomic_write_text
-from keras_vqpix.training.artifacts import (
+from keras_vqpix.run_folder import (
     RunFolderError,
     fingerprint_number,
     read_json,
+    save_model,
     weights_fingerprint,
+    write_json,
 )
+from keras_vqpix.training.distribute import last_weights
+
+
+@contextlib.contextmanager
+def seeded_construction(seed: int) -> Iterator[None]:
+    """Models built in the block draw their initial weights from `seed`, and only they.
+
+    Keras gives every initializer and `SeedGenerator` created without a seed one drawn from
+    Python's `random` module at creation. This block seeds that module with `seed` (what
+    `keras.utils.set_random_seed(seed)` does to it, so the weights are the same) and restores
+    its state afterwards: building a model no longer reseeds the process's global RNGs
+    (`random`, NumPy, TensorFlow, Keras), which code around it may rely on.
+    """
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -306,3 +329,93 @@ def fit_stage(
         shuffle=False,  # the datasets shuffle themselves, reproducibly per epoch
         verbose=verbose,
     )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage's files and choice of best model (the VQ-VAE's or the prior's).
+
+    Attributes:
+        name: "VQ-VAE" or "prior", in messages.
+        checkpoints, history, logs: its checkpoint folder, history CSV and TensorBoard folder.
+        model_path, meta_path: where its best model and that model's metadata go.
+        monitor, mode: the validation metric deciding the best model, "max" or "min".
+        epochs: epochs to train in all (a resumed run trains the rest).
+    """
+
+    name: str
+    checkpoints: Path
+    history: Path
+    logs: Path
+    model_path: Path
+    meta_path: Path
+    monitor: str
+    mode: str
+    epochs: int
+
+
+def train_stage(
+    model: keras.Model,
+    stage: Stage,
+    *,
+    steps: int,
+    make_data: Callable[[int], tuple[tf.data.Dataset, tf.data.Dataset]],
+    saved_model: Callable[[], keras.Model],
+    best_fields: Callable[[dict], dict[str, Any]],
+    cluster,
+    verbose: int | str = "auto",
+    log: Callable[[str], None] = print,
+) -> tuple[StageProgress, dict[str, Any]]:
+    """Train (or resume) one stage: restore, `fit` to `stage.epochs`, save the best model.
+
+    Both stages run this. After each epoch that improves `stage.monitor`, `saved_model()` (the
+    model to keep: `model` or its float32 twin) is saved to `stage.model_path` and its metadata
+    to `stage.meta_path`: `epoch`, the `best_fields(logs)`, the weights' `fingerprint`,
+    `trained_with` (the cluster) and every metric of the epoch under `metrics`.
+
+    Args:
+        model: built and compiled, under `cluster`'s strategy.
+        steps: steps per epoch.
+        make_data: `first_epoch -> (train, validation)` datasets, built only when there is an
+            epoch left to train.
+        cluster: the `keras_vqpix.training.distribute.Cluster` it trains on.
+
+    Returns:
+        `(progress, last)`: where the stage resumed, and `last_epoch` / `last_fingerprint` of
+        the weights after training (the same on every worker).
+    """
+    progress = resume_stage(
+        model,
+        stage.name,
+        stage.checkpoints,
+        stage.history,
+        stage.meta_path,
+        stage.epochs,
+        cluster,
+        log,
+    )
+
+    def save_best(epoch: int, logs: dict) -> None:
+        save_model(saved_model(), stage.model_path)
+        meta = {
+            "epoch": epoch,
+            **best_fields(logs),
+            "fingerprint": weights_fingerprint(model),
+            "trained_with": cluster.record(),
+        }
+        write_json(stage.meta_path, {**meta, "metrics": logs})
+
+    fit_stage(
+        model,
+        progress,
+        stage.history,
+        epochs=stage.epochs,
+        steps=steps,
+        monitor=stage.monitor,
+        on_best=save_best,
+        mode=stage.mode,
+        make_data=lambda: make_data(progress.first_epoch),
+        logs_dir=stage.logs,
+        verbose=verbose,
+    )
+    return progress, last_weights(model, progress.epoch_variable, cluster, stage.name)

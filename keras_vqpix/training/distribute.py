@@ -44,10 +44,14 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vqpix.replicas import all_reduce_sum
-from keras_vqpix.training import DistributedRunError
+from keras_vqpix.run_folder import fingerprint_number, weights_fingerprint
 
 STRATEGIES = ("auto", "none", "mirrored", "multiworker")
 _JOBS = ("chief", "worker")
+
+
+class DistributedRunError(RuntimeError):
+    """Another worker of a multi-worker run failed or refused, or the workers disagree."""
 
 
 # -- Strategies and roles ------------------------------------------------------------------------
@@ -210,8 +214,6 @@ def last_weights(model, epoch_variable, cluster: Cluster, name: str) -> dict[str
     Raises:
         DistributedRunError: the workers ended with different weights.
     """
-    from keras_vqpix.training.artifacts import fingerprint_number, weights_fingerprint
-
     epoch, fingerprint = int(epoch_variable.numpy()), weights_fingerprint(model)
     cluster.check_same(
         f"the {name}'s weights after training", [epoch, fingerprint_number(fingerprint)]

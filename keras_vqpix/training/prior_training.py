@@ -15,27 +15,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_vqpix.codes import cached_codes
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import DataSplits
-from keras_vqpix.data.pipeline import shard_by_batch, steps_per_epoch
+from keras_vqpix.data.pipeline import batch_by_plan, shard_by_batch, steps_per_epoch
 from keras_vqpix.io import atomic_write_text
-from keras_vqpix.models.pixelcnn import LN2, PixelCNN, max_bits_per_code
-from keras_vqpix.training.artifacts import (
-    RunPaths,
-    load_prior,
-    load_vqvae,
-    read_json,
-    save_model,
-    weights_fingerprint,
-    write_json,
-)
-from keras_vqpix.training.callbacks import fit_stage, read_history, resume_stage
-from keras_vqpix.training.codes import cached_codes
+from keras_vqpix.models.pixelcnn import PixelCNN, bits_per_code, max_bits_per_code
+from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae, read_json, write_json
+from keras_vqpix.training.callbacks import Stage, read_history, seeded_construction, train_stage
 from keras_vqpix.training.distribute import (
     Cluster,
     dtype_policy,
     float32_twin,
-    last_weights,
     single_process,
     training_optimizer,
 )
@@ -53,31 +44,32 @@ def code_dataset(
     shuffle: bool = False,
     seed: int = 0,
     first_epoch: int = 0,
+    min_batch: int = 1,
 ) -> tf.data.Dataset:
     """Batches of `(codes [B, h, w] int32, labels [B] int32)`.
 
     Without `shuffle`: one pass in order. With `shuffle`: endless epochs `first_epoch, ...`,
     each in the order of a stateless shuffle seeded by `(seed, epoch)`, batched on its own,
     so a resumed run sees the same batches as an uninterrupted one. Distributed by batch
-    (`keras_vqpix.data.pipeline.shard_by_batch`).
+    (`keras_vqpix.data.pipeline.shard_by_batch`), in the batches of
+    `keras_vqpix.data.pipeline.batch_sizes`: none smaller than `min_batch`, the number of
+    replicas.
     """
     codes = tf.constant(np.asarray(codes, np.int32))
     labels = tf.constant(np.asarray(labels, np.int32))
-    if not shuffle:
-        return shard_by_batch(
-            tf.data.Dataset.from_tensor_slices((codes, labels)).batch(batch_size).prefetch(2)
-        )
     count = int(codes.shape[0])
+    if not shuffle:
+        maps = tf.data.Dataset.from_tensor_slices((codes, labels))
+        return shard_by_batch(batch_by_plan(maps, count, batch_size, min_batch).prefetch(2))
 
     def one_epoch(epoch):
         order = tf.random.experimental.stateless_shuffle(
             tf.range(count), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
         )
-        return (
-            tf.data.Dataset.from_tensor_slices(order)
-            .batch(batch_size)
-            .map(lambda index: (tf.gather(codes, index), tf.gather(labels, index)))
+        indices = batch_by_plan(
+            tf.data.Dataset.from_tensor_slices(order), count, batch_size, min_batch
         )
+        return indices.map(lambda index: (tf.gather(codes, index), tf.gather(labels, index)))
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
     return shard_by_batch(epochs.flat_map(one_epoch).prefetch(2))
@@ -88,16 +80,16 @@ def build_prior(config: RunConfig) -> PixelCNN:
 
     It computes in `config.precision`; build it under the strategy scope it trains with.
     """
-    keras.utils.set_random_seed(config.seed)
-    with dtype_policy(config.precision):
-        prior = _new_prior(config)
-    prior.compile(
-        optimizer=training_optimizer(
-            keras.optimizers.Adam(config.prior.learning_rate), config.precision
+    with seeded_construction(config.seed):
+        with dtype_policy(config.precision):
+            prior = _new_prior(config)
+        prior.compile(
+            optimizer=training_optimizer(
+                keras.optimizers.Adam(config.prior.learning_rate), config.precision
+            )
         )
-    )
-    # Create the optimizer's slots now, so a checkpoint restores into existing variables.
-    prior.optimizer.build(prior.trainable_variables)
+        # Create the optimizer's slots now, so a checkpoint restores into existing variables.
+        prior.optimizer.build(prior.trainable_variables)
     return prior
 
 
@@ -109,26 +101,6 @@ def _new_prior(config: RunConfig) -> PixelCNN:
     )
     prior(tf.zeros((1, size, size), tf.int32), tf.zeros((1,), tf.int32))
     return prior
-
-
-def bits_per_code(
-    prior, codes: np.ndarray, labels: np.ndarray | None, batch_size: int = 64
-) -> float:
-    """Mean cross-entropy of `codes` under `prior`, in bits per code (labels -1: unconditional)."""
-    if labels is None:
-        labels = np.full(len(codes), -1, np.int32)
-
-    @tf.function
-    def batch_nats(batch_codes, batch_labels):
-        logits = prior(batch_codes, batch_labels, training=False)
-        return tf.reduce_sum(
-            keras.losses.sparse_categorical_crossentropy(batch_codes, logits, from_logits=True)
-        )
-
-    total = 0.0
-    for batch_codes, batch_labels in code_dataset(codes, labels, batch_size):
-        total += float(batch_nats(batch_codes, batch_labels))
-    return total / (np.asarray(codes).size * LN2)
 
 
 def _discard_stale_prior(paths: RunPaths, vqvae_fingerprint: str, log) -> None:
@@ -178,64 +150,51 @@ def train_prior(
 
     with cluster.strategy.scope():
         prior = build_prior(config)
-    epochs, batch_size = config.prior.epochs, config.prior.batch_size
-    # The label-dropout random state is in the checkpoint, so a resumed run draws what an
-    # uninterrupted one would.
-    progress = resume_stage(
-        prior,
+    batch_size = config.prior.batch_size
+    stage = Stage(
         "prior",
         paths.prior_checkpoints,
         paths.prior_history,
+        paths.prior_logs,
+        paths.prior_model,
         paths.prior_meta,
-        epochs,
-        cluster,
-        log,
+        "val_bits_per_code",
+        "min",
+        config.prior.epochs,
     )
-    best = progress.best
-
-    def save_best(epoch: int, logs: dict) -> None:
-        # Under mixed precision the saved prior is a float32 twin (see `float32_twin`).
-        saved = float32_twin(prior, lambda: _new_prior(config), config.precision)
-        save_model(saved, paths.prior_model)
-        meta = {
-            "epoch": epoch,
-            "val_bits_per_code": logs.get("val_bits_per_code"),
-            "max_bits_per_code": max_bits_per_code(config.vqvae.num_embeddings),
-            "fingerprint": weights_fingerprint(prior),
-            "vqvae_fingerprint": vqvae_fingerprint,
-            "trained_with": cluster.record(),
-        }
-        write_json(paths.prior_meta, {**meta, "metrics": logs})
-        best.clear()
-        best.update(meta)
-
     train_codes, train_labels = codes["train"]
+    # No replica may get an empty slice of a batch (`keras_vqpix.data.pipeline.batch_sizes`).
+    replicas = cluster.replicas
 
-    def make_data():
+    def make_data(first_epoch: int):
         train_data = code_dataset(
             train_codes,
             train_labels,
             batch_size,
             shuffle=True,
             seed=config.seed,
-            first_epoch=progress.first_epoch,
+            first_epoch=first_epoch,
+            min_batch=replicas,
         )
-        return train_data, code_dataset(*codes["validation"], batch_size)
+        return train_data, code_dataset(*codes["validation"], batch_size, min_batch=replicas)
 
-    fit_stage(
+    # The label-dropout random state is in the checkpoint, so a resumed run draws what an
+    # uninterrupted one would. Under mixed precision the saved prior is a float32 twin.
+    progress, last = train_stage(
         prior,
-        progress,
-        paths.prior_history,
-        epochs=epochs,
-        steps=steps_per_epoch(len(train_codes), batch_size),
-        monitor="val_bits_per_code",
-        on_best=save_best,
-        mode="min",
+        stage,
+        steps=steps_per_epoch(len(train_codes), batch_size, min_batch=replicas),
         make_data=make_data,
-        logs_dir=paths.prior_logs,
+        saved_model=lambda: float32_twin(prior, lambda: _new_prior(config), config.precision),
+        best_fields=lambda logs: {
+            "val_bits_per_code": logs.get("val_bits_per_code"),
+            "max_bits_per_code": max_bits_per_code(config.vqvae.num_embeddings),
+            "vqvae_fingerprint": vqvae_fingerprint,
+        },
+        cluster=cluster,
         verbose=verbose,
+        log=log,
     )
-    last = last_weights(prior, progress.epoch_variable, cluster, "prior")
     if not cluster.is_chief:  # the other workers' files are temporary
         return {**read_json(paths.prior_meta), **last}
     best_prior, meta = load_prior(paths.root, vqvae_meta)
@@ -247,7 +206,9 @@ def train_prior(
         )
     write_json(paths.prior_meta, meta)
     # Redraw the samples only when the prior changed (a finished run, resumed, keeps its plot).
-    samples = progress.first_epoch < epochs or not (paths.plots / "prior_samples.png").is_file()
+    samples = (
+        progress.first_epoch < stage.epochs or not (paths.plots / "prior_samples.png").is_file()
+    )
     plot_prior(paths, splits, config, vqvae, best_prior, meta, samples=samples)
     return {**meta, **last}
 
@@ -264,7 +225,7 @@ def plot_prior(
 ) -> None:
     """Bits-per-code curves, and (`samples`) samples of each class beside real test slices."""
     from keras_vqpix import plots
-    from keras_vqpix.sample_quality import plot_samples_vs_real
+    from keras_vqpix.sample_quality import samples_beside_real
 
     plots.plot_curves(
         read_history(paths.prior_history),
@@ -274,13 +235,17 @@ def plot_prior(
     )
     if not samples:
         return
-    plot_samples_vs_real(
-        paths.plots / "prior_samples.png",
+    drawn, real = samples_beside_real(
         prior,
         vqvae,
         splits.test,
-        config,
+        config.data.image_size,
         samples_per_class=PLOT_SAMPLES_PER_CLASS,
         seed=config.seed,
-        title=f"Prior samples (epoch {meta['epoch']}) beside real test slices",
+    )
+    plots.plot_samples_vs_real(
+        drawn,
+        real,
+        paths.plots / "prior_samples.png",
+        f"Prior samples (epoch {meta['epoch']}) beside real test slices",
     )

@@ -6,24 +6,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_vqpix.codes import cached_codes
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import DataSplits
 from keras_vqpix.data.pipeline import make_dataset, steps_per_epoch
 from keras_vqpix.models.vqvae import VQVAE
-from keras_vqpix.training.artifacts import (
-    RunPaths,
-    read_json,
-    save_model,
-    weights_fingerprint,
-    write_json,
-)
-from keras_vqpix.training.callbacks import fit_stage, read_history, resume_stage
-from keras_vqpix.training.codes import cached_codes
+from keras_vqpix.run_folder import RunPaths, read_json
+from keras_vqpix.training.callbacks import Stage, read_history, seeded_construction, train_stage
 from keras_vqpix.training.distribute import (
     Cluster,
     dtype_policy,
     float32_twin,
-    last_weights,
     single_process,
     training_optimizer,
 )
@@ -47,8 +40,13 @@ def learning_rate_schedule(peak: float, final_ratio: float, total_steps: int):
     )
 
 
-def training_dataset(records, config: RunConfig, first_epoch: int = 0) -> tf.data.Dataset:
-    """The VQ-VAE's training pipeline for `config`: shuffled per epoch from `first_epoch` on, endless."""
+def training_dataset(
+    records, config: RunConfig, first_epoch: int = 0, min_batch: int = 1
+) -> tf.data.Dataset:
+    """The VQ-VAE's training pipeline for `config`: shuffled per epoch from `first_epoch` on, endless.
+
+    `min_batch`: the number of replicas (no batch smaller, `keras_vqpix.data.pipeline.batch_sizes`).
+    """
     data = config.data
     return make_dataset(
         records,
@@ -59,6 +57,7 @@ def training_dataset(records, config: RunConfig, first_epoch: int = 0) -> tf.dat
         first_epoch=first_epoch,
         shuffle_buffer=data.shuffle_buffer,
         cache=data.cache,
+        min_batch=min_batch,
     )
 
 
@@ -67,18 +66,19 @@ def build_vqvae(config: RunConfig, steps_per_epoch: int = 1) -> VQVAE:
 
     It computes in `config.precision`; build it under the strategy scope it trains with.
     """
-    keras.utils.set_random_seed(config.seed)
-    with dtype_policy(config.precision):
-        model = VQVAE.from_run_config(config.vqvae, seed=config.seed)
-    schedule = learning_rate_schedule(
-        config.vqvae.learning_rate,
-        config.vqvae.final_learning_rate_ratio,
-        config.vqvae.epochs * steps_per_epoch,
-    )
-    model.compile(optimizer=training_optimizer(keras.optimizers.Adam(schedule), config.precision))
-    _build(model, config)
-    # Create the optimizer's slots now, so a checkpoint restores into existing variables.
-    model.optimizer.build(model.trainable_variables)
+    with seeded_construction(config.seed):
+        with dtype_policy(config.precision):
+            model = VQVAE.from_run_config(config.vqvae, seed=config.seed)
+        schedule = learning_rate_schedule(
+            config.vqvae.learning_rate,
+            config.vqvae.final_learning_rate_ratio,
+            config.vqvae.epochs * steps_per_epoch,
+        )
+        optimizer = training_optimizer(keras.optimizers.Adam(schedule), config.precision)
+        model.compile(optimizer=optimizer)
+        _build(model, config)
+        # Create the optimizer's slots now, so a checkpoint restores into existing variables.
+        model.optimizer.build(model.trainable_variables)
     return model
 
 
@@ -115,55 +115,46 @@ def train_vqvae(
     must call this with the same arguments but its own `paths` (see `train_run`).
     """
     cluster = cluster or single_process()
-    steps = steps_per_epoch(len(splits.train), config.data.batch_size)
+    # No replica may get an empty slice of a batch (`keras_vqpix.data.pipeline.batch_sizes`).
+    replicas = cluster.replicas
+    steps = steps_per_epoch(len(splits.train), config.data.batch_size, min_batch=replicas)
     with cluster.strategy.scope():
         model = build_vqvae(config, steps)
-    epochs = config.vqvae.epochs
-    progress = resume_stage(
-        model,
+    stage = Stage(
         "VQ-VAE",
         paths.vqvae_checkpoints,
         paths.history,
+        paths.vqvae_logs,
+        paths.vqvae_model,
         paths.vqvae_meta,
-        epochs,
-        cluster,
-        log,
+        MONITOR,
+        "max",
+        config.vqvae.epochs,
     )
-    best = progress.best
 
-    def save_best(epoch: int, logs: dict) -> None:
-        save_model(float32_vqvae(model, config), paths.vqvae_model)
-        meta = {
-            "epoch": epoch,
-            MONITOR: logs.get(MONITOR),
-            "val_ssim": logs.get("val_ssim"),
-            "fingerprint": weights_fingerprint(model),
-            "trained_with": cluster.record(),
-        }
-        write_json(paths.vqvae_meta, {**meta, "metrics": logs})
-        best.update(meta)
-
-    def make_data():
+    def make_data(first_epoch: int):
         data = config.data
         validation_data = make_dataset(
-            splits.validation, data.image_size, data.batch_size, cache=data.cache
+            splits.validation,
+            data.image_size,
+            data.batch_size,
+            cache=data.cache,
+            min_batch=replicas,
         )
-        return training_dataset(splits.train, config, progress.first_epoch), validation_data
+        train_data = training_dataset(splits.train, config, first_epoch, replicas)
+        return train_data, validation_data
 
-    fit_stage(
+    _, last = train_stage(
         model,
-        progress,
-        paths.history,
-        epochs=epochs,
+        stage,
         steps=steps,
-        monitor=MONITOR,
-        on_best=save_best,
-        mode="max",
         make_data=make_data,
-        logs_dir=paths.vqvae_logs,
+        saved_model=lambda: float32_vqvae(model, config),
+        best_fields=lambda logs: {MONITOR: logs.get(MONITOR), "val_ssim": logs.get("val_ssim")},
+        cluster=cluster,
         verbose=verbose,
+        log=log,
     )
-    last = last_weights(model, progress.epoch_variable, cluster, "VQ-VAE")
     if cluster.is_chief:  # the other workers' files are temporary
         plot_vqvae(paths, splits, config)
     return {**read_json(paths.vqvae_meta), **last}
@@ -173,7 +164,7 @@ def plot_vqvae(paths: RunPaths, splits: DataSplits, config: RunConfig) -> None:
     """Curves, reconstructions of train and test slices, and codebook usage of the best model."""
     from keras_vqpix import plots
     from keras_vqpix.metrics import ssim_foreground_per_image
-    from keras_vqpix.training.artifacts import load_vqvae
+    from keras_vqpix.run_folder import load_vqvae
 
     plots.plot_curves(
         read_history(paths.history),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import SliceRecord
 from keras_vqpix.io import atomic_path
-from keras_vqpix.training.artifacts import RunPaths
+from keras_vqpix.run_folder import RunPaths
 
 
 def records_digest(records: Sequence[SliceRecord]) -> str:
@@ -31,17 +32,40 @@ def encode_records(
     model, records: Sequence[SliceRecord], config: RunConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(codes [N, h, w] int32, labels [N] int32)` of the records, in record order."""
-    import tensorflow as tf
 
     from keras_vqpix.data.pipeline import make_dataset
 
     dataset = make_dataset(records, config.data.image_size, config.data.batch_size, cache="")
-    encode = tf.function(model.encode)
+    encode = encode_function(model, config.data.image_size)
     codes, labels = [], []
     for images, batch_labels in dataset:
         codes.append(encode(images).numpy())
         labels.append(batch_labels.numpy())
     return np.concatenate(codes).astype(np.int32), np.concatenate(labels).astype(np.int32)
+
+
+# One graph function per (model, image size): a new `tf.function` per call traced the encoder
+# again for every split and every batch size (TensorFlow's "triggered tf.function retracing"
+# warning). Weak keys: a model that is gone takes its function with it.
+_ENCODE_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def encode_function(model, image_size: int):
+    """`model.encode` as a `tf.function` traced once for images `[n, image_size, image_size, 1]`, any n.
+
+    The same function is returned on every call for the same model, so encoding several splits
+    (whose last batches differ in size) traces the encoder once.
+    """
+    import tensorflow as tf
+
+    functions = _ENCODE_FUNCTIONS.setdefault(model, {})
+    if image_size not in functions:
+        model_ref = weakref.ref(model)  # the function must not keep its model alive
+        functions[image_size] = tf.function(
+            lambda images: model_ref().encode(images),
+            input_signature=[tf.TensorSpec([None, image_size, image_size, 1], tf.float32)],
+        )
+    return functions[image_size]
 
 
 def cached_codes(
