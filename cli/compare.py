@@ -49,7 +49,7 @@ from .common import resolve_data, user_errors
 )
 @click.option(
     "--image-size",
-    type=click.IntRange(min=16),
+    type=click.IntRange(min=44),
     default=None,
     help="Side the slices are judged at, a multiple of 4 (default: the CompareConfig's, 128).",
 )

@@ -499,7 +499,7 @@ def format_comparison(metrics: dict) -> str:
     seeds = len(metrics.get("config", {}).get("seeds", ())) or 1
     size = metrics.get("config", {}).get("image_size", "?")
     down = size // 4 if isinstance(size, int) else "?"
-    header = f"{'figure':<15}{'':<52}{f'{size} px':>22}{f'{down} px (down4)':>22}"
+    header = f"{'figure':<22}{'':<64}{f'{size} px':>22}{f'{down} px (down4)':>22}"
     lines = [
         f"{metrics.get('synthetic')} judged against {metrics.get('real')}: "
         f"{metrics.get('num_synthetic_train', 0) + metrics.get('num_synthetic_test', 0)} synthetic slices, "
@@ -520,10 +520,10 @@ def format_comparison(metrics: dict) -> str:
         keys = [key, f"{key}_patient"] if key.endswith("_auc") else [key]
         for name in keys:
             label = text + (" (per patient)" if name.endswith("_patient") else "")
-            lines.append(f"{name:<15}{label:<52}{cell(name, ''):>22}{cell(name, '_down4'):>22}")
+            lines.append(f"{name:<22}{label:<64}{cell(name, ''):>22}{cell(name, '_down4'):>22}")
         if reference is not None and not reference.startswith("trtr"):
             lines.append(
-                f"{reference:<15}{'  real reference':<52}{cell(reference, ''):>22}{cell(reference, '_down4'):>22}"
+                f"{reference:<22}{'  real reference':<64}{cell(reference, ''):>22}{cell(reference, '_down4'):>22}"
             )
     return "\n".join(lines)
 

@@ -389,8 +389,9 @@ class CompareConfig:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         _check(
-            self.image_size >= 16 and self.image_size % 4 == 0,
-            f"image_size must be a multiple of 4 and >= 16. Received: image_size={self.image_size}",
+            # The _down4 figures need 11 px for SSIM's window after the 4x downsampling.
+            self.image_size >= 44 and self.image_size % 4 == 0,
+            f"image_size must be a multiple of 4 and >= 44. Received: image_size={self.image_size}",
         )
         _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
         _check(len(self.seeds) >= 1, f"seeds must not be empty. Received: seeds={self.seeds}")

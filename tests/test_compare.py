@@ -27,7 +27,7 @@ from keras_vqpix.models.slice_classifier import SliceClassifier
 from keras_vqpix_cli.main import main
 
 # Small budgets for tiny sets; the code path of the default budget.
-BUDGET = CompareConfig(image_size=32, epochs=10, seeds=(0,), batch_size=16, learning_rate=3e-3)
+BUDGET = CompareConfig(image_size=44, epochs=6, seeds=(0,), batch_size=16, learning_rate=3e-3)
 
 
 def test_roc_auc_and_patient_scores_known_answers():
@@ -117,7 +117,7 @@ def test_real_vs_real_is_indistinguishable_and_cli_writes_every_key(demo_halves,
             "--image-size",
             "48",
             "--epochs",
-            "6",
+            "2",
             "--seeds",
             "1",
             "--quiet",
@@ -184,5 +184,5 @@ def test_compare_refuses_shared_patients_and_bad_options(demo_halves):
     real, _ = demo_halves
     result = CliRunner().invoke(main, ["compare", str(real), "--real", str(real)])
     assert result.exit_code == 2 and "share patient" in result.output
-    result = CliRunner().invoke(main, ["compare", str(real), "--image-size", "30"])
+    result = CliRunner().invoke(main, ["compare", str(real), "--image-size", "50"])
     assert result.exit_code == 2 and "multiple of 4" in result.output

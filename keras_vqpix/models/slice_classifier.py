@@ -24,7 +24,8 @@ class SliceClassifier(keras.Model):
     then pools to `features` `[B, w3]` and a dense layer gives one logit `[B]` (the score of
     class 1). About 60 k weights with the default widths: cheap enough to train a few dozen
     times on 2 CPU cores (`keras_vqpix.compare`), small enough not to memorise 1,600 slices in
-    a few epochs.
+    a few epochs. `vqpix compare` trains it with `CompareConfig`'s budget
+    (`keras_vqpix.compare.train_slice_classifier`); it is a plain Keras model otherwise.
 
     Args:
         widths: tuple of int, output channels of the strided blocks.
@@ -39,8 +40,8 @@ class SliceClassifier(keras.Model):
     Example:
 
     >>> model = SliceClassifier(widths=(8, 16))
-    >>> model(np.zeros((2, 32, 32, 1), "float32")).shape
-    TensorShape([2])
+    >>> tuple(model(keras.ops.zeros((2, 32, 32, 1))).shape)
+    (2,)
     """
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 64), dropout: float = 0.2, **kwargs):
