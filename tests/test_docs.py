@@ -85,9 +85,10 @@ def broken_links(page: Path) -> list[str]:
             continue  # http(s), mailto: not checked offline
         path, _, fragment = target.partition("#")
         resolved = (page.parent / path).resolve() if path else page
-        if not resolved.exists():
-            broken.append(target)
-        elif fragment and resolved.suffix == ".md" and fragment not in headings(resolved):
+        missing = not resolved.exists()
+        if missing or (
+            fragment and resolved.suffix == ".md" and fragment not in headings(resolved)
+        ):
             broken.append(target)
     return broken
 
