@@ -27,9 +27,10 @@ from .common import user_errors
 )
 @click.option(
     "--label",
-    type=click.Choice(["AD", "NC"], case_sensitive=False),
+    type=click.Choice(["AD", "NC", "none"], case_sensitive=False),
     default=None,
-    help="Class to sample (conditional prior); default: half NC, half AD.",
+    help="Class to sample (conditional prior), or none: unconditional (label -1). "
+    "Default: half NC, half AD (an unconditional prior: none).",
 )
 @click.option(
     "--temperature",
@@ -50,7 +51,10 @@ def sample(run_dir, num, seed, label, temperature, out_dir) -> None:
 
     The same seed, label and temperature give the same code maps (.npy) and images.
     """
-    from keras_vqpix.sampling import sample_run
+    from keras_vqpix.sampling import UNCONDITIONAL, sample_run
+
+    if label is not None and label.lower() == "none":
+        label = UNCONDITIONAL
 
     with RowProgress() as progress, user_errors():
         written = sample_run(

@@ -271,6 +271,12 @@ class PriorConfig:
         )
 
 
+# Fields added after 0.1.0, with the value that a run written before them was trained with: a
+# `config.json` without them reads as that run's config (resuming it keeps its prior undilated;
+# the new default then differs from it and is refused as another config, not silently mixed).
+ADDED_FIELDS = {"prior": {"dilation_cycle": 1}}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything needed to reproduce a run.
@@ -321,6 +327,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """The config of `values` (e.g. a `config.json`); a field missing from a section takes
+        the value runs had before the field existed (`ADDED_FIELDS`), else its default."""
         values = dict(values)
         sections = {"data": DataConfig, "vqvae": VQVAEConfig, "prior": PriorConfig}
         known = {f.name for f in dataclasses.fields(cls)}
@@ -335,7 +343,7 @@ class RunConfig:
                     raise ValueError(
                         f"Unknown keys in config section {key!r}: {sorted(section_unknown)}"
                     )
-                values[key] = section(**values[key])
+                values[key] = section(**{**ADDED_FIELDS.get(key, {}), **values[key]})
         return cls(**values)
 
     @classmethod

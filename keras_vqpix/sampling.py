@@ -779,7 +779,7 @@ def sample_run(
     paths = RunPaths(Path(run_dir))
     vqvae, _, vqvae_meta = load_vqvae(paths.root)
     prior, prior_meta = load_prior(paths.root, vqvae_meta)
-    if label is not None and not prior.conditional:
+    if label is not None and label != UNCONDITIONAL and not prior.conditional:
         raise ValueError(
             f"--label: the prior of {paths.root} is unconditional (trained without labels); omit --label"
         )

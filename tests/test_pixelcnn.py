@@ -367,3 +367,13 @@ def test_training_reports_bits_per_code():
         history["bits_per_code"], np.array(history["loss"]) / np.log(2), rtol=1e-5
     )
     assert history["bits_per_code"][-1] < history["bits_per_code"][0]
+
+
+def test_a_config_json_written_before_dilation_reads_as_the_undilated_run_it_was():
+    from keras_vqpix.config import RunConfig, get_config
+
+    old = get_config("default").to_dict()
+    del old["prior"]["dilation_cycle"]  # as 0.1.0 wrote it
+    config = RunConfig.from_dict(old)
+    assert config.prior == get_config("default-undilated").prior
+    assert config != get_config("default")  # resuming it with the new default is refused

@@ -89,6 +89,9 @@ def test_sample_a_label_and_refuse_a_non_empty_out(run, tmp_path):
         "sample_001_AD.png",
         "sample_002_AD.png",
     ]
+    result = invoke("sample", run, "--num", 2, "--label", "none", "--out", tmp_path / "any")
+    assert result.exit_code == 0, result.output
+    assert read(tmp_path / "any" / "samples.json")["labels"] == ["unconditional"] * 2
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
