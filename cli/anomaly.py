@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import user_errors
+from .common import split_option, user_errors
 
 
 @click.command()
@@ -25,13 +25,7 @@ from .common import user_errors
     default=None,
     help="The run's ADNI-layout data folder: score the slices of --split (instead of IMAGEs).",
 )
-@click.option(
-    "--split",
-    type=click.Choice(["test", "val", "train", "all"]),
-    default="test",
-    show_default=True,
-    help="A split of the run's own data; of other data (external): its test/ folder, or all.",
-)
+@split_option
 @click.option(
     "--out",
     "out_dir",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import resolve_data, user_errors
+from .common import resolve_data, split_option, user_errors
 
 
 @click.command()
@@ -20,13 +20,7 @@ from .common import resolve_data, user_errors
     default=None,
     help="The run's ADNI-layout data folder. Default: the demo data set.",
 )
-@click.option(
-    "--split",
-    type=click.Choice(["test", "val", "train", "all"]),
-    default="test",
-    show_default=True,
-    help="A split of the run's own data; of other data (external): its test/ folder, or all.",
-)
+@split_option
 @click.option(
     "--json",
     "json_path",

@@ -70,3 +70,16 @@ class SizeType(click.ParamType):
                 ctx,
             )
         return int(match[1]), int(match[2])
+
+
+# `--split` of the commands that evaluate a run on a `--data` folder (evaluate, classify,
+# anomaly): a split of the run's own data, or the test/ folder or every slice of external data
+# (`keras_vqpix.evaluation.evaluation_records`).
+split_option = click.option(
+    "--split",
+    type=click.Choice(["test", "val", "train", "all"]),
+    default="test",
+    show_default=True,
+    help="test, val or train split of the run's own data; of external data: its test/ folder "
+    "(test) or every slice in it (all).",
+)

@@ -9,7 +9,7 @@ import click
 
 from keras_vqpix.config import SEED_RANGE
 
-from .common import resolve_data, user_errors
+from .common import resolve_data, split_option, user_errors
 
 
 @click.command()
@@ -23,14 +23,7 @@ from .common import resolve_data, user_errors
     help="ADNI-layout folder. Default: the demo data set. A folder that is not the run's own "
     "data (its patients differ from RUN/split.json) is evaluated as external data.",
 )
-@click.option(
-    "--split",
-    type=click.Choice(["test", "val", "train", "all"]),
-    default="test",
-    show_default=True,
-    help="test, val or train split of the run's own data; of external data: its test/ folder "
-    "(test) or every slice in it (all).",
-)
+@split_option
 @click.option(
     "--samples",
     type=click.IntRange(min=0),
