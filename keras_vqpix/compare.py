@@ -55,6 +55,7 @@ from keras_vqpix.data.discover import (
     discover_folder,
     spread_records,
 )
+from keras_vqpix.metrics import roc_auc, roc_curve
 
 SCALES = {"": 1, "_down4": 4}
 AUC_NAMES = ("c2st_auc", "trtr_auc", "fidelity_auc", "tstr_auc", "augmented_auc")
@@ -71,35 +72,6 @@ _PREDICT_BATCH = 256
 
 
 # -- Figures ---------------------------------------------------------------------------------------
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """Area under the ROC curve (Mann-Whitney U with tied scores counted half); None with one class."""
-    labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, np.float64)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if not positives or not negatives:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), np.float64)
-    sorted_scores = scores[order]
-    # Average rank of each run of tied scores.
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(scores)]])
-    for start, end in zip(starts, ends, strict=True):
-        ranks[order[start:end]] = (start + end + 1) / 2
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False and true positive rates of every threshold, from (0, 0) to (1, 1)."""
-    labels = np.asarray(labels).astype(bool)
-    order = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")
-    hits = labels[order]
-    tpr = np.concatenate([[0.0], np.cumsum(hits) / max(1, hits.sum())])
-    fpr = np.concatenate([[0.0], np.cumsum(~hits) / max(1, (~hits).sum())])
-    return fpr, tpr
-
-
 def per_patient(
     patients: np.ndarray, labels: np.ndarray, scores: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -540,7 +512,7 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike, title: str)
                 labels, scores = curves[name]
                 auc = roc_auc(labels, scores)
                 if auc is not None:
-                    fpr, tpr = roc_curve(labels, scores)
+                    fpr, tpr, _ = roc_curve(labels, scores)
                     lines.append((f"{name} {auc:.3f}", fpr, tpr))
         scale = "full scale" if not suffix else "4x downsampled"
         panels.append((scale, lines))
