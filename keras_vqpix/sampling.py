@@ -70,6 +70,7 @@ TEMPERATURE_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32
 _ROW_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAST_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RESAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # -- The seeding contract ---------------------------------------------------------------------------
@@ -723,6 +724,19 @@ def codes_graph(
     return draw(prior, num_samples, seed, labels, temperature, height, width)
 
 
+def _decoder(vqvae, height: int, width: int):
+    """`vqvae.decode` traced once for maps `[n, height, width]`, any n (one per model and shape:
+    a generator decoding batch after batch, the last one smaller, traces it once)."""
+    functions = _DECODERS.setdefault(vqvae, {})
+    if (height, width) not in functions:
+        model_ref = weakref.ref(vqvae)  # the function must not keep its model alive
+        functions[(height, width)] = tf.function(
+            lambda codes: model_ref().decode(codes),
+            input_signature=[tf.TensorSpec([None, height, width], tf.int32)],
+        )
+    return functions[(height, width)]
+
+
 def decode_codes(vqvae, codes, batch_size: int = 32) -> np.ndarray:
     """Images `[n, H, W, 1]` float32 in [0, 1] of code maps `[n, h, w]` (`vqvae.decode`).
 
@@ -735,7 +749,7 @@ def decode_codes(vqvae, codes, batch_size: int = 32) -> np.ndarray:
     if len(codes) == 0:
         factor = vqvae.downsample_factor
         return np.zeros((0, codes.shape[1] * factor, codes.shape[2] * factor, 1), np.float32)
-    decode = tf.function(vqvae.decode)
+    decode = _decoder(vqvae, *codes.shape[1:])
     return np.concatenate(
         [
             decode(tf.constant(codes[i : i + batch_size])).numpy()

@@ -282,3 +282,18 @@ def test_resample_codes_keeps_unmarked_codes_and_conditions_on_them():
     assert np.array_equal(healed[1], codes[1])  # nothing marked: the map as it was
     # Nothing marked anywhere: returned as is, without running the prior.
     assert np.array_equal(resample_codes(FixedPrior(None), codes, np.zeros_like(redraw)), codes)
+
+
+def test_decoding_batch_after_batch_traces_the_decoder_once():
+    from keras_vqpix.models.vqvae import VQVAE
+
+    vqvae = VQVAE(hidden_channels=4, residual_channels=2, num_residual_blocks=0, num_embeddings=8)
+    vqvae(tf.zeros((1, 12, 20, 1)))  # built
+    traces = []
+    decode = vqvae.decode
+    vqvae.decode = lambda codes: traces.append(1) or decode(codes)
+    rng = np.random.default_rng(0)
+    for count in (5, 3, 7):  # batches of 2: last batches of 1, 1 and 1
+        images = decode_codes(vqvae, rng.integers(0, 8, (count, 3, 5)), batch_size=2)
+        assert images.shape == (count, 12, 20, 1)
+    assert len(traces) == 1
