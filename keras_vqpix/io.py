@@ -107,3 +107,23 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_folder(path: str | os.PathLike, *, overwrite: bool | None = None) -> Path:
+    """`path` as a `Path` when a command may write its new `--out` folder there.
+
+    Missing or an empty folder is fine; a file is refused; a non-empty folder is refused unless
+    `overwrite` (None: the command has no `--overwrite` to offer). Reads only.
+
+    Raises:
+        FileExistsError: one line naming `--out` and what to do.
+    """
+    path = Path(path)
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise FileExistsError(f"--out {path} is a file; choose a folder")
+    if any(path.iterdir()) and not overwrite:
+        hint = "" if overwrite is None else " or pass --overwrite"
+        raise FileExistsError(f"--out {path} exists and is not empty; choose a new folder{hint}")
+    return path

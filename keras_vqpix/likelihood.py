@@ -694,7 +694,7 @@ def anomaly_run(
     from keras_vqpix import plots
     from keras_vqpix.data.lesions import load_mask
     from keras_vqpix.data.pipeline import load_image, load_images
-    from keras_vqpix.io import atomic_directory
+    from keras_vqpix.io import atomic_directory, check_output_folder
     from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
     from keras_vqpix.sampling import check_seed, check_temperature
 
@@ -705,9 +705,7 @@ def anomaly_run(
     if (data_root is None) == (not image_paths):
         raise ValueError("give either --data DIR or IMAGE files, not both and not neither")
     label_value = _anomaly_label(label)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"--out {out_dir} exists and is not empty; choose a new folder")
+    out_dir = check_output_folder(out_dir)
     paths = RunPaths(Path(run_dir))
     vqvae, config, vqvae_meta = load_vqvae(paths.root)
     prior, prior_meta = load_prior(paths.root, vqvae_meta)

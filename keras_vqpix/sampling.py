@@ -59,7 +59,7 @@ import tensorflow as tf
 from keras_vqpix import plots
 from keras_vqpix.config import SEED_RANGE
 from keras_vqpix.data.discover import CLASS_NAMES, LABELS, UNCONDITIONAL, label_name
-from keras_vqpix.io import atomic_directory
+from keras_vqpix.io import atomic_directory, check_output_folder
 from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
 from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
@@ -787,9 +787,7 @@ def sample_run(
 
     seed = check_seed(seed)
     temperature = check_temperature(temperature)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"--out {out_dir} exists and is not empty; choose a new folder")
+    out_dir = check_output_folder(out_dir)
     paths = RunPaths(Path(run_dir))
     vqvae, _, vqvae_meta = load_vqvae(paths.root)
     prior, prior_meta = load_prior(paths.root, vqvae_meta)

@@ -134,15 +134,6 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 # -- Writing ---------------------------------------------------------------------------------------
-def _check_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"--out {out_dir} is a file; choose a folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"--out {out_dir} exists and is not empty; choose a new folder or pass --overwrite"
-        )
-
-
 def _write_manifest(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, MANIFEST_COLUMNS)
@@ -212,7 +203,7 @@ def generate_dataset(
         command: the command line, recorded in `generator.json`.
         on_progress: called with `(slices done, slices)` after each batch.
     """
-    from keras_vqpix.io import atomic_directory
+    from keras_vqpix.io import atomic_directory, check_output_folder
     from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
     from keras_vqpix.sampling import check_seed, check_temperature, decode_codes, sample_codes
 
@@ -227,7 +218,7 @@ def generate_dataset(
     seed = check_seed(seed)
     temperature = check_temperature(temperature)
     out_dir = Path(out_dir)
-    _check_out(out_dir, overwrite)
+    check_output_folder(out_dir, overwrite=overwrite)
     paths = RunPaths(Path(run_dir))
     frame = tuple(size) if size is not None else run_frame(paths.root)
     vqvae, config, vqvae_meta = load_vqvae(paths.root)
@@ -310,13 +301,13 @@ def reconstruct_dataset(
     import tensorflow as tf
 
     from keras_vqpix.data.pipeline import make_dataset
-    from keras_vqpix.io import atomic_directory
+    from keras_vqpix.io import atomic_directory, check_output_folder
     from keras_vqpix.run_folder import RunPaths, load_vqvae
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
     out_dir = Path(out_dir)
-    _check_out(out_dir, overwrite)
+    check_output_folder(out_dir, overwrite=overwrite)
     data_root = Path(data_root)
     records: list[tuple[str, SliceRecord]] = [
         (split, record)

@@ -37,3 +37,23 @@ def test_atomic_directory_overwrite_replaces(tmp_path):
         (tmp / "new").write_text("y")
     assert [p.name for p in target.iterdir()] == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_check_output_folder_takes_a_new_or_empty_folder_and_refuses_the_rest(tmp_path):
+    import pytest
+
+    from keras_vqpix.io import check_output_folder
+
+    assert check_output_folder(tmp_path / "new") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert check_output_folder(tmp_path / "empty") == tmp_path / "empty"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file; choose a folder"):
+        check_output_folder(tmp_path / "file", overwrite=True)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty; choose a new folder$"):
+        check_output_folder(tmp_path / "full")
+    with pytest.raises(FileExistsError, match="choose a new folder or pass --overwrite$"):
+        check_output_folder(tmp_path / "full", overwrite=False)
+    assert check_output_folder(tmp_path / "full", overwrite=True) == tmp_path / "full"

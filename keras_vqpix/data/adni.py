@@ -42,7 +42,7 @@ from keras_vqpix.data.discover import (
     SliceRecord,
     split_by_patient,
 )
-from keras_vqpix.io import atomic_directory
+from keras_vqpix.io import atomic_directory, check_output_folder
 
 PLANES = ("axial", "coronal", "sagittal")
 # Array axis of a RAS volume that each plane cuts across (0: left->right, 1: posterior->anterior,
@@ -477,14 +477,8 @@ def _check_arguments(slices, plane, test_fraction, size) -> None:
 
 
 def _check_out(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    if not out_dir.exists():
+    if not check_output_folder(out_dir, overwrite=overwrite).exists():
         return
-    if not out_dir.is_dir():
-        raise FileExistsError(f"--out {out_dir} is a file; choose a folder")
-    if any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"--out {out_dir} exists and is not empty; choose a new folder or pass --overwrite"
-        )
     for path in inputs:
         if path.resolve().is_relative_to(out_dir.resolve()):
             raise ValueError(
