@@ -585,15 +585,13 @@ def calibrate_threshold(
     return float(np.quantile(surprise, quantile))
 
 
-def _healthy_reference(paths, data_root):
-    """NC slices of the run's validation split (of `data_root` when it is the run's data, else of
-    the data the run recorded in `split.json`), or None when no data is given and the recorded
-    data is not at hand."""
+def _healthy_reference(paths, splits: DataSplits | None):
+    """NC slices of the run's validation split: of `splits` (the run's own, as
+    `evaluation_split` gave them), else of the data the run recorded in `split.json`; None when
+    that data is not at hand either."""
     from keras_vqpix.run_folder import RunFolderError, read_config
 
-    if data_root is not None:
-        splits, _ = evaluation_split(paths.root, data_root, "test")
-    else:
+    if splits is None:
         try:
             splits = recorded_splits(paths, read_config(paths))
         except RunFolderError:
@@ -714,8 +712,9 @@ def anomaly_run(
             f"--label: the prior of {paths.root} is unconditional (trained without labels); use --label -1"
         )
     size = config.data.image_size
+    splits = None  # the run's own splits, when --data gives them
     if data_root is not None:
-        _, chosen = evaluation_split(paths.root, data_root, split)
+        splits, chosen = evaluation_split(paths.root, data_root, split)
         records = chosen.records
         images = load_images(records, size)
         files = [r.path for r in records]
@@ -732,7 +731,7 @@ def anomaly_run(
     if threshold is not None:
         threshold, source = float(threshold), "given"
     else:
-        healthy = _healthy_reference(paths, data_root)
+        healthy = _healthy_reference(paths, splits)
         if healthy is None:
             threshold, source = DEFAULT_SURPRISE_THRESHOLD, "p < 0.005 (no healthy reference)"
             log("The run's data is not at hand: redrawing codes with p < 0.005")
