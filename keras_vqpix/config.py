@@ -206,6 +206,13 @@ class PriorConfig:
             it, default-config samples on the demo set were brain texture, not slices.
         dilation_cycle: int, block i's vertical stack is dilated by `2 ** (i % dilation_cycle)`
             (`PixelCNN`); 1: no dilation.
+        previous_slice: bool, condition each slice's code map on its patient's previous slice
+            (`PixelCNN`, `keras_vqpix.layers.slice_context`): what draws whole synthetic
+            patients slice after slice.
+        slice_positions: int, bins of a slice's position in its patient's stack the prior is
+            conditioned on (20: one per slice of the ADNI and demo stacks); 0: none.
+        previous_dropout: float, training probability of "no previous slice", so that the same
+            prior draws a stack's first slice and single slices.
         learning_rate: float, Adam learning rate.
         epochs: int, training epochs.
         batch_size: int, code maps per batch.
@@ -221,6 +228,9 @@ class PriorConfig:
     dropout: float = 0.0
     position_embedding: bool = True
     dilation_cycle: int = 4
+    previous_slice: bool = True
+    slice_positions: int = 20
+    previous_dropout: float = 0.5
     learning_rate: float = 1e-3
     epochs: int = 20
     batch_size: int = 32
@@ -262,6 +272,14 @@ class PriorConfig:
             f"dilation_cycle must be >= 1. Received: dilation_cycle={self.dilation_cycle}",
         )
         _check(
+            self.slice_positions >= 0,
+            f"slice_positions must be >= 0. Received: slice_positions={self.slice_positions}",
+        )
+        _check(
+            0.0 <= self.previous_dropout < 1.0,
+            f"previous_dropout must be in [0, 1). Received: previous_dropout={self.previous_dropout}",
+        )
+        _check(
             self.learning_rate > 0,
             f"learning_rate must be > 0. Received: learning_rate={self.learning_rate}",
         )
@@ -270,11 +288,18 @@ class PriorConfig:
             self.batch_size >= 1, f"batch_size must be >= 1. Received: batch_size={self.batch_size}"
         )
 
+    @property
+    def slice_context(self) -> bool:
+        """Whether the prior reads a slice context (`previous_slice` or `slice_positions`)."""
+        return self.previous_slice or self.slice_positions > 0
+
 
 # Fields added after 0.1.0, with the value that a run written before them was trained with: a
 # `config.json` without them reads as that run's config (resuming it keeps its prior undilated;
 # the new default then differs from it and is refused as another config, not silently mixed).
-ADDED_FIELDS = {"prior": {"dilation_cycle": 1}}
+ADDED_FIELDS = {
+    "prior": {"dilation_cycle": 1, "previous_slice": False, "slice_positions": 0}
+}
 
 
 @dataclass(frozen=True)
@@ -439,7 +464,13 @@ def _quick() -> RunConfig:
             epochs=3,
         ),
         prior=PriorConfig(
-            num_layers=2, filters=16, embedding_dim=8, learning_rate=1e-2, epochs=3, batch_size=16
+            num_layers=2,
+            filters=16,
+            embedding_dim=8,
+            slice_positions=4,
+            learning_rate=1e-2,
+            epochs=3,
+            batch_size=16,
         ),
     )
 
@@ -448,16 +479,32 @@ def _default() -> RunConfig:
     return RunConfig(name="default")
 
 
+def _default_per_slice() -> RunConfig:
+    # The default prior before slice context (each slice drawn on its own, as in 0.2.0).
+    return RunConfig(
+        name="default-per-slice", prior=PriorConfig(previous_slice=False, slice_positions=0)
+    )
+
+
 def _default_undilated() -> RunConfig:
-    # The default prior before dilated vertical stacks (11 code rows of context).
-    return RunConfig(name="default-undilated", prior=PriorConfig(dilation_cycle=1))
+    # The default prior before dilated vertical stacks (11 code rows of context), and before
+    # slice context.
+    return RunConfig(
+        name="default-undilated",
+        prior=PriorConfig(dilation_cycle=1, previous_slice=False, slice_positions=0),
+    )
 
 
-PRESETS = {"quick": _quick, "default": _default, "default-undilated": _default_undilated}
+PRESETS = {
+    "quick": _quick,
+    "default": _default,
+    "default-per-slice": _default_per_slice,
+    "default-undilated": _default_undilated,
+}
 
 
 def get_config(name: str) -> RunConfig:
-    """Return the named preset (`quick`, `default` or `default-undilated`)."""
+    """Return the named preset (`quick`, `default`, `default-per-slice` or `default-undilated`)."""
     if name not in PRESETS:
         raise ValueError(f"Unknown config {name!r}; choose one of {sorted(PRESETS)}.")
     return PRESETS[name]()

@@ -208,6 +208,46 @@ def resolve_labels(prior, num_samples: int, labels=None) -> np.ndarray:
     return out
 
 
+def resolve_context(prior, num_samples: int, previous=None, positions=None, code_shape=None):
+    """`(previous [n, h, w], positions [n])` int32: a slice-context prior's context per sample.
+
+    `previous`: None (no previous slice), or the previous slice's codes, one map `[h, w]` for
+    every sample or one per sample `[n, h, w]`, in `[0, K)` (-1: none). `positions`: None
+    (unknown), one bin for every sample or one per sample, in `-1 .. slice_positions - 1`. A
+    prior without that context (`PixelCNN.previous_slice`, `slice_positions`) accepts only
+    None (or -1).
+    """
+    height, width = _code_shape(prior, code_shape)
+    previous = np.full((height, width), -1, np.int32) if previous is None else previous
+    previous = np.asarray(previous)
+    if previous.shape not in ((height, width), (num_samples, height, width)):
+        raise ValueError(
+            f"previous must be one code map {(height, width)} or one per sample "
+            f"{(num_samples, height, width)}. Received: shape {previous.shape}"
+        )
+    previous = np.broadcast_to(previous.astype(np.int32), (num_samples, height, width))
+    positions = np.asarray(-1 if positions is None else positions)
+    if positions.ndim > 1 or positions.size not in (1, num_samples):
+        raise ValueError(
+            f"positions must be one position bin or one per sample ({num_samples}). "
+            f"Received: shape {positions.shape}"
+        )
+    positions = np.broadcast_to(positions.astype(np.int32).reshape(-1), (num_samples,))
+    reads_previous = getattr(prior, "previous_slice", False)
+    bins = getattr(prior, "slice_positions", 0)
+    if np.any(previous != -1) and not reads_previous:
+        raise ValueError("previous: this prior does not read a previous slice (previous_slice=False)")
+    if np.any((previous < -1) | (previous >= prior.num_embeddings)):
+        raise ValueError(f"previous codes must be in -1 .. {prior.num_embeddings - 1}")
+    if np.any(positions != -1) and not bins:
+        raise ValueError("positions: this prior has no slice positions (slice_positions=0)")
+    if np.any((positions < -1) | (positions >= max(bins, 1))):
+        raise ValueError(
+            f"positions must be in -1 .. {bins - 1}. Received: {sorted(set(positions.tolist()))}"
+        )
+    return np.ascontiguousarray(previous), np.ascontiguousarray(positions)
+
+
 # -- Reference sampler --------------------------------------------------------------------------------
 def _code_shape(prior, code_shape) -> tuple[int, int]:
     shape = code_shape if code_shape is not None else getattr(prior, "code_shape", None)
@@ -226,7 +266,17 @@ def _code_shape(prior, code_shape) -> tuple[int, int]:
 
 
 def sample_rows_reference(
-    prior, codes, labels, seed, temperature, row_start, row_end, first_map=0, redraw=None
+    prior,
+    codes,
+    labels,
+    seed,
+    temperature,
+    row_start,
+    row_end,
+    first_map=0,
+    redraw=None,
+    previous=None,
+    positions=None,
 ):
     """Draw rows `row_start .. row_end - 1` of `codes [n, h, w]` (a TF function body).
 
@@ -237,12 +287,17 @@ def sample_rows_reference(
     prior, its `call` over the whole map. Returns the codes with those rows filled in; the
     other rows are returned unchanged. `first_map`: the index of map 0 of `codes` in the whole
     request (see `map_seeds`). With `redraw` (bool `[n, h, w]`), only the positions it marks
-    are drawn, the others keep their code in `codes` (see `resample_codes`).
+    are drawn, the others keep their code in `codes` (see `resample_codes`). `previous`,
+    `positions`: a slice-context prior's context (`resolve_context`; None: none, unknown).
     """
     height, width = codes.shape[1], codes.shape[2]
     rows = tf.range(height)[:, None]
     cols = tf.range(width)[None, :]
-    steps = PixelCNNSteps(prior, labels, width) if isinstance(prior, PixelCNN) else None
+    steps = (
+        PixelCNNSteps(prior, labels, width, previous, positions)
+        if isinstance(prior, PixelCNN)
+        else None
+    )
 
     def body(index, codes):
         row, col = index // width, index % width
@@ -276,6 +331,8 @@ def _row_sampler(prior, height: int, width: int):
         input_signature=[
             tf.TensorSpec([None, height, width], tf.int32),
             tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, height, width], tf.int32),
+            tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([], tf.int32),
             tf.TensorSpec([], tf.float32),
             tf.TensorSpec([], tf.int32),
@@ -283,16 +340,36 @@ def _row_sampler(prior, height: int, width: int):
         ],
         autograph=False,
     )
-    def sample_row(codes, labels, seed, temperature, row, first_map):
+    def sample_row(codes, labels, previous, positions, seed, temperature, row, first_map):
         return sample_rows_reference(
-            prior_ref(), codes, labels, seed, temperature, row, row + 1, first_map
+            prior_ref(),
+            codes,
+            labels,
+            seed,
+            temperature,
+            row,
+            row + 1,
+            first_map,
+            previous=previous,
+            positions=positions,
         )
 
     _ROW_SAMPLERS.setdefault(prior, {})[(height, width)] = sample_row
     return sample_row
 
 
-def _checked_arguments(prior, num_samples, seed, labels, temperature, code_shape, first_map=0):
+def _checked_arguments(
+    prior,
+    num_samples,
+    seed,
+    labels,
+    temperature,
+    code_shape,
+    first_map=0,
+    previous=None,
+    positions=None,
+):
+    """`((labels, previous, positions, seed, temperature) as tensors, h, w, first_map)`."""
     if isinstance(first_map, bool) or not isinstance(first_map, (int, np.integer)):
         raise ValueError(f"first_map must be an int >= 0. Received: first_map={first_map!r}")
     if not 0 <= first_map <= np.iinfo(np.int32).max - num_samples:
@@ -303,8 +380,11 @@ def _checked_arguments(prior, num_samples, seed, labels, temperature, code_shape
     temperature = check_temperature(temperature)
     labels = resolve_labels(prior, num_samples, labels)
     height, width = _code_shape(prior, code_shape)
+    previous, positions = resolve_context(prior, num_samples, previous, positions, code_shape)
     arguments = (
         tf.constant(labels),
+        tf.constant(previous),
+        tf.constant(positions),
         tf.constant(seed, tf.int32),
         tf.constant(temperature, tf.float32),
     )
@@ -321,6 +401,8 @@ def sample_codes_reference(
     code_shape=None,
     on_row: Callable[[int, int], None] | None = None,
     first_map: int = 0,
+    previous=None,
+    positions=None,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 drawn by the straightforward reference sampler.
 
@@ -338,9 +420,11 @@ def sample_codes_reference(
         on_row: called with `(rows done, h)` after each row (progress).
         first_map: int >= 0, the index of the first of these maps in a larger request drawn in
             batches: maps `first_map ..` of that request (see `map_seeds`).
+        previous, positions: a slice-context prior's context, the previous slice's codes and
+            the slice's position bin (`resolve_context`); None: none, unknown.
     """
     arguments, height, width, first_map = _checked_arguments(
-        prior, num_samples, seed, labels, temperature, code_shape, first_map
+        prior, num_samples, seed, labels, temperature, code_shape, first_map, previous, positions
     )
     sample_row = _row_sampler(prior, height, width)
     codes = tf.zeros((num_samples, height, width), tf.int32)
@@ -418,7 +502,17 @@ def _blank_maps(num_samples, labels, height: int, width: int):
     return tf.ensure_shape(codes, [None, height, width]), labels
 
 
-def fast_codes_graph(prior, num_samples, seed, labels, temperature, height: int, width: int):
+def fast_codes_graph(
+    prior,
+    num_samples,
+    seed,
+    labels,
+    temperature,
+    height: int,
+    width: int,
+    previous=None,
+    positions=None,
+):
     """Code maps `int32 [num_samples, height, width]` drawn by the fast sampler, in graph mode.
 
     For `tf.function`s and SavedModel signatures: `num_samples` (int32 scalar), `seed` (int32
@@ -436,24 +530,37 @@ def fast_codes_graph(prior, num_samples, seed, labels, temperature, height: int,
     return codes
 
 
-def reference_codes_graph(prior, num_samples, seed, labels, temperature, height: int, width: int):
+def reference_codes_graph(
+    prior,
+    num_samples,
+    seed,
+    labels,
+    temperature,
+    height: int,
+    width: int,
+    previous=None,
+    positions=None,
+):
     """`fast_codes_graph`'s counterpart drawn by the reference sampler (the same codes, slowly)."""
     codes, labels = _blank_maps(num_samples, labels, height, width)
-    return sample_rows_reference(prior, codes, labels, seed, temperature, 0, height)
+    return sample_rows_reference(
+        prior, codes, labels, seed, temperature, 0, height, previous=previous, positions=positions
+    )
 
 
 def _fast_row_sampler(prior, height: int, width: int):
-    """Traced-once `tf.function`s `start(labels) -> state` and
+    """Traced-once `tf.function`s `start(labels, previous, positions) -> state` and
     `sample_row(codes, state, labels, seed, temperature, row, first_map) -> (codes, state)`."""
     cached = _FAST_SAMPLERS.get(prior, {}).get((height, width))
     if cached is not None:
         return cached
     prior_ref = weakref.ref(prior)  # as in `_row_sampler`
     labels_spec = tf.TensorSpec([None], tf.int32)
+    previous_spec = tf.TensorSpec([None, height, width], tf.int32)
 
-    @tf.function(input_signature=[labels_spec], autograph=False)
-    def start(labels):
-        return PixelCNNSteps(prior_ref(), labels, width).start()
+    @tf.function(input_signature=[labels_spec, previous_spec, labels_spec], autograph=False)
+    def start(labels, previous, positions):
+        return PixelCNNSteps(prior_ref(), labels, width, previous, positions).start()
 
     state_spec = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape, t.dtype),
@@ -490,6 +597,8 @@ def sample_codes_fast(
     code_shape=None,
     on_row: Callable[[int, int], None] | None = None,
     first_map: int = 0,
+    previous=None,
+    positions=None,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 drawn by the fast sampler: the reference's codes.
 
@@ -507,15 +616,20 @@ def sample_codes_fast(
             code_shape=code_shape,
             on_row=on_row,
             first_map=first_map,
+            previous=previous,
+            positions=positions,
         )
     arguments, height, width, first_map = _checked_arguments(
-        prior, num_samples, seed, labels, temperature, code_shape, first_map
+        prior, num_samples, seed, labels, temperature, code_shape, first_map, previous, positions
     )
     start, sample_row = _fast_row_sampler(prior, height, width)
     codes = tf.zeros((num_samples, height, width), tf.int32)
-    state = start(arguments[0])
+    labels, previous, positions, seed, temperature = arguments
+    state = start(labels, previous, positions)
     for row in range(height):
-        codes, state = sample_row(codes, state, *arguments, tf.constant(row, tf.int32), first_map)
+        codes, state = sample_row(
+            codes, state, labels, seed, temperature, tf.constant(row, tf.int32), first_map
+        )
         if on_row is not None:
             on_row(row + 1, height)
     return codes.numpy()
@@ -566,12 +680,14 @@ def sample_codes(
     on_row: Callable[[int, int], None] | None = None,
     method: str = DEFAULT_METHOD,
     batch_size: int = SAMPLE_BATCH_SIZE,
+    previous=None,
+    positions=None,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 from `prior`: the public entry point.
 
     Arguments as `sample_codes_reference`; `method`: a key of `SAMPLERS`, "fast"
     (`sample_codes_fast`, the default) or "reference" (`sample_codes_reference`). Both draw the
-    same codes.
+    same codes. `previous`, `positions`: a slice-context prior's context (`resolve_context`).
 
     Any number of maps: they are drawn `batch_size` at a time, so the sampler's memory is
     bounded by the batch (only the int32 codes, `4 * h * w` bytes a map, grow with
@@ -585,6 +701,7 @@ def sample_codes(
     if batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1. Received: batch_size={batch_size}")
     labels = resolve_labels(prior, num_samples, labels)
+    previous, positions = resolve_context(prior, num_samples, previous, positions, code_shape)
     starts = range(0, num_samples, batch_size)
     codes = None
     for batch, start in enumerate(starts):
@@ -604,6 +721,8 @@ def sample_codes(
             code_shape=code_shape,
             on_row=progress,
             first_map=start,
+            previous=previous[start : start + batch_size],
+            positions=positions[start : start + batch_size],
         )
         if codes is None:  # filled in place: no second copy of a large request
             codes = np.empty((num_samples, *drawn.shape[1:]), np.int32)
@@ -683,7 +802,8 @@ def resample_codes(
     if not redraw.any():  # nothing to draw (and never run a model on nothing)
         return codes
     resample = _resampler(prior, height, width)
-    return resample(codes, redraw, *arguments).numpy()
+    labels, _, _, seed, temperature = arguments
+    return resample(codes, redraw, labels, seed, temperature).numpy()
 
 
 def codes_graph(
@@ -695,6 +815,8 @@ def codes_graph(
     height: int,
     width: int,
     method: str = DEFAULT_METHOD,
+    previous=None,
+    positions=None,
 ):
     """Code maps `[num_samples, height, width]` int32 drawn entirely in the graph (a TF function body).
 
@@ -714,6 +836,8 @@ def codes_graph(
         method: a key of `SAMPLERS`: "fast" (`fast_codes_graph`: cached activations, a few
             forward passes' cost per map) or "reference" (`reference_codes_graph`: one forward
             pass per code). Every method draws the same codes; they differ in speed only.
+        previous, positions: int32 tensors `[n, h, w]` and `[n]`, or None: a slice-context
+            prior's context (`resolve_context`), not checked here.
 
     Returns:
         int32 tensor `[n, height, width]` with a static `[None, height, width]` shape.
@@ -721,7 +845,7 @@ def codes_graph(
     draw = sampler(method).graph
     seed = tf.cast(seed, tf.int32)
     temperature = tf.cast(temperature, tf.float32)
-    return draw(prior, num_samples, seed, labels, temperature, height, width)
+    return draw(prior, num_samples, seed, labels, temperature, height, width, previous, positions)
 
 
 def _decoder(vqvae, height: int, width: int):

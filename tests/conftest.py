@@ -168,7 +168,7 @@ def random_prior(shape=(4, 5), **kwargs):
     prior = PixelCNN(code_shape=shape, **kwargs)
     prior(tf.zeros((1, *shape), tf.int32), tf.zeros((1,), tf.int32))
     for variable in prior.weights:
-        if any(part in variable.path for part in ("bias", "label", "position")):
+        if any(part in variable.path for part in ("bias", "label", "position", "previous")):
             variable.assign(tf.random.normal(variable.shape, stddev=0.5, seed=2))
     return prior
 
@@ -182,9 +182,17 @@ ARCHITECTURES = {
         embedding_dim=32,
         position_embedding=True,
         dilation_cycle=4,
+        previous_slice=True,
+        slice_positions=20,
     ),
     "quick": dict(
-        num_embeddings=16, num_layers=2, filters=16, embedding_dim=8, position_embedding=True
+        num_embeddings=16,
+        num_layers=2,
+        filters=16,
+        embedding_dim=8,
+        position_embedding=True,
+        previous_slice=True,
+        slice_positions=4,
     ),
     "kernel5_unconditional": dict(
         num_embeddings=8, num_layers=2, filters=8, kernel_size=5, embedding_dim=3, conditional=False

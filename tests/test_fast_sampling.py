@@ -87,6 +87,15 @@ def test_the_fast_sampler_draws_the_reference_codes(prior):
         np.testing.assert_array_equal(fast, reference, err_msg=f"{seed}, {labels}, {temperature}")
         # Not a degenerate map: the draws vary over positions and maps.
         assert len(np.unique(reference)) > 3
+    if prior.has_slice_context:  # the next slices of those maps: previous slice and position
+        previous = sample_codes_reference(prior, 4, 5, [0, 1, -1, 1])
+        previous[3] = -1  # none
+        positions = [0, 1, -1, 2]
+        arguments = (prior, 4, 9, [1, 0, 1, -1], 0.9)
+        reference = sample_codes_reference(*arguments, previous=previous, positions=positions)
+        fast = sample_codes_fast(*arguments, previous=previous, positions=positions)
+        np.testing.assert_array_equal(fast, reference)
+        assert not np.array_equal(fast, sample_codes_fast(*arguments))  # the context is read
     assert (
         sample_codes(prior, 4, *CASES[0]).tolist()
         == sample_codes_fast(prior, 4, *CASES[0]).tolist()

@@ -11,6 +11,7 @@ from conftest import assert_config_round_trip
 from keras_vqpix.config import PriorConfig, get_config
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
 from keras_vqpix.layers.masked_conv import MaskedConv2D, causal_mask
+from keras_vqpix.layers.slice_context import SliceContext
 from keras_vqpix.models.pixelcnn import PixelCNN
 
 # -- Causality over every position ------------------------------------------------------------------
@@ -63,22 +64,81 @@ def random_embedded(height=6, width=6, channels=4, batch=2, seed=0) -> np.ndarra
     [
         {"num_layers": 5, "kernel_size": 3, "conditional": True},
         {"num_layers": 2, "kernel_size": 5, "conditional": False},
+        {"num_layers": 5, "conditional": True, "previous_slice": True, "slice_positions": 3},
     ],
-    ids=["k3-conditional", "k5-unconditional"],
+    ids=["k3-conditional", "k5-unconditional", "slice-context"],
 )
 def test_every_position_sees_exactly_the_earlier_positions(kwargs):
     # On a 6x6 map the receptive field of (num_layers + 1) * (k // 2) >= 6 covers every earlier
     # position, so each output must depend on all of them (no blind spot) and on nothing at or
-    # after itself (no leak).
+    # after itself (no leak). A slice-context prior is checked with a previous slice and
+    # positions given: the context must not open a path from a map's own codes.
     keras.utils.set_random_seed(1)
     prior = PixelCNN(num_embeddings=8, filters=8, embedding_dim=4, **kwargs)
     labels = tf.constant([0, 1])
-    prior(tf.zeros((2, 6, 6), tf.int32), labels)
-    violations = causality_violations(
-        lambda x: prior.logits_from_embeddings(x, tf.tile(labels, [x.shape[0] // 2])),
-        random_embedded(batch=2),
-    )
+    codes = tf.zeros((2, 6, 6), tf.int32)
+    previous = tf.constant(np.random.default_rng(3).integers(0, 8, (2, 6, 6)), tf.int32)
+    prior(codes, labels)
+    condition = prior.context(codes, previous, tf.constant([0, 2]))
+
+    def logits(x):
+        copies = x.shape[0] // 2
+        tiled = None if condition is None else tf.tile(condition, [copies, 1, 1, 1])
+        return prior.logits_from_embeddings(x, tf.tile(labels, [copies]), condition=tiled)
+
+    violations = causality_violations(logits, random_embedded(batch=2))
     assert violations == {"leaks": [], "blind_spots": []}
+
+
+def test_the_slice_context_reads_the_previous_slice_above_and_at_each_row_only():
+    # Row r of the context reads the previous slice's rows r - 2 .. r (never a row below: a
+    # stack can be drawn as a wavefront), and its row steps compute `call`'s function.
+    keras.utils.set_random_seed(2)
+    context = SliceContext(8, 6, previous_slice=True, num_positions=3)
+    previous = tf.constant(np.random.default_rng(0).integers(-1, 8, (2, 7, 5)), tf.int32)
+    positions = tf.constant([1, -1])
+    full = context(previous, positions).numpy()
+    for row in range(7):
+        changed = previous.numpy().copy()
+        changed[:, row] = (changed[:, row] + 3) % 8
+        moved = np.abs(context(tf.constant(changed), positions).numpy() - full).sum(axis=(0, 2, 3))
+        assert (moved[:row] == 0).all() and (moved[row : row + 3] > 0).all()
+        assert (moved[row + 3 :] == 0).all()
+    cache = context.start_rows(2, 5, "float32")
+    rows = []
+    for row in range(7):
+        values, cache = context.row(cache, previous[:, row], positions)
+        rows.append(values.numpy())
+    np.testing.assert_allclose(np.stack(rows, axis=1), full, rtol=0, atol=1e-5 * np.abs(full).max())
+    # The position is read: another bin changes every row.
+    other = context(previous, tf.constant([2, 0])).numpy()
+    assert (np.abs(other - full).sum(axis=(2, 3)) > 0).all()
+
+
+def test_a_slice_context_prior_reads_the_previous_slice_and_the_position():
+    keras.utils.set_random_seed(1)
+    prior = PixelCNN(
+        num_embeddings=8,
+        num_layers=2,
+        filters=8,
+        embedding_dim=4,
+        slice_positions=3,
+        previous_slice=True,
+    )
+    rng = np.random.default_rng(0)
+    codes = tf.constant(rng.integers(0, 8, (2, 5, 5)), tf.int32)
+    previous = tf.constant(rng.integers(0, 8, (2, 5, 5)), tf.int32)
+    labels = tf.constant([0, 1])
+    base = prior(codes, labels, previous, tf.constant([0, 1])).numpy()
+    assert not np.allclose(
+        base, prior(codes, labels, (previous + 1) % 8, tf.constant([0, 1])).numpy()
+    )
+    assert not np.allclose(base, prior(codes, labels, previous, tf.constant([2, 2])).numpy())
+    # None means "no previous slice" and "unknown position": the -1 rows.
+    np.testing.assert_array_equal(
+        prior(codes, labels).numpy(),
+        prior(codes, labels, -tf.ones_like(codes), tf.constant([-1, -1])).numpy(),
+    )
 
 
 def test_dilated_vertical_stacks_see_every_earlier_row_of_a_tall_map():
@@ -207,14 +267,20 @@ def test_pixelcnn_and_config_reject_bad_arguments():
         PriorConfig(dilation_cycle=0)
 
 
-def test_the_default_prior_is_dilated_and_the_undilated_one_stays_a_preset():
-    default, undilated = get_config("default"), get_config("default-undilated")
+def test_the_default_prior_is_dilated_with_slice_context_and_older_priors_stay_presets():
+    default = get_config("default")
+    per_slice, undilated = get_config("default-per-slice"), get_config("default-undilated")
     prior = PixelCNN.from_run_config(default.prior, 256, code_shape=(32, 32))
     assert [block.dilation for block in prior.blocks] == [1, 2, 4, 8, 1, 2, 4, 8, 1, 2]
     assert prior.receptive_rows == 34 >= default.code_size
+    assert prior.previous_slice and prior.slice_positions == 20 and prior.has_slice_context
     assert undilated.prior.dilation_cycle == 1
-    # Only the prior's dilation differs: the VQ-VAE stage of both is the same run.
-    assert undilated.replace(name="default", **{"prior.dilation_cycle": 4}) == default
+    # Each preset differs from the next in the prior's one idea: the VQ-VAE stage of all three
+    # is the same run.
+    context = {"prior.previous_slice": True, "prior.slice_positions": 20}
+    assert per_slice.replace(name="default", **context) == default
+    assert undilated.replace(name="default-per-slice", **{"prior.dilation_cycle": 4}) == per_slice
+    assert not PixelCNN.from_run_config(per_slice.prior, 256, (32, 32)).has_slice_context
     assert PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32)).receptive_rows == 11
 
 
@@ -235,7 +301,21 @@ def test_the_default_prior_is_dilated_and_the_undilated_one_stays_a_preset():
                 bias_initializer="ones",
             ),
         ),
-        (GatedBlock, dict(filters=8, kernel_size=5, mask_type="A", num_labels=3, dilation=2)),
+        (
+            GatedBlock,
+            dict(
+                filters=8,
+                kernel_size=5,
+                mask_type="A",
+                num_labels=3,
+                dilation=2,
+                spatial_condition=True,
+            ),
+        ),
+        (
+            SliceContext,
+            dict(num_embeddings=8, filters=4, previous_slice=False, num_positions=3),
+        ),
         (
             PixelCNN,
             dict(
@@ -252,10 +332,13 @@ def test_the_default_prior_is_dilated_and_the_undilated_one_stays_a_preset():
                 seed=3,
                 position_embedding=True,
                 dilation_cycle=2,
+                previous_slice=True,
+                slice_positions=4,
+                previous_dropout=0.3,
             ),
         ),
     ],
-    ids=["MaskedConv2D", "GatedBlock", "PixelCNN"],
+    ids=["MaskedConv2D", "GatedBlock", "SliceContext", "PixelCNN"],
 )
 def test_get_config_round_trips(cls, arguments):
     assert_config_round_trip(cls, arguments)
@@ -271,13 +354,22 @@ def tiny_prior(**kwargs) -> PixelCNN:
 
 @pytest.mark.parametrize("conditional", [True, False])
 def test_keras_round_trip_keeps_masks_and_outputs(tmp_path, conditional):
-    prior = tiny_prior(conditional=conditional, position_embedding=conditional)
+    # The conditional case also reads a slice context (previous slice, positions).
+    prior = tiny_prior(
+        conditional=conditional,
+        position_embedding=conditional,
+        previous_slice=conditional,
+        slice_positions=3 if conditional else 0,
+    )
     codes = np.random.default_rng(0).integers(0, 8, (3, 5, 5)).astype(np.int32)
     labels = np.array([0, 1, -1], np.int32)
+    context = (codes[::-1].copy(), np.array([0, 2, -1], np.int32)) if conditional else ()
     path = tmp_path / "prior.keras"
     prior.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(loaded(codes, labels).numpy(), prior(codes, labels).numpy())
+    np.testing.assert_array_equal(
+        loaded(codes, labels, *context).numpy(), prior(codes, labels, *context).numpy()
+    )
     masks = [w for w in loaded.non_trainable_weights if w.path.endswith("mask")]
     assert len(masks) == 3
     np.testing.assert_array_equal(masks[0].numpy(), causal_mask((1, 3), "A"))
@@ -373,7 +465,19 @@ def test_a_config_json_written_before_dilation_reads_as_the_undilated_run_it_was
     from keras_vqpix.config import RunConfig, get_config
 
     old = get_config("default").to_dict()
-    del old["prior"]["dilation_cycle"]  # as 0.1.0 wrote it
+    for name in ("dilation_cycle", "previous_slice", "slice_positions", "previous_dropout"):
+        del old["prior"][name]  # as 0.1.0 wrote it
     config = RunConfig.from_dict(old)
     assert config.prior == get_config("default-undilated").prior
     assert config != get_config("default")  # resuming it with the new default is refused
+
+
+def test_a_config_json_written_before_slice_context_reads_as_the_per_slice_run_it_was():
+    from keras_vqpix.config import RunConfig, get_config
+
+    old = get_config("default").to_dict()
+    for name in ("previous_slice", "slice_positions", "previous_dropout"):
+        del old["prior"][name]  # as 0.2.0 wrote it
+    config = RunConfig.from_dict(old)
+    assert config.prior == get_config("default-per-slice").prior
+    assert not PixelCNN.from_run_config(config.prior, 256, (32, 32)).has_slice_context

@@ -13,10 +13,10 @@ from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
 pytestmark = pytest.mark.usefixtures("time_limit")
 
 
-def cached_logits(prior, codes, labels) -> np.ndarray:
+def cached_logits(prior, codes, labels, previous=None, positions=None) -> np.ndarray:
     """Logits `[n, h, w, K]` of `codes` from the cached steps, as the fast sampler runs them."""
     _, height, width = codes.shape
-    steps = PixelCNNSteps(prior, labels, width)
+    steps = PixelCNNSteps(prior, labels, width, previous, positions)
     state = steps.start()
     rows = []
     for r in range(height):
@@ -36,13 +36,18 @@ def test_the_steps_compute_the_model_logits_at_every_position(name):
     rng = np.random.default_rng(0)
     codes = tf.constant(rng.integers(0, prior.num_embeddings, (3, 4, 5)), tf.int32)
     labels = tf.constant([0, 1, -1], tf.int32)
-    expected = prior(codes, labels, training=False).numpy()
+    context = ()
+    if prior.has_slice_context:  # a previous slice (map 2: none) and positions (map 1: unknown)
+        previous = rng.integers(0, prior.num_embeddings, (3, 4, 5))
+        previous[2] = -1
+        context = (tf.constant(previous, tf.int32), tf.constant([1, -1, 3], tf.int32))
+    expected = prior(codes, labels, *context, training=False).numpy()
     scale = np.abs(expected).max()
-    cached = cached_logits(prior, codes, labels)
+    cached = cached_logits(prior, codes, labels, *context)
     # Other operation shapes round differently: equal to float rounding, not bit for bit.
     np.testing.assert_allclose(cached, expected, rtol=0, atol=1e-5 * scale)
     position_logits = tf.function(
-        lambda row, col: PixelCNNSteps(prior, labels, 5).position_logits(codes, row, col),
+        lambda row, col: PixelCNNSteps(prior, labels, 5, *context).position_logits(codes, row, col),
         autograph=False,
     )
     from_scratch = np.stack(

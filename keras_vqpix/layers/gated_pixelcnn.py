@@ -46,6 +46,11 @@ class GatedBlock(layers.Layer):
     - **Gates**: `tanh(W_f * x + V_f h) * sigmoid(W_g * x + V_g h)` on both stacks, where `h`
       is a learnt embedding of the class label (`num_labels` rows), added inside every gate.
     - **Skip**: a 1x1 convolution of the horizontal gate output, summed over blocks by the model.
+    - **Spatial condition** (`spatial_condition=True`): a map `s [B, H, W, F]` that does not
+      depend on this map's codes (the conditional PixelCNN's `V * s` of section 2.3 with a
+      spatial `s`; here the context of the previous slice of a stack, `PixelCNN`) enters both
+      gates through 1x1 convolutions: `s` at `(i, j)` is added at `(i, j)`. It carries no code of
+      the map being drawn, so the masks keep the model causal.
 
     Shapes: `vertical [B, H, W, C]`, `horizontal [B, H, W, C]`, `labels [B]` int in
     `[0, num_labels)` -> `(vertical [B, H, W, p], horizontal [B, H, W, p], skip [B, H, W, p])`;
@@ -58,6 +63,7 @@ class GatedBlock(layers.Layer):
         num_labels: int, rows of the label embeddings; 0 for an unconditional block (labels
             are then ignored).
         dilation: int >= 1, dilation of the vertical stack (rows and columns).
+        spatial_condition: bool, take a spatial condition map `condition [B, H, W, F]`.
 
     Example:
     >>> block = GatedBlock(16, 3, "A", num_labels=3)
@@ -73,6 +79,7 @@ class GatedBlock(layers.Layer):
         mask_type: str = "B",
         num_labels: int = 0,
         dilation: int = 1,
+        spatial_condition: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -97,6 +104,7 @@ class GatedBlock(layers.Layer):
         self.mask_type = mask_type
         self.num_labels = int(num_labels)
         self.dilation = int(dilation)
+        self.spatial_condition = bool(spatial_condition)
         policy = self.dtype_policy
         k, p = self.kernel_size, self.filters
         self.vertical_conv = layers.Conv2D(
@@ -118,7 +126,15 @@ class GatedBlock(layers.Layer):
                 self.num_labels, 2 * p, name="horizontal_label", dtype=policy
             )
 
-    def build(self, vertical_shape, horizontal_shape, labels_shape=None):
+        if self.spatial_condition:
+            self.vertical_condition = layers.Conv2D(
+                2 * p, 1, name="vertical_condition", dtype=policy
+            )
+            self.horizontal_condition = layers.Conv2D(
+                2 * p, 1, name="horizontal_condition", dtype=policy
+            )
+
+    def build(self, vertical_shape, horizontal_shape, labels_shape=None, condition_shape=None):
         if self.mask_type == "B" and horizontal_shape[-1] != self.filters:
             raise ValueError(
                 f"A mask 'B' block adds a residual: the horizontal input needs {self.filters} channels. "
@@ -140,24 +156,34 @@ class GatedBlock(layers.Layer):
         if self.num_labels:
             self.vertical_label.build((batch,))
             self.horizontal_label.build((batch,))
+        if self.spatial_condition:
+            if condition_shape is None:
+                raise ValueError("A block with spatial_condition=True needs a condition_shape")
+            self.vertical_condition.build(condition_shape)
+            self.horizontal_condition.build(condition_shape)
 
     @property
     def vertical_reach(self) -> int:
         """How far the vertical stack reads: `dilation * (k // 2)` rows above, columns each side."""
         return self.dilation * (self.kernel_size // 2)
 
-    def call(self, vertical, horizontal, labels=None):
+    def call(self, vertical, horizontal, labels=None, condition=None):
         reach = self.vertical_reach
         padded = ops.pad(vertical, [[0, 0], [reach, 0], [reach, reach], [0, 0]])
         vertical_pre = self.vertical_conv(padded)
         conditioned = self.num_labels and labels is not None
         if conditioned:
             vertical_pre = vertical_pre + self.vertical_label(labels)[:, None, None, :]
+        spatial = self.spatial_condition and condition is not None
+        if spatial:
+            vertical_pre = vertical_pre + self.vertical_condition(condition)
         horizontal_pre = self.horizontal_conv(horizontal) + self.vertical_to_horizontal(
             down_shift(vertical_pre)
         )
         if conditioned:
             horizontal_pre = horizontal_pre + self.horizontal_label(labels)[:, None, None, :]
+        if spatial:
+            horizontal_pre = horizontal_pre + self.horizontal_condition(condition)
         vertical_out = gate(vertical_pre)
         horizontal_gated = gate(horizontal_pre)
         horizontal_out = self.horizontal_output(horizontal_gated)
@@ -165,7 +191,9 @@ class GatedBlock(layers.Layer):
             horizontal_out = horizontal + horizontal_out
         return vertical_out, horizontal_out, self.skip(horizontal_gated)
 
-    def compute_output_shape(self, vertical_shape, horizontal_shape, labels_shape=None):
+    def compute_output_shape(
+        self, vertical_shape, horizontal_shape, labels_shape=None, condition_shape=None
+    ):
         shape = (*vertical_shape[:3], self.filters)
         return shape, shape, shape
 
@@ -177,4 +205,5 @@ class GatedBlock(layers.Layer):
             "mask_type": self.mask_type,
             "num_labels": self.num_labels,
             "dilation": self.dilation,
+            "spatial_condition": self.spatial_condition,
         }

@@ -11,6 +11,7 @@ from keras import layers, ops
 
 from keras_vqpix.config import PriorConfig
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
+from keras_vqpix.layers.slice_context import SliceContext
 from keras_vqpix.models.distributed import DistributedFitMixin
 from keras_vqpix.replicas import all_reduce_sum, global_mean, global_rows, sync_context
 
@@ -55,6 +56,16 @@ class PixelCNN(DistributedFitMixin, keras.Model):
     also learns `p(codes)` (as in classifier-free guidance). An unconditional prior
     (`conditional=False`) has no label embeddings and ignores labels.
 
+    Slice context (issue 18, synthetic patients): with `previous_slice`, the prior also reads
+    the code map of the previous slice of the same stack (`previous [B, h, w]`, -1: none), and
+    with `slice_positions` P > 0 the slice's position bin in its stack (`positions [B]`,
+    `0 .. P - 1`, -1: unknown); a `SliceContext` turns them into a spatial condition of every
+    gate. `p(stack) = p(slice_0 | position_0) prod_z p(slice_z | slice_(z-1), position_z)`:
+    a patient is drawn slice after slice. Training pairs each map with its patient's previous
+    slice, replaced by "none" with probability `previous_dropout` (so the same prior draws
+    first slices and single slices), and the position by "unknown" with probability
+    `label_dropout`. The context reads no code of the map being drawn: causality is unchanged.
+
     Loss: sparse categorical cross-entropy of the codes under the logits (nats per code);
     metrics `loss` and `bits_per_code` (= loss / ln 2), both per code position.
 
@@ -75,6 +86,9 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         position_embedding: bool, learn an embedding per code position (needs `code_shape`;
             the prior then takes `code_shape` maps only).
         seed: int or None, seed of label dropout and dropout.
+        previous_slice: bool, condition on the previous slice's code map.
+        slice_positions: int >= 0, position bins of a slice in its stack; 0: none.
+        previous_dropout: float in [0, 1), training probability of "no previous slice".
 
     Defaults are those of `keras_vqpix.config.PriorConfig` (the one place they are written), but
     `position_embedding`: False here, as it needs a `code_shape`. `PixelCNN.from_run_config`
@@ -103,6 +117,10 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         # Not the config's default (4): a prior saved before dilation existed has no
         # dilation_cycle in its config and must load undilated.
         dilation_cycle: int = 1,
+        # Likewise: a prior saved before slice context existed has none.
+        previous_slice: bool = False,
+        slice_positions: int = 0,
+        previous_dropout: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -125,6 +143,14 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             (
                 dilation_cycle >= 1,
                 f"dilation_cycle must be >= 1. Received: dilation_cycle={dilation_cycle}",
+            ),
+            (
+                slice_positions >= 0,
+                f"slice_positions must be >= 0. Received: slice_positions={slice_positions}",
+            ),
+            (
+                0.0 <= previous_dropout < 1.0,
+                f"previous_dropout must be in [0, 1). Received: previous_dropout={previous_dropout}",
             ),
         )
         for ok, message in checks:
@@ -151,7 +177,22 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         self.dilation_cycle = int(dilation_cycle)
         self.code_shape = code_shape
         self.seed = seed
+        self.previous_slice = bool(previous_slice)
+        self.slice_positions = int(slice_positions)
+        self.previous_dropout = float(previous_dropout)
         policy = self.dtype_policy
+        self.slice_context = (
+            SliceContext(
+                num_embeddings,
+                filters,
+                previous_slice=self.previous_slice,
+                num_positions=self.slice_positions,
+                name="slice_context",
+                dtype=policy,
+            )
+            if self.has_slice_context
+            else None
+        )
         num_labels = self.num_classes + 1 if self.conditional else 0
         self.code_embedding = layers.Embedding(
             num_embeddings, embedding_dim, name="code_embedding", dtype=policy
@@ -163,6 +204,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
                 "A" if i == 0 else "B",
                 num_labels,
                 dilation=2 ** (i % self.dilation_cycle),
+                spatial_condition=self.has_slice_context,
                 name=f"gated_{i}",
                 dtype=policy,
             )
@@ -173,6 +215,10 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         # Logits stay float32 under mixed precision: the loss and the sampler read them.
         self.head_logits = layers.Conv2D(num_embeddings, 1, name="head_logits", dtype="float32")
         self.label_seed = keras.random.SeedGenerator(seed, name="label_dropout_seed")
+        if self.has_slice_context:
+            self.context_seed = keras.random.SeedGenerator(
+                None if seed is None else seed + 1, name="context_dropout_seed"
+            )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.bits_tracker = keras.metrics.Mean(name="bits_per_code")
 
@@ -190,6 +236,11 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         )
 
     @property
+    def has_slice_context(self) -> bool:
+        """Whether the prior reads a slice context (the previous slice or a position)."""
+        return self.previous_slice or self.slice_positions > 0
+
+    @property
     def receptive_rows(self) -> int:
         """Rows above a position whose codes its logits can read (as many columns each side)."""
         return 1 + sum(block.vertical_reach for block in self.blocks)
@@ -204,8 +255,12 @@ class PixelCNN(DistributedFitMixin, keras.Model):
                 name="position_embedding",
             )
         features = (*codes_shape[:3], self.embedding_dim)
+        condition = None
+        if self.has_slice_context:
+            self.slice_context.build(tuple(codes_shape[:3]), (batch,))
+            condition = (*codes_shape[:3], self.filters)
         for block in self.blocks:
-            block.build(features, features, (batch,) if self.conditional else None)
+            block.build(features, features, (batch,) if self.conditional else None, condition)
             features = (*codes_shape[:3], self.filters)
         self.head_hidden.build(features)
         self.head_logits.build(features)
@@ -218,9 +273,35 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
         return ops.where(labels < 0, self.num_classes, labels)
 
-    def call(self, codes, labels=None, training=False):
-        """`codes [B, h, w]` int, `labels [B]` int (-1: unconditional) -> `logits [B, h, w, K]`."""
-        return self.logits_from_embeddings(self.embed(codes), labels, training)
+    def call(self, codes, labels=None, previous=None, positions=None, training=False):
+        """`codes [B, h, w]` int, `labels [B]` int (-1: unconditional) -> `logits [B, h, w, K]`.
+
+        With a slice context: `previous [B, h, w]` the previous slice's codes (-1 or None:
+        none) and `positions [B]` the slice's position bins (-1 or None: unknown).
+        """
+        condition = self.context(codes, previous, positions)
+        return self.logits_from_embeddings(self.embed(codes), labels, training, condition)
+
+    def context_inputs(self, codes, previous=None, positions=None):
+        """`(previous [B, h, w], positions [B])` int32, with -1 for what is not given."""
+        shape = ops.shape(codes)
+        previous = (
+            ops.full(shape[:3], -1, dtype="int32")
+            if previous is None
+            else ops.cast(previous, "int32")
+        )
+        positions = (
+            ops.full(shape[:1], -1, dtype="int32")
+            if positions is None
+            else ops.reshape(ops.cast(positions, "int32"), (-1,))
+        )
+        return previous, positions
+
+    def context(self, codes, previous=None, positions=None):
+        """The spatial condition `[B, h, w, filters]` of the slice context, or None without one."""
+        if not self.has_slice_context:
+            return None
+        return self.slice_context(*self.context_inputs(codes, previous, positions))
 
     def embed(self, codes, row=None, col=None):
         """The first block's input: the code embedding, plus the position embedding if any.
@@ -236,8 +317,10 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             positions = positions[row] if col is None else positions[row, col]
         return embedded + ops.cast(positions, embedded.dtype)
 
-    def logits_from_embeddings(self, embedded, labels=None, training=False):
+    def logits_from_embeddings(self, embedded, labels=None, training=False, condition=None):
         """The network after the code embedding: `[B, h, w, E]` -> `logits [B, h, w, K]`.
+
+        `condition`: the slice context's map (`context`), or None.
 
         Public so that tests can differentiate the logits with respect to the embedded codes.
         """
@@ -247,7 +330,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         vertical = horizontal = embedded
         skips = None
         for block in self.blocks:
-            vertical, horizontal, skip = block(vertical, horizontal, label_rows)
+            vertical, horizontal, skip = block(vertical, horizontal, label_rows, condition)
             skips = skip if skips is None else skips + skip
         # The head reads the skip sum and the last horizontal stack (so every weight is used).
         hidden = ops.relu(self.head_hidden(ops.relu(skips + horizontal)))
@@ -271,12 +354,10 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         )
 
     def _unpack(self, data):
-        if isinstance(data, (tuple, list)):
-            codes = data[0]
-            labels = data[1] if len(data) > 1 else None
-        else:
-            codes, labels = data, None
-        return codes, labels
+        """`(codes, labels, previous, positions)` of a batch `codes`, `(codes, labels)` or
+        `(codes, labels, previous, positions)`; None for what the batch lacks."""
+        data = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+        return data + (None,) * (4 - len(data))
 
     def _update_metrics(self, loss):
         # The global batch's loss on every replica (the shares' sum), counted once per replica.
@@ -288,37 +369,53 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         )
 
     def train_step(self, data):
-        codes, labels = self._unpack(data)
+        codes, labels, previous, positions = self._unpack(data)
         if self.conditional and labels is not None and self.label_dropout > 0:
             labels = ops.cast(labels, "int32")
             labels = ops.where(
                 self._label_draws(ops.shape(labels)[0]) < self.label_dropout, -1, labels
             )
+        if self.has_slice_context:
+            previous, positions = self._drop_context(codes, previous, positions)
         with tf.GradientTape() as tape:
             # This replica's share of the global batch's loss: the replicas' gradients, which
             # the optimizer sums, add up to the global batch's. A loss-scale optimizer (float16)
             # scales it further.
-            loss = self.code_loss(codes, self(codes, labels, training=True))
+            logits = self(codes, labels, previous, positions, training=True)
+            loss = self.code_loss(codes, logits)
             scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=True))
         return self._update_metrics(loss)
 
-    def _label_draws(self, num_rows):
-        """Uniform draws deciding label dropout, one per map of this replica's slice.
+    def _drop_context(self, codes, previous, positions):
+        """The training context: "no previous slice" with probability `previous_dropout` and
+        "unknown position" with probability `label_dropout`, per map."""
+        previous, positions = self.context_inputs(codes, previous, positions)
+        draws = self._label_draws(ops.shape(codes)[0], self.context_seed, columns=2)
+        previous = ops.where(draws[:, 0, None, None] < self.previous_dropout, -1, previous)
+        positions = ops.where(draws[:, 1] < self.label_dropout, -1, positions)
+        return previous, positions
+
+    def _label_draws(self, num_rows, seed=None, columns=None):
+        """Uniform draws deciding label (or context) dropout, one per map of this replica's slice
+        (`[num_rows]`, or `[num_rows, columns]`).
 
         Drawn for the whole global batch and sliced, so that under `tf.distribute` every map
         gets the draw it would get on a single device.
         """
         offset, total = global_rows(num_rows)
-        draws = keras.random.uniform((total,), seed=self.label_seed)
+        shape = (total,) if columns is None else (total, columns)
+        draws = keras.random.uniform(shape, seed=self.label_seed if seed is None else seed)
         if sync_context() is None:
             return draws
-        return tf.slice(draws, [offset], [num_rows])
+        begin = [offset] if columns is None else [offset, 0]
+        return tf.slice(draws, begin, [num_rows] if columns is None else [num_rows, columns])
 
     def test_step(self, data):
-        codes, labels = self._unpack(data)
-        return self._update_metrics(self.code_loss(codes, self(codes, labels, training=False)))
+        codes, labels, previous, positions = self._unpack(data)
+        logits = self(codes, labels, previous, positions, training=False)
+        return self._update_metrics(self.code_loss(codes, logits))
 
     def get_config(self):
         return {
@@ -336,6 +433,9 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             "seed": self.seed,
             "position_embedding": self.position_embedding,
             "dilation_cycle": self.dilation_cycle,
+            "previous_slice": self.previous_slice,
+            "slice_positions": self.slice_positions,
+            "previous_dropout": self.previous_dropout,
         }
 
 
@@ -345,7 +445,13 @@ def max_bits_per_code(num_embeddings: int) -> float:
 
 
 def bits_per_code(
-    prior, codes: np.ndarray, labels: np.ndarray | None, batch_size: int = 64
+    prior,
+    codes: np.ndarray,
+    labels: np.ndarray | None,
+    batch_size: int = 64,
+    *,
+    previous: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
 ) -> float:
     """Mean cross-entropy of `codes [N, h, w]` under `prior`, in bits per code.
 
@@ -355,25 +461,47 @@ def bits_per_code(
         labels: `[N]` int, one per map; None: every map unconditional (label -1).
         batch_size: maps per forward pass (the batches are taken in order, so the figure is
             the same however it is called).
+        previous, positions: a slice-context prior's context (`PixelCNN.call`): the previous
+            slice's codes `[N, h, w]` (-1: none) and position bins `[N]` (-1: unknown); None:
+            none and unknown. Ignored by a prior without a slice context.
     """
     codes = np.asarray(codes, np.int32)
     labels = np.full(len(codes), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+    previous = (
+        np.full(codes.shape, -1, np.int32) if previous is None else np.asarray(previous, np.int32)
+    )
+    positions = (
+        np.full(len(codes), -1, np.int32) if positions is None else np.asarray(positions, np.int32)
+    )
+    with_context = getattr(prior, "has_slice_context", False)
 
     # One trace for every batch (the last one is smaller), the shape fixed by the signature.
     @tf.function(
         input_signature=[
             tf.TensorSpec((None, *codes.shape[1:]), tf.int32),
             tf.TensorSpec((None,), tf.int32),
+            tf.TensorSpec((None, *codes.shape[1:]), tf.int32),
+            tf.TensorSpec((None,), tf.int32),
         ]
     )
-    def batch_nats(batch_codes, batch_labels):
-        logits = prior(batch_codes, batch_labels, training=False)
+    def batch_nats(batch_codes, batch_labels, batch_previous, batch_positions):
+        if with_context:
+            logits = prior(batch_codes, batch_labels, batch_previous, batch_positions)
+        else:
+            logits = prior(batch_codes, batch_labels, training=False)
         return tf.reduce_sum(
             keras.losses.sparse_categorical_crossentropy(batch_codes, logits, from_logits=True)
         )
 
     total = 0.0
     for start in range(0, len(codes), batch_size):
-        stop = start + batch_size
-        total += float(batch_nats(tf.constant(codes[start:stop]), tf.constant(labels[start:stop])))
+        batch = slice(start, start + batch_size)
+        total += float(
+            batch_nats(
+                tf.constant(codes[batch]),
+                tf.constant(labels[batch]),
+                tf.constant(previous[batch]),
+                tf.constant(positions[batch]),
+            )
+        )
     return total / (codes.size * LN2)

@@ -48,17 +48,28 @@ class PixelCNNSteps:
     of 32 filters, k = 3) keeps per map 10 x 1 x 34 x 32 vertical and 10 x 32 horizontal
     values, and a column step multiplies `[n, 96]` by `[96, 64]` per block.
 
+    Slice context (a `PixelCNN` with `has_slice_context`): `start` computes the context of
+    every row from the previous slice's codes and the position, row by row as the samplers of
+    a stack will (`SliceContext.row`), and the state carries it `[n, h + 1, w, F]` (a zero row
+    below the last); `finish_row` adds row r's to the vertical gates and row r + 1's to the
+    next row's horizontal terms, as `GatedBlock.call` adds them. Sums of three terms are one
+    reduction (see Exactness).
+
     Build it inside the `tf.function` that samples (it reads the weights once per call).
 
     Args:
         prior: a built `PixelCNN`.
         labels: `[n]` int32 labels (-1: unconditional); ignored by an unconditional prior.
         width: int, code map width w.
+        previous: `[n, h, w]` int32, the previous slice's codes (-1: none), or None (none);
+            ignored by a prior without slice context.
+        positions: `[n]` int32 position bins (-1: unknown), or None (unknown).
     """
 
-    def __init__(self, prior, labels, width: int):
+    def __init__(self, prior, labels, width: int, previous=None, positions=None):
         self.prior = prior
         self.width = int(width)
+        self.previous, self.positions = previous, positions
         self.half = prior.kernel_size // 2
         self.num_maps = tf.shape(labels)[0]
         label_rows = prior.label_indices(labels, self.num_maps) if prior.conditional else None
@@ -99,10 +110,49 @@ class PixelCNNSteps:
             ops.cast(prior.head_logits.bias, "float32"),
         )
 
+    # -- Slice context --------------------------------------------------------------------------------
+    def context_rows(self):
+        """The slice context `[n, h + 1, w, F]` of every row (and a zero row below), row by row."""
+        context_layer = self.prior.slice_context
+        height = self.prior.code_shape[0]
+        shape = (self.num_maps, height, self.width)
+        blank = tf.zeros(shape, tf.int32)
+        previous, positions = self.prior.context_inputs(blank, self.previous, self.positions)
+        previous = tf.ensure_shape(
+            tf.broadcast_to(previous, tf.stack(shape)), [None, height, self.width]
+        )
+        dtype = context_layer.compute_dtype
+
+        def body(row, cache, rows):
+            context, cache = context_layer.row(cache, previous[:, row], positions)
+            return row + 1, cache, rows.write(row, context)
+
+        _, _, rows = tf.while_loop(
+            lambda row, *_: row < height,
+            body,
+            (
+                tf.constant(0),
+                context_layer.start_rows(self.num_maps, self.width, dtype),
+                tf.TensorArray(dtype, height),
+            ),
+        )
+        zero = tf.zeros((1, self.num_maps, self.width, context_layer.filters), dtype)
+        return tf.transpose(tf.concat([rows.stack(), zero], 0), (1, 0, 2, 3))
+
+    @staticmethod
+    def _sum(*terms):
+        """`terms` added as one reduction when there are more than two (see Exactness)."""
+        terms = [t for t in terms if t is not None]
+        if len(terms) <= 2:
+            return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        shape = tf.shape(terms[0])
+        return tf.reduce_sum(tf.stack([tf.broadcast_to(t, shape) for t in terms]), axis=0)
+
     # -- Vertical stack: once per row --------------------------------------------------------------
     def start(self):
-        """The state before row 0: zero rows above the map."""
+        """The state before row 0: zero rows above the map (and the slice context, if any)."""
         n = self.num_maps
+        context = self.context_rows() if self.prior.has_slice_context else None
         rows = []
         for i, block in enumerate(self.prior.blocks):
             channels = self.prior.embedding_dim if i == 0 else block.filters
@@ -113,29 +163,49 @@ class PixelCNNSteps:
         # Row 0's horizontal stack reads the shifted-in zero row through vertical_to_horizontal.
         zero_row = tf.zeros((n, 1, self.width, 2 * filters), self.prior.blocks[0].compute_dtype)
         terms = [
-            block.vertical_to_horizontal(zero_row)[:, 0] + bias[:, None, :]
+            self._sum(
+                block.vertical_to_horizontal(zero_row)[:, 0],
+                bias[:, None, :],
+                None if context is None else block.horizontal_condition(context[:, :1])[:, 0],
+            )
             for block, bias in zip(self.prior.blocks, self.horizontal_bias, strict=True)
         ]
-        return tuple(rows), self._by_column(terms)
+        if context is None:
+            return tuple(rows), self._by_column(terms)
+        return tuple(rows), self._by_column(terms), context
 
     def finish_row(self, state, codes_row, row):
         """The state after row `row`, `codes_row [n, w]`, was drawn: its vertical stack, for the next row."""
-        rows, _ = state
+        rows, context = state[0], (state[2] if len(state) > 2 else None)
         x = self.prior.embed(codes_row, row)  # [n, w, E]
         new_rows, terms = [], []
+        here = below = None
+        if context is not None:
+            here = tf.gather(context, [row], axis=1)  # [n, 1, w, F]
+            below = tf.gather(context, [row + 1], axis=1)
         for block, above, label, bias in zip(
             self.prior.blocks, rows, self.vertical_labels, self.horizontal_bias, strict=True
         ):
             reach = block.vertical_reach
             current = ops.pad(x, [[0, 0], [reach, reach], [0, 0]])[:, None]
             window = ops.concatenate([above, ops.cast(current, above.dtype)], axis=1)
-            vertical_pre = block.vertical_conv(window)  # [n, 1, w, 2p]
-            if label is not None:
-                vertical_pre = vertical_pre + label
-            terms.append(block.vertical_to_horizontal(vertical_pre)[:, 0] + bias[:, None, :])
+            vertical_pre = self._sum(
+                block.vertical_conv(window),  # [n, 1, w, 2p]
+                label,
+                None if here is None else block.vertical_condition(here),
+            )
+            terms.append(
+                self._sum(
+                    block.vertical_to_horizontal(vertical_pre)[:, 0],
+                    bias[:, None, :],
+                    None if below is None else block.horizontal_condition(below)[:, 0],
+                )
+            )
             new_rows.append(window[:, 1:])
             x = gate(vertical_pre)[:, 0]
-        return tuple(new_rows), self._by_column(terms)
+        if context is None:
+            return tuple(new_rows), self._by_column(terms)
+        return tuple(new_rows), self._by_column(terms), context
 
     @staticmethod
     def _by_column(terms):
@@ -158,7 +228,7 @@ class PixelCNNSteps:
         The first block's inputs in the returned row state still lack the code at `col`:
         `push_code` adds it once drawn.
         """
-        _, horizontal_terms = state
+        horizontal_terms = state[1]
         terms = tf.unstack(tf.gather(horizontal_terms, col), num=len(self.prior.blocks))
         new_row_state = [row_state[0]]
         x, skips = None, []

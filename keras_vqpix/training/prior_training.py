@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras_vqpix.codes import cached_codes
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import DataSplits
+from keras_vqpix.data.stacks import stack_context
 from keras_vqpix.data.pipeline import batch_by_plan, shard_by_batch, steps_per_epoch
 from keras_vqpix.io import atomic_write_text
 from keras_vqpix.models.pixelcnn import PixelCNN, bits_per_code, max_bits_per_code
@@ -45,8 +46,14 @@ def code_dataset(
     seed: int = 0,
     first_epoch: int = 0,
     min_batch: int = 1,
+    context: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tf.data.Dataset:
-    """Batches of `(codes [B, h, w] int32, labels [B] int32)`.
+    """Batches of `(codes [B, h, w] int32, labels [B] int32)`, with a `context` also
+    `previous [B, h, w]` and `positions [B]` (a slice-context prior's inputs).
+
+    `context`: `(previous, positions)` of `keras_vqpix.data.stacks.stack_context`, the index of
+    each map's previous slice (-1: none) and its position bin; the batches then carry the
+    previous slice's code map itself (-1 everywhere for none).
 
     Without `shuffle`: one pass in order. With `shuffle`: endless epochs `first_epoch, ...`,
     each in the order of a stateless shuffle seeded by `(seed, epoch)`, batched on its own,
@@ -58,9 +65,28 @@ def code_dataset(
     codes = tf.constant(np.asarray(codes, np.int32))
     labels = tf.constant(np.asarray(labels, np.int32))
     count = int(codes.shape[0])
+    if context is None:
+
+        def gather(index):
+            return tf.gather(codes, index), tf.gather(labels, index)
+
+    else:
+        previous_index = tf.constant(np.asarray(context[0], np.int32))
+        positions = tf.constant(np.asarray(context[1], np.int32))
+
+        def gather(index):
+            before = tf.gather(previous_index, index)
+            previous = tf.where(
+                (before >= 0)[:, None, None], tf.gather(codes, tf.maximum(before, 0)), -1
+            )
+            return tf.gather(codes, index), tf.gather(labels, index), previous, tf.gather(
+                positions, index
+            )
+
     if not shuffle:
-        maps = tf.data.Dataset.from_tensor_slices((codes, labels))
-        return shard_by_batch(batch_by_plan(maps, count, batch_size, min_batch).prefetch(2))
+        indices = tf.data.Dataset.range(count).map(lambda i: tf.cast(i, tf.int32))
+        maps = batch_by_plan(indices, count, batch_size, min_batch).map(gather)
+        return shard_by_batch(maps.prefetch(2))
 
     def one_epoch(epoch):
         order = tf.random.experimental.stateless_shuffle(
@@ -69,7 +95,7 @@ def code_dataset(
         indices = batch_by_plan(
             tf.data.Dataset.from_tensor_slices(order), count, batch_size, min_batch
         )
-        return indices.map(lambda index: (tf.gather(codes, index), tf.gather(labels, index)))
+        return indices.map(gather)
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
     return shard_by_batch(epochs.flat_map(one_epoch).prefetch(2))
@@ -146,6 +172,13 @@ def train_prior(
         name: cached_codes(paths, name, vqvae, vqvae_fingerprint, getattr(splits, name), config)
         for name in ("train", "validation", "test")
     }
+    # A slice-context prior learns each map with its patient's previous slice and position.
+    contexts = {
+        name: stack_context(getattr(splits, name), config.prior.slice_positions)
+        if config.prior.slice_context
+        else None
+        for name in codes
+    }
     _discard_stale_prior(paths, vqvae_fingerprint, log)
 
     with cluster.strategy.scope():
@@ -175,8 +208,12 @@ def train_prior(
             seed=config.seed,
             first_epoch=first_epoch,
             min_batch=replicas,
+            context=contexts["train"],
         )
-        return train_data, code_dataset(*codes["validation"], batch_size, min_batch=replicas)
+        validation_data = code_dataset(
+            *codes["validation"], batch_size, min_batch=replicas, context=contexts["validation"]
+        )
+        return train_data, validation_data
 
     # The label-dropout random state is in the checkpoint, so a resumed run draws what an
     # uninterrupted one would. Under mixed precision the saved prior is a float32 twin.
@@ -199,7 +236,7 @@ def train_prior(
         return {**read_json(paths.prior_meta), **last}
     best_prior, meta = load_prior(paths.root, vqvae_meta)
     test_codes, test_labels = codes["test"]
-    meta["test_bits_per_code"] = bits_per_code(best_prior, test_codes, test_labels, batch_size)
+    meta.update(test_bits(best_prior, test_codes, test_labels, contexts["test"], batch_size))
     if best_prior.conditional:
         meta["test_bits_per_code_unconditional"] = bits_per_code(
             best_prior, test_codes, None, batch_size
@@ -211,6 +248,33 @@ def train_prior(
     )
     plot_prior(paths, splits, config, vqvae, best_prior, meta, samples=samples)
     return {**meta, **last}
+
+
+def test_bits(
+    prior, codes: np.ndarray, labels: np.ndarray, context, batch_size: int = 64
+) -> dict[str, float]:
+    """`test_bits_per_code` of the maps; for a slice-context prior also `_single_slice`.
+
+    `test_bits_per_code` is the prior's likelihood of the data as the stacks they are: each
+    slice given its patient's previous slice and its position (`context`,
+    `keras_vqpix.data.stacks.stack_context`). `test_bits_per_code_single_slice` scores each
+    slice on its own (no previous slice, its position known): comparable with a prior without
+    slice context, which draws every slice on its own.
+    """
+    if context is None:
+        return {"test_bits_per_code": bits_per_code(prior, codes, labels, batch_size)}
+    previous_index, positions = context
+    previous = np.where(
+        (previous_index >= 0)[:, None, None], codes[np.maximum(previous_index, 0)], -1
+    )
+    return {
+        "test_bits_per_code": bits_per_code(
+            prior, codes, labels, batch_size, previous=previous, positions=positions
+        ),
+        "test_bits_per_code_single_slice": bits_per_code(
+            prior, codes, labels, batch_size, positions=positions
+        ),
+    }
 
 
 def plot_prior(
