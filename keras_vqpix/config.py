@@ -297,9 +297,7 @@ class PriorConfig:
 # Fields added after 0.1.0, with the value that a run written before them was trained with: a
 # `config.json` without them reads as that run's config (resuming it keeps its prior undilated;
 # the new default then differs from it and is refused as another config, not silently mixed).
-ADDED_FIELDS = {
-    "prior": {"dilation_cycle": 1, "previous_slice": False, "slice_positions": 0}
-}
+ADDED_FIELDS = {"prior": {"dilation_cycle": 1, "previous_slice": False, "slice_positions": 0}}
 
 
 @dataclass(frozen=True)

@@ -236,7 +236,9 @@ def resolve_context(prior, num_samples: int, previous=None, positions=None, code
     reads_previous = getattr(prior, "previous_slice", False)
     bins = getattr(prior, "slice_positions", 0)
     if np.any(previous != -1) and not reads_previous:
-        raise ValueError("previous: this prior does not read a previous slice (previous_slice=False)")
+        raise ValueError(
+            "previous: this prior does not read a previous slice (previous_slice=False)"
+        )
     if np.any((previous < -1) | (previous >= prior.num_embeddings)):
         raise ValueError(f"previous codes must be in -1 .. {prior.num_embeddings - 1}")
     if np.any(positions != -1) and not bins:

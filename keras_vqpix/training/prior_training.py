@@ -18,8 +18,8 @@ import tensorflow as tf
 from keras_vqpix.codes import cached_codes
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import DataSplits
-from keras_vqpix.data.stacks import stack_context
 from keras_vqpix.data.pipeline import batch_by_plan, shard_by_batch, steps_per_epoch
+from keras_vqpix.data.stacks import stack_context
 from keras_vqpix.io import atomic_write_text
 from keras_vqpix.models.pixelcnn import PixelCNN, bits_per_code, max_bits_per_code
 from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae, read_json, write_json
@@ -79,8 +79,11 @@ def code_dataset(
             previous = tf.where(
                 (before >= 0)[:, None, None], tf.gather(codes, tf.maximum(before, 0)), -1
             )
-            return tf.gather(codes, index), tf.gather(labels, index), previous, tf.gather(
-                positions, index
+            return (
+                tf.gather(codes, index),
+                tf.gather(labels, index),
+                previous,
+                tf.gather(positions, index),
             )
 
     if not shuffle:
