@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keras_vqpix.config import SERVING_MAX_SAMPLES
+from keras_vqpix.config import SERVING_MAX_SAMPLES, SERVING_MAX_SLICES
 
 from .common import user_errors
 
@@ -45,7 +45,16 @@ from .common import user_errors
     help="The generator's cap on num_samples per request: more is refused before any work "
     "(the default: about 1-2 s of one CPU core with the default config).",
 )
-def export(run_dir, base, version, serving_base_path, max_samples) -> None:
+@click.option(
+    "--max-slices",
+    type=click.IntRange(min=1, max=2**31 - 1),
+    default=SERVING_MAX_SLICES,
+    show_default=True,
+    metavar="S",
+    help="The generator's cap on num_slices of sample_patient (one synthetic patient per "
+    "request, drawn slice after slice): more is refused before any work.",
+)
+def export(run_dir, base, version, serving_base_path, max_samples, max_slices) -> None:
     """Export the run RUN as SavedModels under --base, for TensorFlow Serving.
 
     Writes BASE/vqvae/<version>/ and, when the run has a prior, BASE/vqpix_generator/<version>/,
@@ -60,6 +69,7 @@ def export(run_dir, base, version, serving_base_path, max_samples) -> None:
             version=version,
             serving_base_path=serving_base_path,
             max_samples=max_samples,
+            max_slices=max_slices,
             on_note=click.echo,
         )
     for path in paths:

@@ -29,11 +29,19 @@ from .common import SizeType, user_errors
     help="Slices per class (NC and AD) sampled from the prior.",
 )
 @click.option(
+    "--slices-per-patient",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Slices of each synthetic patient: 1, each slice its own patient; S > 1, whole "
+    "patients of S consecutive slices drawn slice after slice (--per-class a multiple of S).",
+)
+@click.option(
     "--test-fraction",
     type=click.FloatRange(0.0, 1.0, max_open=True),
     default=0.2,
     show_default=True,
-    help="Share of each class written to test/.",
+    help="Share of each class's patients written to test/.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option(
@@ -65,6 +73,7 @@ def generate(
     run_dir,
     out_dir,
     per_class,
+    slices_per_patient,
     test_fraction,
     seed,
     temperature,
@@ -75,14 +84,21 @@ def generate(
     """Write a synthetic data set drawn from the run RUN into --out, in the ADNI layout.
 
     OUT/{train,test}/{AD,NC}/<patient>_<slice>.jpeg (8-bit grayscale, each sampled slice its
-    own patient syn<seed>-<class>-<n>), manifest.csv and generator.json; `vqpix train --data
+    own patient syn<seed>-<class>-<n>, or with --slices-per-patient S whole patients of S
+    consecutive slices), manifest.csv and generator.json; `vqpix train --data
     OUT` and `vqpix compare OUT --real DATA` read it unchanged. With --reconstruct DATA: the
     VQ-VAE round trip of DATA instead (compare samples against it to judge the prior alone).
     """
     from keras_vqpix.synthetic import generate_dataset, reconstruct_dataset
 
     if reconstruct_data is not None:
-        sampling_only = ("per_class", "test_fraction", "seed", "temperature")
+        sampling_only = (
+            "per_class",
+            "slices_per_patient",
+            "test_fraction",
+            "seed",
+            "temperature",
+        )
         given = [
             name
             for name in sampling_only
@@ -98,6 +114,8 @@ def generate(
         words += ["--reconstruct", str(reconstruct_data)]
     else:
         words += ["--per-class", str(per_class), "--test-fraction", f"{test_fraction:g}"]
+        if slices_per_patient > 1:
+            words += ["--slices-per-patient", str(slices_per_patient)]
         words += ["--seed", str(seed), "--temperature", f"{temperature:g}"]
     if size is not None:
         words += ["--size", f"{size[0]}x{size[1]}"]
@@ -127,6 +145,7 @@ def generate(
                     run_dir,
                     out_dir,
                     per_class=per_class,
+                    slices_per_patient=slices_per_patient,
                     test_fraction=test_fraction,
                     seed=seed,
                     temperature=temperature,

@@ -46,11 +46,28 @@ from .common import user_errors
     required=True,
     help="Folder for the PNGs, the code maps (.npy) and the grid.",
 )
-def sample(run_dir, num, seed, label, temperature, out_dir) -> None:
-    """Sample NUM brain slices from the run RUN into --out.
+@click.option(
+    "--patient",
+    is_flag=True,
+    help="Draw NUM whole synthetic patients (stacks of --slices consecutive slices, each "
+    "slice drawn given the previous one), each written as a strip; needs a prior that reads "
+    "the previous slice (the default config).",
+)
+@click.option(
+    "--slices",
+    type=click.IntRange(min=1, max=512),
+    default=20,
+    show_default=True,
+    help="Slices of each patient with --patient.",
+)
+@click.pass_context
+def sample(ctx, run_dir, num, seed, label, temperature, out_dir, patient, slices) -> None:
+    """Sample NUM brain slices (or with --patient NUM whole patients) from the run RUN into --out.
 
     The same seed, label and temperature give the same code maps (.npy) and images.
     """
+    if not patient and ctx.get_parameter_source("slices") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--slices applies to --patient only")
     from keras_vqpix.sampling import UNCONDITIONAL, sample_run
 
     if label is not None and label.lower() == "none":
@@ -65,8 +82,9 @@ def sample(run_dir, num, seed, label, temperature, out_dir) -> None:
             label=label,
             temperature=temperature,
             on_row=progress.update,
+            slices_per_patient=slices if patient else None,
         )
-    click.echo(f"Wrote {written} samples to {out_dir}")
+    click.echo(f"Wrote {written} {'patients' if patient else 'samples'} to {out_dir}")
 
 
 class RowProgress:

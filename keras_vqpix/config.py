@@ -20,6 +20,10 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 # --max-samples`): what one CPU core serves in about 1-2 s with the default config
 # (benchmarks/RESULTS.md, "Serving"). Not part of a run: an export option.
 SERVING_MAX_SAMPLES = 16
+# The cap on `num_slices` of the exported generator's `sample_patient` (`vqpix export
+# --max-slices`): one patient per request, drawn slice after slice; 32 covers the 20-slice
+# ADNI and demo stacks.
+SERVING_MAX_SLICES = 32
 
 # Seeds, in one place. A sampling seed is an int32: the samplers' stateless seeds and the exported
 # generator's `seed` input are int32. A run's seed seeds its split, shuffles and initial weights

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from keras_vqpix.config import SERVING_MAX_SAMPLES
+from keras_vqpix.config import SERVING_MAX_SAMPLES, SERVING_MAX_SLICES
 from keras_vqpix.io import atomic_directory, atomic_write_text
 from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae, read_config
 from keras_vqpix.sampling import (
@@ -69,6 +69,7 @@ from keras_vqpix.sampling import (
     UNCONDITIONAL,
     codes_graph,
     sampler,
+    stacks_graph,
 )
 
 VQVAE_NAME = "vqvae"
@@ -104,8 +105,20 @@ def _checked_codes(codes, spec: tf.TensorSpec, num_embeddings: int):
         return tf.identity(codes)
 
 
-def _checked_sample_inputs(prior, specs, max_samples, num_samples, seed, temperature, label):
-    """The inputs of `sample`, each checked for its shape (scalar) and its range.
+def _checked_sample_inputs(
+    prior,
+    specs,
+    max_samples,
+    num_samples,
+    seed,
+    temperature,
+    label,
+    *,
+    count_name: str = "num_samples",
+    cap_option: str = "--max-samples",
+):
+    """The inputs of `sample` (or `sample_patient`: `count_name` num_slices), each checked
+    for its shape (scalar) and its range.
 
     `num_samples` above `max_samples` is refused here, before the sampler allocates anything.
     """
@@ -123,12 +136,14 @@ def _checked_sample_inputs(prior, specs, max_samples, num_samples, seed, tempera
         classes = "0 (NC) or 1 (AD)" if prior.num_classes == 2 else f"0 .. {prior.num_classes - 1}"
         label_message = f"label must be -1 (unconditional), {classes}. Received:"
     checks = [
-        tf.debugging.Assert(num_samples >= 1, ["num_samples must be >= 1. Received:", num_samples]),
+        tf.debugging.Assert(
+            num_samples >= 1, [f"{count_name} must be >= 1. Received:", num_samples]
+        ),
         tf.debugging.Assert(
             num_samples <= max_samples,
             [
-                f"num_samples must be <= {max_samples}, the cap per request of this export "
-                "(vqpix export --max-samples); send several requests with other seeds. Received:",
+                f"{count_name} must be <= {max_samples}, the cap per request of this export "
+                f"(vqpix export {cap_option}); send several requests with other seeds. Received:",
                 num_samples,
             ],
         ),
@@ -204,18 +219,24 @@ def generator_archive(
     code_shape: tuple[int, int],
     method: str = DEFAULT_METHOD,
     max_samples: int = SERVING_MAX_SAMPLES,
+    max_slices: int = SERVING_MAX_SLICES,
 ):
-    """A `keras.export.ExportArchive` of the generator: `sample` (also `serving_default`).
+    """A `keras.export.ExportArchive` of the generator: `sample` (also `serving_default`), and
+    `sample_patient` for a prior that reads the previous slice.
 
     The whole ancestral sampling loop runs inside the graph (`codes_graph` with `method`, a key
     of `keras_vqpix.sampling.SAMPLERS`; all draw the same codes), then the VQ-VAE's decoder
     turns the codes into images. `max_samples`: int >= 1, the cap on `num_samples` per
-    request, baked into the graph.
+    request, baked into the graph. `sample_patient` draws one whole patient, a stack of
+    `num_slices` consecutive slices (`keras_vqpix.sampling.stacks_graph`: the stack of
+    `sample_stacks` for the same seed, label and temperature), `num_slices` capped by
+    `max_slices`.
     """
     sampler(method)  # an unknown method is refused here, not when the graph is traced
     import keras
 
     max_samples = check_max_samples(max_samples)
+    max_slices = check_max_samples(max_slices, "--max-slices")
     code_height, code_width = code_shape
     specs = [
         tf.TensorSpec([], tf.int32, name="num_samples"),
@@ -240,18 +261,44 @@ def generator_archive(
         archive.track(model)
     archive.add_endpoint("sample", sample, input_signature=specs)
     # The first endpoint is also written as `serving_default`.
+    if getattr(prior, "previous_slice", False):
+        patient_specs = [
+            tf.TensorSpec([], tf.int32, name="num_slices"),
+            *specs[1:],
+        ]
+
+        def sample_patient(num_slices, seed, temperature, label):
+            # The checks of `sample`, with num_slices in the place of num_samples.
+            num_slices, seed, temperature, label = _checked_sample_inputs(
+                prior,
+                patient_specs,
+                max_slices,
+                num_slices,
+                seed,
+                temperature,
+                label,
+                count_name="num_slices",
+                cap_option="--max-slices",
+            )
+            codes = stacks_graph(
+                prior, 1, num_slices, seed, label, temperature, code_height, code_width, method
+            )[0]
+            return {"images": vqvae.decode(codes), "codes": codes}
+
+        archive.add_endpoint("sample_patient", sample_patient, input_signature=patient_specs)
     return archive
 
 
-def check_max_samples(max_samples) -> int:
-    """`max_samples` as an int in 1 .. 2**31 - 1 (an int32, as `num_samples`), or a ValueError."""
+def check_max_samples(max_samples, option: str = "--max-samples") -> int:
+    """`max_samples` as an int in 1 .. 2**31 - 1 (an int32, as `num_samples`), or a ValueError
+    naming `option`."""
     if (
         isinstance(max_samples, bool)
         or not isinstance(max_samples, int)
         or not 1 <= max_samples < 2**31
     ):
         raise ValueError(
-            f"--max-samples must be an integer in 1 .. 2**31 - 1. Received: {max_samples!r}"
+            f"{option} must be an integer in 1 .. 2**31 - 1. Received: {max_samples!r}"
         )
     return max_samples
 
@@ -369,7 +416,7 @@ Signatures (serving_default is the same as sample):
           seed int32 scalar, temperature float32 scalar > 0, label int32 scalar ({labels})
           -> images float32 [num_samples, {height}, {width}, 1] in [0, 1],
              codes int32 [num_samples, {h}, {w}]
-The whole ancestral sampling loop runs in the graph ({method} sampler); the same seed, label
+{patient}The whole ancestral sampling loop runs in the graph ({method} sampler); the same seed, label
 and temperature give the same codes as `keras_vqpix.sampling.sample_codes`.
 num_samples above {max_samples} is refused at once (InvalidArgument, nothing allocated): ask for
 more in several requests with other seeds. The cap is set by `vqpix export --max-samples` and
@@ -378,6 +425,14 @@ recorded in config.json ("serving": {{"max_samples": {max_samples}}}).
 Prior fingerprint: {prior_fingerprint} (epoch {prior_epoch}; see prior.json)
 VQ-VAE fingerprint: {vqvae_fingerprint} (epoch {vqvae_epoch}; see vqvae.json)
 Run config: config.json
+"""
+
+
+_PATIENT_README = """\
+  sample_patient  num_slices int32 scalar, 1 .. {max_slices} (this export's cap), seed, temperature,
+          label as above -> one synthetic patient: images float32 [num_slices, {height}, {width}, 1],
+          codes int32 [num_slices, {h}, {w}], slice z drawn given slice z - 1 (the stack of
+          `keras_vqpix.sampling.sample_stacks`; cap set by `vqpix export --max-slices`)
 """
 
 
@@ -448,6 +503,7 @@ def export_run(
     max_samples: int = SERVING_MAX_SAMPLES,
     on_note: Callable[[str], None] | None = None,
     method: str = DEFAULT_METHOD,
+    max_slices: int = SERVING_MAX_SLICES,
 ) -> list[Path]:
     """Export the run `run_dir` under `base` for TF Serving; the version folders written.
 
@@ -463,6 +519,8 @@ def export_run(
             container), written into `models.config`; default: `base`'s absolute path.
         max_samples: int >= 1, the generator's cap on `num_samples` per request (see the
             module docstring); the default serves in about 1-2 s on one CPU core.
+        max_slices: int >= 1, the cap on `num_slices` of `sample_patient` (one patient per
+            request, drawn slice after slice).
         on_note: called with one-line notes (a run without a prior exports the VQ-VAE only).
         method: the sampler the generator runs, a key of `keras_vqpix.sampling.SAMPLERS`
             (all draw the same codes; "fast", the default, is the quickest).
@@ -480,6 +538,7 @@ def export_run(
         raise ValueError(f"--base {base} is a file; choose a folder")
     served_base = _serving_base_path(serving_base_path)
     max_samples = check_max_samples(max_samples)
+    max_slices = check_max_samples(max_slices, "--max-slices")
     model_dirs = {VQVAE_NAME: base / VQVAE_NAME, GENERATOR_NAME: base / GENERATOR_NAME}
     # Refused before any work (and before the lock, so a mistake is reported at once).
     choose_version(list(model_dirs.values()), version)
@@ -487,7 +546,9 @@ def export_run(
     with _base_lock(base):
         _remove_leftovers(model_dirs.values(), on_note)
         version = choose_version(list(model_dirs.values()), version)
-        written = _export_versions(paths, model_dirs, version, max_samples, on_note, method)
+        written = _export_versions(
+            paths, model_dirs, version, (max_samples, max_slices), on_note, method
+        )
         served = {
             name: posixpath.join(served_base, name) if served_base else str(folder.resolve())
             for name, folder in model_dirs.items()
@@ -501,11 +562,13 @@ def _export_versions(
     paths: RunPaths,
     model_dirs: dict[str, Path],
     version: int,
-    max_samples: int,
+    caps: tuple[int, int],
     on_note,
     method: str,
 ):
-    """Write version `version` of the models of the run `paths` (see `export_run`)."""
+    """Write version `version` of the models of the run `paths` (see `export_run`); `caps`:
+    `(max_samples, max_slices)`."""
+    max_samples, max_slices = caps
     from keras_vqpix import __version__
 
     config = read_config(paths)
@@ -551,23 +614,34 @@ def _export_versions(
             folder = stack.enter_context(
                 atomic_directory(model_dirs[GENERATOR_NAME] / str(version))
             )
-            archive = generator_archive(vqvae, prior, code_shape, method, max_samples)
+            archive = generator_archive(vqvae, prior, code_shape, method, max_samples, max_slices)
             archive.write_out(str(folder), verbose=False)
             labels = (
                 "0 NC, 1 AD, -1 unconditional"
                 if prior.conditional
                 else "-1 only: the prior is unconditional"
             )
+            patient = ""
+            if getattr(prior, "previous_slice", False):
+                patient = _PATIENT_README.format(
+                    max_slices=max_slices,
+                    h=code_shape[0],
+                    w=code_shape[1],
+                    **{k: fields[k] for k in ("height", "width")},
+                )
             readme = _GENERATOR_README.format(
                 name=GENERATOR_NAME,
                 labels=labels,
                 method=method,
                 max_samples=max_samples,
+                patient=patient,
                 prior_fingerprint=prior_meta.get("fingerprint"),
                 prior_epoch=prior_meta.get("epoch"),
                 **fields,
             )
             serving = {"max_samples": max_samples, "sampler": method}
+            if patient:
+                serving["max_slices"] = max_slices
             _write_version_files(folder, paths, readme, serving)
             written.append(model_dirs[GENERATOR_NAME] / str(version))
     return written

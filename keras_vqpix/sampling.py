@@ -59,6 +59,7 @@ import tensorflow as tf
 from keras_vqpix import plots
 from keras_vqpix.config import SEED_RANGE
 from keras_vqpix.data.discover import CLASS_NAMES, LABELS, UNCONDITIONAL, label_name
+from keras_vqpix.data.stacks import position_bins
 from keras_vqpix.io import atomic_directory, check_output_folder
 from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
@@ -208,16 +209,28 @@ def resolve_labels(prior, num_samples: int, labels=None) -> np.ndarray:
     return out
 
 
-def resolve_context(prior, num_samples: int, previous=None, positions=None, code_shape=None):
+def resolve_context(
+    prior,
+    num_samples: int,
+    previous=None,
+    positions=None,
+    code_shape=None,
+    *,
+    seed: int = 0,
+    first_map: int = 0,
+):
     """`(previous [n, h, w], positions [n])` int32: a slice-context prior's context per sample.
 
     `previous`: None (no previous slice), or the previous slice's codes, one map `[h, w]` for
     every sample or one per sample `[n, h, w]`, in `[0, K)` (-1: none). `positions`: None
-    (unknown), one bin for every sample or one per sample, in `-1 .. slice_positions - 1`. A
-    prior without that context (`PixelCNN.previous_slice`, `slice_positions`) accepts only
-    None (or -1).
+    (each sample's bin drawn by `draw_positions` with `seed`, `first_map`: single slices from
+    anywhere in the stack), or one bin for every sample or one per sample, in `-1 ..
+    slice_positions - 1` (-1: unknown). A prior without that context (`PixelCNN.previous_slice`,
+    `slice_positions`) accepts only None (or -1).
     """
     height, width = _code_shape(prior, code_shape)
+    if positions is None:
+        positions = draw_positions(prior, num_samples, seed, first_map)
     previous = np.full((height, width), -1, np.int32) if previous is None else previous
     previous = np.asarray(previous)
     if previous.shape not in ((height, width), (num_samples, height, width)):
@@ -239,7 +252,7 @@ def resolve_context(prior, num_samples: int, previous=None, positions=None, code
         raise ValueError(
             "previous: this prior does not read a previous slice (previous_slice=False)"
         )
-    if np.any((previous < -1) | (previous >= prior.num_embeddings)):
+    if reads_previous and np.any((previous < -1) | (previous >= prior.num_embeddings)):
         raise ValueError(f"previous codes must be in -1 .. {prior.num_embeddings - 1}")
     if np.any(positions != -1) and not bins:
         raise ValueError("positions: this prior has no slice positions (slice_positions=0)")
@@ -382,7 +395,9 @@ def _checked_arguments(
     temperature = check_temperature(temperature)
     labels = resolve_labels(prior, num_samples, labels)
     height, width = _code_shape(prior, code_shape)
-    previous, positions = resolve_context(prior, num_samples, previous, positions, code_shape)
+    previous, positions = resolve_context(
+        prior, num_samples, previous, positions, code_shape, seed=seed, first_map=first_map
+    )
     arguments = (
         tf.constant(labels),
         tf.constant(previous),
@@ -423,7 +438,7 @@ def sample_codes_reference(
         first_map: int >= 0, the index of the first of these maps in a larger request drawn in
             batches: maps `first_map ..` of that request (see `map_seeds`).
         previous, positions: a slice-context prior's context, the previous slice's codes and
-            the slice's position bin (`resolve_context`); None: none, unknown.
+            the slice's position bin (`resolve_context`); None: none, and a bin drawn per map.
     """
     arguments, height, width, first_map = _checked_arguments(
         prior, num_samples, seed, labels, temperature, code_shape, first_map, previous, positions
@@ -504,6 +519,13 @@ def _blank_maps(num_samples, labels, height: int, width: int):
     return tf.ensure_shape(codes, [None, height, width]), labels
 
 
+def _graph_positions(prior, num_samples, seed, positions):
+    """`positions`, or when None the bins `draw_positions_graph` draws (as `resolve_context`)."""
+    if positions is not None or not getattr(prior, "slice_positions", 0):
+        return positions
+    return draw_positions_graph(seed, num_samples, prior.slice_positions)
+
+
 def fast_codes_graph(
     prior,
     num_samples,
@@ -522,12 +544,15 @@ def fast_codes_graph(
     `temperature` (float32 scalar) may be symbolic tensors, the number of samples dynamic;
     `height` and `width` are Python ints. The codes of `sample_codes_fast` (hence of the
     reference sampler) for the same arguments. Arguments are not checked: see `check_seed`,
-    `check_temperature` and `resolve_labels` for what is valid.
+    `check_temperature`, `resolve_labels` and `resolve_context` for what is valid. `previous`
+    `[n, h, w]` and `positions` `[n]` (int32 tensors, or None): a slice-context prior's context;
+    positions None are drawn as `resolve_context` draws them.
     """
     codes, labels = _blank_maps(num_samples, labels, height, width)
     if not isinstance(prior, PixelCNN):
         return sample_rows_reference(prior, codes, labels, seed, temperature, 0, height)
-    steps = PixelCNNSteps(prior, labels, width)
+    positions = _graph_positions(prior, num_samples, seed, positions)
+    steps = PixelCNNSteps(prior, labels, width, previous, positions)
     codes, _ = sample_rows_fast(steps, codes, steps.start(), seed, temperature, 0, height)
     return codes
 
@@ -545,6 +570,7 @@ def reference_codes_graph(
 ):
     """`fast_codes_graph`'s counterpart drawn by the reference sampler (the same codes, slowly)."""
     codes, labels = _blank_maps(num_samples, labels, height, width)
+    positions = _graph_positions(prior, num_samples, seed, positions)
     return sample_rows_reference(
         prior, codes, labels, seed, temperature, 0, height, previous=previous, positions=positions
     )
@@ -703,7 +729,9 @@ def sample_codes(
     if batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1. Received: batch_size={batch_size}")
     labels = resolve_labels(prior, num_samples, labels)
-    previous, positions = resolve_context(prior, num_samples, previous, positions, code_shape)
+    previous, positions = resolve_context(
+        prior, num_samples, previous, positions, code_shape, seed=check_seed(seed)
+    )
     starts = range(0, num_samples, batch_size)
     codes = None
     for batch, start in enumerate(starts):
@@ -839,7 +867,7 @@ def codes_graph(
             forward passes' cost per map) or "reference" (`reference_codes_graph`: one forward
             pass per code). Every method draws the same codes; they differ in speed only.
         previous, positions: int32 tensors `[n, h, w]` and `[n]`, or None: a slice-context
-            prior's context (`resolve_context`), not checked here.
+            prior's context (`resolve_context`: positions None are drawn), not checked here.
 
     Returns:
         int32 tensor `[n, height, width]` with a static `[None, height, width]` shape.
@@ -848,6 +876,188 @@ def codes_graph(
     seed = tf.cast(seed, tf.int32)
     temperature = tf.cast(temperature, tf.float32)
     return draw(prior, num_samples, seed, labels, temperature, height, width, previous, positions)
+
+
+# -- Stacks: whole synthetic patients --------------------------------------------------------------
+STACK_SALT = 18  # the issue that asked for synthetic patients
+POSITION_SALT = 20
+
+
+def slice_seed(seed, slice_index):
+    """The int32 sampling seed of slice `slice_index` of the stacks drawn with `seed`.
+
+    Slice 0 draws with `seed` itself (so a stack's first slice is what `sample_codes` draws for
+    the seed and its position); slice z > 0 with an int32 drawn from the stateless seed
+    `stateless_fold_in((seed, STACK_SALT), z)`. Graph-mode ops, the same on every machine.
+    """
+    seed = tf.cast(seed, tf.int32)
+    slice_index = tf.cast(slice_index, tf.int32)
+    pair = tf.stack([seed, tf.constant(STACK_SALT, tf.int32)])
+    folded = tf.random.experimental.stateless_fold_in(pair, slice_index, alg="philox")
+    drawn = tf.random.stateless_uniform(
+        [], folded, minval=None, maxval=None, dtype=tf.int32, alg="philox"
+    )
+    return tf.where(tf.equal(slice_index, 0), seed, drawn)
+
+
+def position_bins_graph(num_slices, num_positions: int):
+    """`keras_vqpix.data.stacks.position_bins` in graph ops (`num_slices` an int32 tensor >= 1)."""
+    num_slices = tf.cast(num_slices, tf.int32)
+    z = tf.range(num_slices, dtype=tf.int32)
+    if num_positions < 1:
+        return tf.fill([num_slices], -1)
+    spread = (2 * z * (num_positions - 1) + num_slices - 1) // tf.maximum(2 * (num_slices - 1), 1)
+    return tf.where(tf.equal(num_slices, 1), -1, spread)
+
+
+def draw_positions_graph(seed, num_maps, num_positions: int, first_map=0):
+    """Position bins `int32 [num_maps]` for single slices, uniform over `0 .. num_positions - 1`.
+
+    Map i's bin is drawn from its own stateless seed (`map_seeds` of `(seed, POSITION_SALT)`),
+    so a map's bin depends on the seed and its index in the request only, not on the batch.
+    A prior without positions (`num_positions` 0): all -1.
+    """
+    num_maps = tf.cast(num_maps, tf.int32)
+    if num_positions < 1:
+        return tf.fill([num_maps], -1)
+    pair = tf.stack([tf.cast(seed, tf.int32), tf.constant(POSITION_SALT, tf.int32)])
+    seeds = map_seeds(pair, num_maps, first_map)
+    return tf.map_fn(
+        lambda one: tf.random.stateless_uniform(
+            [], one, minval=0, maxval=num_positions, dtype=tf.int32, alg="philox"
+        ),
+        seeds,
+        fn_output_signature=tf.int32,
+    )
+
+
+def draw_positions(prior, num_samples: int, seed: int = 0, first_map: int = 0) -> np.ndarray:
+    """`draw_positions_graph` for `prior`'s bins, as NumPy: where single slices sit in a stack.
+
+    What a slice-context prior draws single slices with (`vqpix sample`, `vqpix generate`, the
+    exported `sample`): each at a position bin of its own, uniform like the slices of the
+    ADNI and demo stacks, so a data set of single slices covers the whole stack.
+    """
+    return draw_positions_graph(
+        check_seed(seed), num_samples, getattr(prior, "slice_positions", 0), first_map
+    ).numpy()
+
+
+def check_num_slices(num_slices) -> int:
+    """`num_slices` as an int >= 1, or a one-line ValueError."""
+    if isinstance(num_slices, bool) or not isinstance(num_slices, (int, np.integer)):
+        raise ValueError(f"num_slices must be an int >= 1. Received: num_slices={num_slices!r}")
+    if num_slices < 1:
+        raise ValueError(f"num_slices must be an int >= 1. Received: num_slices={num_slices}")
+    return int(num_slices)
+
+
+def sample_stacks(
+    prior,
+    num_stacks: int,
+    num_slices: int,
+    seed: int = 0,
+    labels=None,
+    temperature: float = 1.0,
+    *,
+    method: str = DEFAULT_METHOD,
+    batch_size: int = SAMPLE_BATCH_SIZE,
+    on_slice: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Code maps `[num_stacks, num_slices, h, w]` int32: whole synthetic patients, slice by slice.
+
+    A prior with `previous_slice` draws slice z of stack i conditioned on slice z - 1 of the
+    same stack (slice 0 on none) and on z's position bin in a stack of `num_slices`
+    (`keras_vqpix.data.stacks.position_bins`): the chain `p(slice_0) prod_z p(slice_z |
+    slice_(z-1))`. Slice z is `sample_codes` with the seed `slice_seed(seed, z)`, the previous
+    slice as `previous`, that bin as `positions` and `method`, so every method draws the same
+    stacks, and slice z never reads slice z itself or any later slice. Stack i is map i of
+    every slice's request (`map_seeds`): its codes do not depend on `num_stacks` or the batch.
+
+    Args:
+        prior: a `PixelCNN` with `previous_slice` (a prior without it would draw unrelated
+            slices: refused).
+        num_stacks, num_slices: ints >= 1.
+        seed, labels, temperature, method, batch_size: as in `sample_codes`; a label per stack.
+        on_slice: called with `(slices done, num_slices)` after each slice.
+    """
+    if not getattr(prior, "previous_slice", False):
+        raise ValueError(
+            "this prior does not read the previous slice (previous_slice=False): it draws "
+            "unrelated slices, not stacks; train a prior with the default config"
+        )
+    num_slices = check_num_slices(num_slices)
+    seed = check_seed(seed)
+    labels = resolve_labels(prior, num_stacks, labels)
+    bins = position_bins(num_slices, prior.slice_positions)
+    stacks, previous = [], None
+    for z in range(num_slices):
+        previous = sample_codes(
+            prior,
+            num_stacks,
+            int(slice_seed(seed, z)),
+            labels,
+            temperature,
+            method=method,
+            batch_size=batch_size,
+            previous=previous,
+            positions=int(bins[z]),
+        )
+        stacks.append(previous)
+        if on_slice is not None:
+            on_slice(z + 1, num_slices)
+    return np.stack(stacks, axis=1)
+
+
+def stacks_graph(
+    prior,
+    num_stacks,
+    num_slices,
+    seed,
+    labels,
+    temperature,
+    height: int,
+    width: int,
+    method: str = DEFAULT_METHOD,
+):
+    """`sample_stacks` in the graph (a TF function body, e.g. a SavedModel signature).
+
+    `num_stacks`, `num_slices`, `seed` int32 scalars, `labels` one per stack or one for all,
+    `temperature` float32: unchecked (see `sample_stacks`). Returns int32 `[num_stacks,
+    num_slices, height, width]`, the codes of `sample_stacks` for the same arguments.
+    """
+    num_stacks = tf.cast(num_stacks, tf.int32)
+    num_slices = tf.cast(num_slices, tf.int32)
+    bins = position_bins_graph(num_slices, prior.slice_positions)
+    labels = tf.broadcast_to(tf.cast(labels, tf.int32), tf.reshape(num_stacks, [1]))
+    blank = tf.fill(tf.stack([num_stacks, height, width]), -1)
+
+    def one_slice(z, previous, drawn):
+        codes = codes_graph(
+            prior,
+            num_stacks,
+            slice_seed(seed, z),
+            labels,
+            temperature,
+            height,
+            width,
+            method=method,
+            previous=previous,
+            positions=tf.fill(tf.reshape(num_stacks, [1]), bins[z]),
+        )
+        return z + 1, codes, drawn.write(z, codes)
+
+    _, _, drawn = tf.while_loop(
+        lambda z, *_: z < num_slices,
+        one_slice,
+        (tf.constant(0), blank, tf.TensorArray(tf.int32, num_slices)),
+        shape_invariants=(
+            tf.TensorShape([]),
+            tf.TensorShape([None, height, width]),
+            tf.TensorShape(None),
+        ),
+    )
+    return tf.ensure_shape(tf.transpose(drawn.stack(), (1, 0, 2, 3)), [None, None, height, width])
 
 
 def _decoder(vqvae, height: int, width: int):
@@ -897,8 +1107,14 @@ def sample_run(
     temperature: float = 1.0,
     *,
     on_row: Callable[[int, int], None] | None = None,
+    slices_per_patient: int | None = None,
 ) -> int:
     """Sample `num_samples` slices from the run's prior into the new folder `out_dir`; the count written.
+
+    With `slices_per_patient` S (`vqpix sample --patient`): `num_samples` whole patients of S
+    consecutive slices (`sample_stacks`) instead, written as `patient_<i>_<label>.png` (the
+    slices side by side, a strip), `patient_<i>_<label>.npy` (codes `[S, h, w]`) and a
+    `grid.png` with one patient per row.
 
     Writes `sample_<i>_<label>.png` (8-bit grayscale), `sample_<i>_<label>.npy` (the code map,
     int32), `grid.png` (the first `GRID_PER_LABEL` of each label) and `samples.json` (seed, temperature, labels, which models), all into a
@@ -922,6 +1138,19 @@ def sample_run(
             f"--label: the prior of {paths.root} is unconditional (trained without labels); omit --label"
         )
     labels = resolve_labels(prior, num_samples, label)
+    if slices_per_patient is not None:
+        return _sample_patients(
+            paths,
+            out_dir,
+            prior,
+            vqvae,
+            (prior_meta, vqvae_meta),
+            labels,
+            seed,
+            temperature,
+            slices_per_patient,
+            on_row,
+        )
     codes = sample_codes(prior, num_samples, seed, labels, temperature, on_row=on_row)
     digits = max(3, len(str(num_samples - 1)))
     with atomic_directory(out_dir, overwrite=out_dir.exists()) as tmp:
@@ -962,3 +1191,53 @@ def sample_run(
         }
         (tmp / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
     return num_samples
+
+
+PATIENT_GRID_ROWS = 8  # patients shown in a `vqpix sample --patient` grid
+
+
+def _sample_patients(
+    paths, out_dir, prior, vqvae, metas, labels, seed, temperature, num_slices, on_slice
+) -> int:
+    """`sample_run` of whole patients (`slices_per_patient`)."""
+    from PIL import Image
+
+    num_slices = check_num_slices(num_slices)
+    stacks = sample_stacks(
+        prior, len(labels), num_slices, seed, labels, temperature, on_slice=on_slice
+    )
+    digits = max(3, len(str(len(labels) - 1)))
+    prior_meta, vqvae_meta = metas
+    with atomic_directory(out_dir, overwrite=out_dir.exists()) as tmp:
+        names, rows = [], []
+        for i, (stack, value) in enumerate(zip(stacks, labels, strict=True)):
+            stem = f"patient_{i:0{digits}d}_{label_name(int(value))}"
+            images = decode_codes(vqvae, stack)
+            strip = np.concatenate(list(images[..., 0]), axis=1)  # the slices side by side
+            pixels = np.round(np.clip(strip, 0.0, 1.0) * 255.0).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(tmp / f"{stem}.png")
+            np.save(tmp / f"{stem}.npy", stack.astype(np.int32))
+            names.append(stem)
+            if len(rows) < PATIENT_GRID_ROWS:
+                rows.append((f"{i}: {label_name(int(value))}", images))
+        plots.plot_image_rows(
+            rows,
+            tmp / "grid.png",
+            f"{len(labels)} synthetic patients of {num_slices} slices, seed {seed}, "
+            f"temperature {temperature:g}",
+            column_titles=[f"slice {z}" for z in range(num_slices)],
+        )
+        record = {
+            "run": str(paths.root.resolve()),
+            "num_patients": len(labels),
+            "slices_per_patient": num_slices,
+            "seed": seed,
+            "temperature": temperature,
+            "labels": [label_name(int(v)) for v in labels],
+            "files": names,
+            "prior_epoch": prior_meta.get("epoch"),
+            "prior_fingerprint": prior_meta.get("fingerprint"),
+            "vqvae_fingerprint": vqvae_meta.get("fingerprint"),
+        }
+        (tmp / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
+    return len(labels)

@@ -10,9 +10,13 @@ then isolates the prior, `vqpix compare RECONSTRUCTIONS --real DATA` the decoder
 - Frame: by default the slices come back in the frame of the slices the run was trained on
   (`run_frame`): the aspect-ratio padding of `resize_with_pad` removed and resized to the
   source width x height (e.g. 256x240).
-- Patients: sampled slices are drawn one at a time, so each is its own patient
-  `syn<seed>-<class>-<number>` with slice number 0; reconstructions keep their source's
-  patient and slice with the prefix `rec-`. Neither can be mistaken for an ADNI id
+- Patients: by default sampled slices are drawn one at a time, so each is its own patient
+  `syn<seed>-<class>-<number>` with slice number 0 (a slice-context prior draws each at a
+  position of its own, `keras_vqpix.sampling.draw_positions`). With `slices_per_patient` S > 1
+  (`vqpix generate --slices-per-patient S`), whole patients: S consecutive slices
+  `syn<seed>-<class>-<number>_<0 .. S-1>.jpeg` drawn slice after slice by a prior that reads the
+  previous slice (`keras_vqpix.sampling.sample_stacks`), and train/test split by patient.
+  Reconstructions keep their source's patient and slice with the prefix `rec-`. Neither can be mistaken for an ADNI id
   (`002_S_0295`) or a demo id.
 - Reproducible: map `j` of batch `b` is drawn with the batch seed `batch_seed(seed, b)`; the
   same run, seed, temperature and counts give the same bytes. `manifest.csv` records every
@@ -186,14 +190,15 @@ def generate_dataset(
     batch_size: int = BATCH_SIZE,
     command: str = "",
     on_progress: Callable[[int, int], None] | None = None,
+    slices_per_patient: int = 1,
 ) -> GenerateSummary:
     """Sample a labelled data set from the run's conditional prior into `out_dir` (module docstring).
 
     Args:
         run_dir: a run with a trained conditional prior.
         out_dir: new (or empty) folder; a non-empty one only with `overwrite`.
-        per_class: slices per class (NC and AD).
-        test_fraction: share of each class written to `test/` (the last ones drawn).
+        per_class: slices per class (NC and AD); a multiple of `slices_per_patient`.
+        test_fraction: share of each class's patients written to `test/` (the last drawn).
         seed: sampling seed (int32).
         temperature: softmax temperature of the prior.
         size: `(width, height)` of the slices; default `run_frame(run_dir)`.
@@ -202,13 +207,33 @@ def generate_dataset(
             it (each batch has its own seed): keep the default to reproduce a data set.
         command: the command line, recorded in `generator.json`.
         on_progress: called with `(slices done, slices)` after each batch.
+        slices_per_patient: S, slices of each synthetic patient: 1 (every slice its own
+            patient), or S > 1 consecutive slices drawn as a stack (a prior that reads the
+            previous slice); batches are then `batch_size` patients.
     """
     from keras_vqpix.io import atomic_directory, check_output_folder
     from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
-    from keras_vqpix.sampling import check_seed, check_temperature, decode_codes, sample_codes
+    from keras_vqpix.sampling import (
+        check_num_slices,
+        check_seed,
+        check_temperature,
+        decode_codes,
+        sample_codes,
+        sample_stacks,
+    )
 
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ValueError(f"--per-class must be an int >= 1. Received: per_class={per_class!r}")
+    try:
+        stack = check_num_slices(slices_per_patient)
+    except ValueError:
+        raise ValueError(
+            f"--slices-per-patient must be an int >= 1. Received: {slices_per_patient!r}"
+        ) from None
+    if per_class % stack:
+        raise ValueError(
+            f"--per-class ({per_class}) must be a multiple of --slices-per-patient ({stack})"
+        )
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(
             f"--test-fraction must be in [0, 1). Received: test_fraction={test_fraction}"
@@ -228,39 +253,55 @@ def generate_dataset(
             f"the prior of {paths.root} is unconditional (trained without labels): it cannot "
             "generate AD and NC slices; train a conditional prior"
         )
-    labels = np.repeat(np.arange(len(CLASS_NAMES), dtype=np.int32), per_class)
-    number = np.tile(np.arange(per_class), len(CLASS_NAMES))
-    test_count = int(round(test_fraction * per_class))
-    splits = np.where(number >= per_class - test_count, "test", "train")
+    if stack > 1 and not getattr(prior, "previous_slice", False):
+        raise ValueError(
+            f"--slices-per-patient {stack}: the prior of {paths.root} does not read the previous "
+            "slice (trained before slice context, or with prior.previous_slice false); it "
+            "draws single slices only"
+        )
+    patients = per_class // stack
+    labels = np.repeat(np.arange(len(CLASS_NAMES), dtype=np.int32), patients)
+    number = np.tile(np.arange(patients), len(CLASS_NAMES))
+    test_count = int(round(test_fraction * patients))
+    splits = np.where(number >= patients - test_count, "test", "train")
     rows: list[dict] = []
     with atomic_directory(out_dir, overwrite=out_dir.exists()) as tmp:
         for batch, start in enumerate(range(0, len(labels), batch_size)):
             chunk = slice(start, start + batch_size)
             draw_seed = batch_seed(seed, batch)
-            codes = sample_codes(prior, len(labels[chunk]), draw_seed, labels[chunk], temperature)
-            slices = to_frame(decode_codes(vqvae, codes), frame)
+            if stack == 1:
+                codes = sample_codes(
+                    prior, len(labels[chunk]), draw_seed, labels[chunk], temperature
+                )[:, None]
+            else:
+                codes = sample_stacks(
+                    prior, len(labels[chunk]), stack, draw_seed, labels[chunk], temperature
+                )
+            slices = to_frame(decode_codes(vqvae, codes.reshape(-1, *codes.shape[2:])), frame)
             names = []
             for index, (label, k, split) in enumerate(
                 zip(labels[chunk], number[chunk], splits[chunk], strict=True)
             ):
                 name = CLASS_NAMES[label]
                 patient = f"syn{seed}-{name}-{k:05d}"
-                names.append((split, name, f"{patient}_0.jpeg"))
-                rows.append(
-                    {
-                        "file": f"{split}/{name}/{patient}_0.jpeg",
-                        "split": split,
-                        "label": name,
-                        "patient": patient,
-                        "seed": draw_seed,
-                        "map_index": index,
-                        "temperature": temperature,
-                        "source": "",
-                    }
-                )
+                for z in range(stack):
+                    names.append((split, name, f"{patient}_{z}.jpeg"))
+                    rows.append(
+                        {
+                            "file": f"{split}/{name}/{patient}_{z}.jpeg",
+                            "split": split,
+                            "label": name,
+                            "patient": patient,
+                            "seed": draw_seed,
+                            "map_index": index,
+                            "temperature": temperature,
+                            "source": "",
+                        }
+                    )
             _write_slices(tmp, names, slices)
             if on_progress is not None:
-                on_progress(min(start + batch_size, len(labels)), len(labels))
+                done = min(start + batch_size, len(labels)) * stack
+                on_progress(done, len(labels) * stack)
         _write_manifest(tmp / "manifest.csv", rows)
         record = {
             "kind": "samples",
@@ -273,9 +314,15 @@ def generate_dataset(
                 "temperature": temperature,
                 "size": list(frame),
                 "batch_size": batch_size,
+                "slices_per_patient": stack,
             },
             "frame": list(frame),
-            "patients": "each synthetic slice is its own patient (slices are drawn one at a time)",
+            "patients": (
+                "each synthetic slice is its own patient (slices are drawn one at a time)"
+                if stack == 1
+                else f"each synthetic patient is a stack of {stack} consecutive slices "
+                "(slice z drawn conditioned on slice z - 1)"
+            ),
             "counts": _counts(rows),
         }
         (tmp / "generator.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -30,8 +30,12 @@ def position_bins(num_slices: int, num_positions: int) -> np.ndarray:
         raise ValueError(f"num_slices must be >= 1. Received: num_slices={num_slices}")
     if num_positions < 1 or num_slices == 1:
         return np.full(num_slices, -1, np.int32)
-    scaled = np.arange(num_slices) * (num_positions - 1) / (num_slices - 1)
-    return np.floor(scaled + 0.5).astype(np.int32)
+    # floor(z (P - 1) / (S - 1) + 1/2) in integers: the graph twin in `keras_vqpix.sampling`
+    # computes the same bins bit for bit.
+    z = np.arange(num_slices, dtype=np.int64)
+    return ((2 * z * (num_positions - 1) + num_slices - 1) // (2 * (num_slices - 1))).astype(
+        np.int32
+    )
 
 
 def stack_context(
