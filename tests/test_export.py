@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from keras_vqpix.config import SERVING_MAX_SAMPLES
+from keras_vqpix.config import SERVING_MAX_SAMPLES, SERVING_MAX_SLICES
 from keras_vqpix_cli.main import main
 
 pytestmark = pytest.mark.large
@@ -35,6 +35,8 @@ model_config_list {
 # (num_samples, seed, label, temperature); the first is drawn twice, the last differs from the
 # first in its seed only.
 SAMPLE_CASES = [(3, 7, 1, 1.0), (2, 7, 0, 0.5), (2, 123, -1, 1.5), (3, 8, 1, 1.0)]
+# (num_slices, seed, label, temperature) of `sample_patient`
+PATIENT_CASES = [(4, 7, 1, 1.0), (3, 9, 0, 0.8)]
 TIMEOUT = 600
 
 
@@ -49,6 +51,7 @@ import numpy as np
 import tensorflow as tf
 
 vqvae_dir, generator_dir, work, cases = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+PATIENT_CASES, MAX_SLICES = json.loads(sys.argv[5])
 
 
 def describe(loaded):
@@ -113,13 +116,13 @@ generator["variables"] = [v.name for v in loaded.variables]
 sample = loaded.signatures["sample"]
 
 
-def inputs(num_samples, seed, label, temperature):
-    return dict(
-        num_samples=tf.constant(num_samples, tf.int32),
-        seed=tf.constant(seed, tf.int32),
-        label=tf.constant(label, tf.int32),
-        temperature=tf.constant(temperature, tf.float32),
-    )
+def inputs(num_samples, seed, label, temperature, count="num_samples"):
+    return {
+        count: tf.constant(num_samples, tf.int32),
+        "seed": tf.constant(seed, tf.int32),
+        "label": tf.constant(label, tf.int32),
+        "temperature": tf.constant(temperature, tf.float32),
+    }
 
 
 outputs = {}
@@ -129,7 +132,16 @@ for i, case in enumerate(cases):
         outputs[f"{name}_codes_{i}"] = drawn["codes"].numpy()
         outputs[f"{name}_images_{i}"] = drawn["images"].numpy()
 outputs["codes_again_0"] = sample(**inputs(*cases[0]))["codes"].numpy()
+patient = loaded.signatures["sample_patient"]
+for i, (num_slices, seed, label, temperature) in enumerate(PATIENT_CASES):
+    drawn = patient(**inputs(num_slices, seed, label, temperature, count="num_slices"))
+    outputs[f"patient_codes_{i}"] = drawn["codes"].numpy()
+    outputs[f"patient_images_{i}"] = drawn["images"].numpy()
 np.savez(f"{work}/generator_out.npz", **outputs)
+error_of(
+    generator["errors"], "num_slices_cap", patient,
+    **inputs(MAX_SLICES + 1, 7, 1, 1.0, count="num_slices"),
+)
 
 good = inputs(*cases[0])
 for name, changes in {
@@ -192,7 +204,7 @@ def exported(quick_run, tmp_path_factory):
 def reference(quick_run, exported, tmp_path_factory):
     """The in-memory models' outputs (this process), saved as .npy for the fresh processes."""
     from keras_vqpix.run_folder import load_prior, load_vqvae
-    from keras_vqpix.sampling import decode_codes, sample_codes
+    from keras_vqpix.sampling import decode_codes, sample_codes, sample_stacks
 
     work = tmp_path_factory.mktemp("export_work")
     vqvae, config, vqvae_meta = load_vqvae(quick_run)
@@ -212,6 +224,10 @@ def reference(quick_run, exported, tmp_path_factory):
         sample_codes(prior, n, seed, label, temperature)
         for n, seed, label, temperature in SAMPLE_CASES
     ]
+    patients = [
+        sample_stacks(prior, 1, num_slices, seed, label, temperature)[0]
+        for num_slices, seed, label, temperature in PATIENT_CASES
+    ]
     return {
         "work": work,
         "images": images,
@@ -222,6 +238,8 @@ def reference(quick_run, exported, tmp_path_factory):
         "decoded": vqvae.decode(codes_in).numpy(),
         "sampled": sampled,
         "sampled_images": [decode_codes(vqvae, codes) for codes in sampled],
+        "patients": patients,
+        "patient_images": [decode_codes(vqvae, codes) for codes in patients],
         "num_embeddings": vqvae.num_embeddings,
         "image_size": size,
         "code_shape": code_shape,
@@ -299,6 +317,7 @@ def jobs(exported, reference, c_loader):
                 base / "vqpix_generator" / "1",
                 work,
                 json.dumps(SAMPLE_CASES),
+                json.dumps([PATIENT_CASES, SERVING_MAX_SLICES]),
             ],
             work,
             "loader",
@@ -360,7 +379,11 @@ def test_cli_prints_the_versions_and_writes_the_layout(exported, quick_run, jobs
         config = (version / "config.json").read_text()
         if model == "vqpix_generator":  # the run's, plus the export's cap (tests/test_serving.py)
             values = json.loads(config)
-            assert values.pop("serving") == {"max_samples": SERVING_MAX_SAMPLES, "sampler": "fast"}
+            assert values.pop("serving") == {
+                "max_samples": SERVING_MAX_SAMPLES,
+                "max_slices": SERVING_MAX_SLICES,
+                "sampler": "fast",
+            }
             assert values == json.loads((quick_run / "config.json").read_text())
         else:
             assert config == (quick_run / "config.json").read_text()
@@ -572,7 +595,16 @@ def test_generator_signatures(jobs, reference):
         },
         "outputs": {"images": ["float32", [None, size, size, 1]], "codes": ["int32", [None, h, w]]},
     }
-    assert values["signatures"] == {"serving_default": sample, "sample": sample}
+    patient = {
+        "inputs": {**sample["inputs"], "num_slices": ["int32", []]},
+        "outputs": sample["outputs"],
+    }
+    del patient["inputs"]["num_samples"]
+    assert values["signatures"] == {
+        "serving_default": sample,
+        "sample": sample,
+        "sample_patient": patient,
+    }
     # The PixelCNN masks travel as variables (weights), not as constants in the graph.
     assert sum("mask" in name for name in values["variables"]) >= 3
 
@@ -588,6 +620,19 @@ def test_generator_draws_the_codes_of_sample_codes(jobs, reference):
             np.testing.assert_allclose(
                 out[f"{signature}_images_{i}"], reference["sampled_images"][i], atol=1e-5
             )
+
+
+def test_generator_draws_the_patients_of_sample_stacks(jobs, reference):
+    values = report(jobs, reference, "generator")
+    out = np.load(reference["work"] / "generator_out.npz")
+    for i, (num_slices, *_) in enumerate(PATIENT_CASES):
+        codes = out[f"patient_codes_{i}"]
+        assert codes.shape == (num_slices, *reference["code_shape"])
+        np.testing.assert_array_equal(codes, reference["patients"][i], err_msg=str(i))
+        np.testing.assert_allclose(
+            out[f"patient_images_{i}"], reference["patient_images"][i], atol=1e-5
+        )
+    assert f"num_slices must be <= {SERVING_MAX_SLICES}" in values["errors"]["num_slices_cap"]
 
 
 def test_generator_same_seed_same_codes_other_seed_other_codes(jobs, reference):
@@ -638,7 +683,7 @@ def test_c_api_loads_both_exports_like_tf_serving(jobs, reference):
     work = reference["work"]
     for name, expected in (
         ("c_vqvae", {"serving_default", "encode", "decode"}),
-        ("c_generator", {"serving_default", "sample"}),
+        ("c_generator", {"serving_default", "sample", "sample_patient"}),
     ):
         jobs[name].ok()
         meta = meta_graph_pb2.MetaGraphDef()
