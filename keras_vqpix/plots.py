@@ -290,3 +290,54 @@ def plot_roc_panels(
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def plot_patient_stacks(
+    rows: Sequence[tuple[str, np.ndarray, Sequence[int]]],
+    profiles: Sequence[tuple[str, Sequence[float | None]]],
+    path: Path,
+    title: str,
+) -> Path:
+    """Patients slice by slice, one row each, below curves of adjacent-slice SSIM along the stack.
+
+    Args:
+        rows: `(row label, images [n, H, W, 1] in [0, 1], slice numbers [n])`; each image is
+            titled with its slice number (no titles for an empty list).
+        profiles: `(curve label, values)`, entry p the mean SSIM of the pairs at stack position
+            p (None: no pair there); a curve without values is named "no stacks".
+    """
+    columns = max([len(images) for _, images, _ in rows] + [8])
+    figure = Figure(figsize=(0.95 * columns, 3.2 + 1.2 * len(rows)))
+    grid = figure.add_gridspec(1 + len(rows), columns, height_ratios=[3.2] + [1.2] * len(rows))
+    axis = figure.add_subplot(grid[0, :])
+    for label, values in profiles:
+        points = [(p, v) for p, v in enumerate(values) if v is not None]
+        if points:
+            positions, scores = zip(*points, strict=True)
+            axis.plot(positions, scores, marker="o", markersize=3, linewidth=1.3, label=label)
+        else:
+            axis.plot([], [], label=f"{label}: no stacks")
+    axis.set_xlabel("pair position p in the stack (slices p and p + 1)", fontsize=8)
+    axis.set_ylabel("brain SSIM of adjacent slices", fontsize=8)
+    axis.tick_params(labelsize=7)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    for r, (label, images, numbers) in enumerate(rows):
+        for c in range(len(images)):
+            image_axis = figure.add_subplot(grid[1 + r, c])
+            image_axis.imshow(
+                np.asarray(images[c])[..., 0],
+                cmap="gray",
+                vmin=0.0,
+                vmax=1.0,
+                interpolation="nearest",
+            )
+            image_axis.set_xticks([])
+            image_axis.set_yticks([])
+            if c < len(numbers):
+                image_axis.set_title(str(numbers[c]), fontsize=6, pad=2)
+            if c == 0:
+                image_axis.set_ylabel(label, fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
