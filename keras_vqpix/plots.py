@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from keras_vqpix.data.discover import label_name
 from keras_vqpix.io import atomic_path
@@ -297,6 +298,7 @@ def plot_patient_stacks(
     profiles: Sequence[tuple[str, Sequence[float | None]]],
     path: Path,
     title: str,
+    tolerance: float | None = None,
 ) -> Path:
     """Patients slice by slice, one row each, below curves of adjacent-slice SSIM along the stack.
 
@@ -304,7 +306,9 @@ def plot_patient_stacks(
         rows: `(row label, images [n, H, W, 1] in [0, 1], slice numbers [n])`; each image is
             titled with its slice number (no titles for an empty list).
         profiles: `(curve label, values)`, entry p the mean SSIM of the pairs at stack position
-            p (None: no pair there); a curve without values is named "no stacks".
+            p (None: no pair there); a curve without values is named "no stacks". The last
+            curve is the reference.
+        tolerance: if given, a band of +- `tolerance` around the reference curve.
     """
     columns = max([len(images) for _, images, _ in rows] + [8])
     figure = Figure(figsize=(0.95 * columns, 3.2 + 1.2 * len(rows)))
@@ -317,6 +321,18 @@ def plot_patient_stacks(
             axis.plot(positions, scores, marker="o", markersize=3, linewidth=1.3, label=label)
         else:
             axis.plot([], [], label=f"{label}: no stacks")
+    if tolerance is not None and profiles and any(v is not None for v in profiles[-1][1]):
+        positions, scores = zip(
+            *[(p, v) for p, v in enumerate(profiles[-1][1]) if v is not None], strict=True
+        )
+        axis.fill_between(
+            positions,
+            np.asarray(scores) - tolerance,
+            np.asarray(scores) + tolerance,
+            color="0.85",
+            label=f"{profiles[-1][0]} +- {tolerance:g}",
+        )
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("pair position p in the stack (slices p and p + 1)", fontsize=8)
     axis.set_ylabel("brain SSIM of adjacent slices", fontsize=8)
     axis.tick_params(labelsize=7)
