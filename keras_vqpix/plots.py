@@ -26,6 +26,16 @@ def _figure(rows: int = 1, columns: int = 1, **options):
     return figure, figure.subplots(rows, columns, **options)
 
 
+def _show_slice(axis, image: np.ndarray | None) -> None:
+    """A grayscale slice `[H, W, 1]` in [0, 1] on `axis` (None: an empty cell), without ticks."""
+    axis.set_xticks([])
+    axis.set_yticks([])
+    if image is not None:
+        axis.imshow(
+            np.asarray(image)[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest"
+        )
+
+
 def _save(figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -78,18 +88,9 @@ def plot_image_rows(
     for r, (label, images) in enumerate(rows):
         for c in range(columns):
             axis = axes[r][c]
-            axis.set_xticks([])
-            axis.set_yticks([])
+            _show_slice(axis, images[c] if c < len(images) else None)
             for spine in axis.spines.values():
                 spine.set_visible(False)
-            if c < len(images):
-                axis.imshow(
-                    np.asarray(images[c])[..., 0],
-                    cmap="gray",
-                    vmin=0.0,
-                    vmax=1.0,
-                    interpolation="nearest",
-                )
             if c == 0:
                 axis.set_ylabel(label, fontsize=8)
             if r == 0 and column_titles is not None and c < len(column_titles):
@@ -341,15 +342,7 @@ def plot_patient_stacks(
     for r, (label, images, numbers) in enumerate(rows):
         for c in range(len(images)):
             image_axis = figure.add_subplot(grid[1 + r, c])
-            image_axis.imshow(
-                np.asarray(images[c])[..., 0],
-                cmap="gray",
-                vmin=0.0,
-                vmax=1.0,
-                interpolation="nearest",
-            )
-            image_axis.set_xticks([])
-            image_axis.set_yticks([])
+            _show_slice(image_axis, images[c])
             if c < len(numbers):
                 image_axis.set_title(str(numbers[c]), fontsize=6, pad=2)
             if c == 0:
