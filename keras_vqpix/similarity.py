@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from keras_vqpix.data.stacks import consecutive_pairs
 from keras_vqpix.metrics import (
     MS_SSIM_MIN_SIZE,
     SSIM_FILTER_SIZE,
@@ -211,30 +212,6 @@ class StackConsistency:
     profile_patients: list[int]
     patients: int
     pairs: int
-
-
-def consecutive_pairs(
-    patients: np.ndarray, slices: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair of slices `s`, `s + 1` of one patient: `(first index, second index, position)`.
-
-    Indices point into `patients` / `slices` (any order); the position is `s` minus the
-    patient's lowest slice number. A missing slice number skips the pairs that need it (a gap
-    is no neighbour); of several files with one patient and slice number, the first counts.
-    """
-    patients, slices = np.asarray(patients), np.asarray(slices, np.int64)
-    order = np.lexsort((np.arange(len(slices)), slices, patients))  # by patient, slice, index
-    patients, slices = patients[order], slices[order]
-    if not len(order):
-        empty = np.zeros(0, np.int64)
-        return empty, empty, empty
-    new_patient = np.r_[True, patients[1:] != patients[:-1]]
-    first_slice = slices[np.maximum.accumulate(np.where(new_patient, np.arange(len(order)), 0))]
-    unique = np.r_[True, new_patient[1:] | (slices[1:] != slices[:-1])]
-    order, patients, slices = order[unique], patients[unique], slices[unique]
-    first_slice = first_slice[unique]
-    neighbours = np.flatnonzero((patients[1:] == patients[:-1]) & (slices[1:] == slices[:-1] + 1))
-    return order[neighbours], order[neighbours + 1], slices[neighbours] - first_slice[neighbours]
 
 
 def stack_consistency(

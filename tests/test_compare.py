@@ -29,8 +29,8 @@ from keras_vqpix.compare import (
 )
 from keras_vqpix.config import CompareConfig
 from keras_vqpix.data.discover import discover_folder
+from keras_vqpix.data.stacks import consecutive_pairs
 from keras_vqpix.models.slice_classifier import SliceClassifier
-from keras_vqpix.similarity import consecutive_pairs
 from keras_vqpix_cli.main import main
 
 # Small budgets for tiny sets; the code path of the default budget.
