@@ -258,7 +258,7 @@ def test_stack_figures_known_answers(demo_stacks, tmp_path):
         assert broken["adjacent_ssim"] < same["adjacent_ssim_real"] - 0.15, broken
         assert broken["adjacent_ssim_max_gap"] > 0.1
 
-    # Every slice its own patient (today's `vqpix generate`): no stacks, no error.
+    # Every slice its own patient (`vqpix generate` without --slices-per-patient): no stacks.
     single = stack_figures(real, _relabelled(real, patients=np.arange(len(real)).astype(str)))
     assert single["adjacent_ssim"] is None and single["adjacent_ssim_max_gap"] is None
     assert single["adjacent_ssim_profile"] == [] and single["adjacent_ssim_patients"] == 0
