@@ -36,6 +36,14 @@ from .common import resolve_data, user_errors
     help="Write ROC curves and synthetic slices beside real ones to this PNG.",
 )
 @click.option(
+    "--plot-patients",
+    "patients_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write two synthetic patients beside two real test patients, slice by slice, and the "
+    "adjacent-slice SSIM along the stack of both sets, to this PNG.",
+)
+@click.option(
     "--seeds",
     type=click.IntRange(min=1),
     default=None,
@@ -54,16 +62,25 @@ from .common import resolve_data, user_errors
     help="Side the slices are judged at, a multiple of 4 (default: the CompareConfig's, 128).",
 )
 @click.option("--quiet", is_flag=True, help="Print only the table.")
-def compare(synthetic, real, json_path, plot_path, seeds, epochs, image_size, quiet) -> None:
+def compare(
+    synthetic, real, json_path, plot_path, patients_path, seeds, epochs, image_size, quiet
+) -> None:
     """Judge the data set SYNTHETIC against the real data set --real.
 
     Trains small CNNs (several seeds, fixed budget) on the real train patients and tests them on
     the real test patients only: real-vs-synthetic AUC (c2st), AD/NC AUC trained on real (trtr),
     on synthetic (tstr) or both (augmented), the real-trained classifier on synthetic slices
     (fidelity), Frechet and kernel distances in its features (fd, kid beside fd_real, kid_real),
-    diversity and memorisation; every figure also after a 4x downsampling (_down4).
+    diversity and memorisation; and for data sets of patients (stacks of consecutive slices)
+    the brain SSIM of adjacent slices along the stack beside the real test patients'
+    (adjacent_ssim); every figure also after a 4x downsampling (_down4).
     """
-    from keras_vqpix.compare import compare_datasets, format_comparison, plot_comparison
+    from keras_vqpix.compare import (
+        compare_datasets,
+        format_comparison,
+        plot_comparison,
+        plot_stacks,
+    )
     from keras_vqpix.config import CompareConfig
 
     changes = {}
@@ -95,3 +112,6 @@ def compare(synthetic, real, json_path, plot_path, seeds, epochs, image_size, qu
             comparison, plot_path, f"{synthetic} against {real} (first classifier seed)"
         )
         click.echo(f"Wrote {plot_path}")
+    if patients_path is not None:
+        plot_stacks(comparison, patients_path, f"{synthetic} beside {real} test patients")
+        click.echo(f"Wrote {patients_path}")

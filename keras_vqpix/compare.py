@@ -29,6 +29,13 @@ No classifier ever trains on a synthetic *test* slice: for a set of reconstructi
 - `memorisation`: the share of synthetic slices whose SSIM to their nearest real train slice
   is above the 95th percentile of that figure for real test slices (about 0.05: no closer
   than real unseen slices; near 1: copies), beside `nn_ssim` / `nn_ssim_real` (the means).
+- `adjacent_ssim`: stack consistency of synthetic *patients* (stacks of consecutive slices of
+  one brain): the brain SSIM of slices `s` and `s + 1` of one patient, averaged over each
+  patient's pairs, then over patients; `adjacent_ssim_real` the same for the real test
+  patients. `adjacent_ssim_profile` (and `_real`) along the stack: entry p the mean of the
+  pairs at position p (slices `first + p`, `first + p + 1`); `adjacent_ssim_max_gap` the
+  largest difference of the two profiles over the positions both have. A set of single-slice
+  patients (slices drawn on their own) has no stacks: its figures are None.
 
 Every key has a `_down4` twin computed after a 4x area downsampling of both sets, which judges
 anatomy rather than the decoder's texture; `<key>_std` is the spread (standard deviation)
@@ -53,6 +60,7 @@ from keras_vqpix.data.discover import (
     DatasetLayoutError,
     SliceRecord,
     discover_folder,
+    label_name,
     spread_records,
 )
 from keras_vqpix.metrics import roc_auc, roc_curve
@@ -68,7 +76,22 @@ SEEDED_NAMES = (
     "kid_real",
 )
 SET_NAMES = ("diversity", "diversity_real", "memorisation", "nn_ssim", "nn_ssim_real")
+STACK_NAMES = (
+    "adjacent_ssim",
+    "adjacent_ssim_real",
+    "adjacent_ssim_profile",
+    "adjacent_ssim_profile_real",
+    "adjacent_ssim_max_gap",
+    "adjacent_ssim_patients",
+    "adjacent_ssim_patients_real",
+    "adjacent_ssim_profile_patients",
+    "adjacent_ssim_profile_patients_real",
+)
 _PREDICT_BATCH = 256
+STACK_COLUMNS = 20  # slices per patient shown by `plot_stacks`
+# Issue 18's goal: synthetic patients' adjacent-slice SSIM within this of real ones' at every
+# position of the stack (the table names it, the figure shades it around the real profile).
+ADJACENT_SSIM_GOAL = 0.03
 
 
 # -- Figures ---------------------------------------------------------------------------------------
@@ -119,11 +142,13 @@ def kernel_distance(a: np.ndarray, b: np.ndarray) -> float:
 # -- Data ------------------------------------------------------------------------------------------
 @dataclass
 class SliceSet:
-    """Images `[N, S, S, 1]` in [0, 1] with their labels (0 NC, 1 AD) and patient ids."""
+    """Images `[N, S, S, 1]` in [0, 1] with their labels (0 NC, 1 AD), patient ids and slice
+    numbers (None when unknown: then the set has no stacks)."""
 
     images: np.ndarray
     labels: np.ndarray
     patients: np.ndarray
+    slices: np.ndarray | None = None
 
     @classmethod
     def load(cls, records: list[SliceRecord], image_size: int) -> SliceSet:
@@ -133,6 +158,7 @@ class SliceSet:
             load_images(records, image_size),
             np.array([r.label for r in records], np.int64),
             np.array([r.patient for r in records]),
+            np.array([r.slice_index for r in records], np.int64),
         )
 
     def __len__(self) -> int:
@@ -145,17 +171,20 @@ class SliceSet:
         import tensorflow as tf
 
         images = tf.nn.avg_pool2d(self.images, factor, factor, "VALID").numpy()
-        return SliceSet(images, self.labels, self.patients)
+        return SliceSet(images, self.labels, self.patients, self.slices)
 
     def subset(self, index: np.ndarray) -> SliceSet:
-        return SliceSet(self.images[index], self.labels[index], self.patients[index])
+        slices = None if self.slices is None else self.slices[index]
+        return SliceSet(self.images[index], self.labels[index], self.patients[index], slices)
 
 
 def _join(*sets: SliceSet) -> SliceSet:
+    known = all(s.slices is not None for s in sets)
     return SliceSet(
         np.concatenate([s.images for s in sets]),
         np.concatenate([s.labels for s in sets]),
         np.concatenate([s.patients for s in sets]),
+        np.concatenate([s.slices for s in sets]) if known else None,
     )
 
 
@@ -327,6 +356,33 @@ def set_figures(
     }
 
 
+def stack_figures(real_test: SliceSet, synthetic: SliceSet) -> dict:
+    """Stack consistency (`STACK_NAMES`) of the synthetic patients and of the real test patients.
+
+    The real reference is the real **test** patients, the ones every classifier is tested on:
+    patients the generator never saw, so a generator that copied training stacks gains nothing.
+    """
+    from keras_vqpix.similarity import StackConsistency, profile_gap, stack_consistency
+
+    def consistency(images: SliceSet) -> StackConsistency:
+        if images.slices is None:
+            return StackConsistency(None, [], [], 0, 0)
+        return stack_consistency(images.images, images.patients, images.slices)
+
+    synthetic_stacks, real_stacks = consistency(synthetic), consistency(real_test)
+    return {
+        "adjacent_ssim": synthetic_stacks.mean,
+        "adjacent_ssim_real": real_stacks.mean,
+        "adjacent_ssim_profile": synthetic_stacks.profile,
+        "adjacent_ssim_profile_real": real_stacks.profile,
+        "adjacent_ssim_max_gap": profile_gap(synthetic_stacks.profile, real_stacks.profile),
+        "adjacent_ssim_patients": synthetic_stacks.patients,
+        "adjacent_ssim_patients_real": real_stacks.patients,
+        "adjacent_ssim_profile_patients": synthetic_stacks.profile_patients,
+        "adjacent_ssim_profile_patients_real": real_stacks.profile_patients,
+    }
+
+
 # -- The comparison --------------------------------------------------------------------------------
 @dataclass
 class Comparison:
@@ -336,11 +392,14 @@ class Comparison:
         metrics: the `--json` figures (see the module docstring).
         curves: scale suffix -> figure name -> `(labels, scores)` of the first seed, for ROC plots.
         examples: `(row label, images [n, S, S, 1])` rows of synthetic slices beside real ones.
+        stacks: `(row label, images [n, S, S, 1], slice numbers)` rows of whole patients, two
+            synthetic above two real test ones (`plot_stacks`).
     """
 
     metrics: dict
     curves: dict = field(default_factory=dict)
     examples: list = field(default_factory=list)
+    stacks: list = field(default_factory=list)
 
 
 def _summarise(per_seed: dict[str, list]) -> dict:
@@ -421,6 +480,15 @@ def compare_datasets(
             sets[0], sets[1], synthetic_all, config, synthetic_spread, real_spread
         ).items():
             metrics[key + suffix] = value
+        stacks_started = time.time()
+        stacks = stack_figures(sets[1], synthetic_all)
+        metrics.update({key + suffix: value for key, value in stacks.items()})
+        log(
+            f"scale {size // factor} px, adjacent-slice SSIM: synthetic "
+            f"{_stack_fmt(stacks['adjacent_ssim'])} ({stacks['adjacent_ssim_patients']} patients "
+            f"with stacks), real test {_stack_fmt(stacks['adjacent_ssim_real'])}, largest profile "
+            f"gap {_stack_fmt(stacks['adjacent_ssim_max_gap'])} ({time.time() - stacks_started:.1f} s)"
+        )
 
     metrics.update(
         {
@@ -437,7 +505,13 @@ def compare_datasets(
             "seconds": round(time.time() - started, 1),
         }
     )
-    return Comparison(metrics, curves, _examples(real_test, _join(synthetic_train, synthetic_test)))
+    synthetic_all = _join(synthetic_train, synthetic_test)
+    return Comparison(
+        metrics,
+        curves,
+        _examples(real_test, synthetic_all),
+        _stack_rows(real_test, synthetic_all),
+    )
 
 
 def _examples(real: SliceSet, synthetic: SliceSet, per_row: int = 8) -> list:
@@ -448,8 +522,42 @@ def _examples(real: SliceSet, synthetic: SliceSet, per_row: int = 8) -> list:
     return [row for row in rows if len(row[1])]
 
 
+def _longest_stacks(images: SliceSet, count: int) -> list[str]:
+    """`count` patients with the most slices (ties: by id), the longest NC and AD ones first."""
+    names, first, counts = np.unique(images.patients, return_index=True, return_counts=True)
+    order = sorted(range(len(names)), key=lambda i: (-counts[i], names[i]))
+    chosen = []
+    for label in (0, 1):
+        chosen += [i for i in order if images.labels[first[i]] == label][:1]
+    chosen += [i for i in order if i not in chosen]
+    return [str(names[i]) for i in chosen[:count]]
+
+
+def _stack_rows(
+    real: SliceSet, synthetic: SliceSet, per_side: int = 2, columns: int = STACK_COLUMNS
+) -> list:
+    """Two synthetic patients above two real test ones, slice by slice (the middle `columns`)."""
+    rows = []
+    for side, images in (("synthetic", synthetic), ("real test", real)):
+        for patient in _longest_stacks(images, per_side):
+            index = np.flatnonzero(images.patients == patient)
+            if images.slices is not None:
+                index = index[np.argsort(images.slices[index], kind="stable")]
+            start = max(0, (len(index) - columns) // 2)
+            index = index[start : start + columns]
+            numbers = [int(v) for v in images.slices[index]] if images.slices is not None else []
+            label = label_name(int(images.labels[index[0]]))
+            rows.append((f"{side} {label}\n{patient}", images.images[index], numbers))
+    return rows
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _stack_fmt(value: float | None) -> str:
+    """A stack figure: None means the set has no consecutive slices of one patient."""
+    return "no stacks" if value is None else f"{value:.3f}"
 
 
 # -- Reports ---------------------------------------------------------------------------------------
@@ -463,6 +571,14 @@ _TABLE = (
     ("kid", "kernel distance (KID) to real train features", "kid_real"),
     ("diversity", "diversity, mean pairwise 1 - SSIM", "diversity_real"),
     ("memorisation", "share nearer to a train slice than 95% of real test", None),
+)
+_STACK_TABLE = (
+    ("adjacent_ssim", "stacks: brain SSIM of consecutive slices, mean of patients"),
+    ("adjacent_ssim_real", "  real test patients"),
+    (
+        "adjacent_ssim_max_gap",
+        f"stacks: largest gap of the profiles (goal <= {ADJACENT_SSIM_GOAL})",
+    ),
 )
 
 
@@ -497,6 +613,18 @@ def format_comparison(metrics: dict) -> str:
             lines.append(
                 f"{reference:<22}{'  real reference':<64}{cell(reference, ''):>22}{cell(reference, '_down4'):>22}"
             )
+    if "adjacent_ssim" in metrics:  # absent from reports written before stacks were judged
+        for key, text in _STACK_TABLE:
+            lines.append(
+                f"{key:<22}{text:<64}{_stack_fmt(metrics.get(key)):>22}{_stack_fmt(metrics.get(key + '_down4')):>22}"
+            )
+        for key, text in (
+            ("adjacent_ssim_profile", "synthetic"),
+            ("adjacent_ssim_profile_real", "real test"),
+        ):
+            profile = metrics.get(key) or []
+            values = " ".join(_fmt(v) for v in profile) if profile else "no stacks"
+            lines.append(f"{key:<28}{text} by pair position ({size} px): {values}")
     return "\n".join(lines)
 
 
@@ -517,3 +645,21 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike, title: str)
         scale = "full scale" if not suffix else "4x downsampled"
         panels.append((scale, lines))
     return plots.plot_roc_panels(panels, comparison.examples, Path(path), title)
+
+
+def plot_stacks(comparison: Comparison, path: str | os.PathLike, title: str) -> Path:
+    """Two synthetic patients above two real test ones, slice by slice, below the adjacent-slice
+    SSIM profiles of both sets (full scale)."""
+    from keras_vqpix import plots
+
+    metrics = comparison.metrics
+    profiles = [
+        ("synthetic", metrics.get("adjacent_ssim_profile") or []),
+        ("real test", metrics.get("adjacent_ssim_profile_real") or []),
+    ]
+    gap = metrics.get("adjacent_ssim_max_gap")
+    if gap is not None:
+        title = f"{title}; largest profile gap {gap:.3f}"
+    return plots.plot_patient_stacks(
+        comparison.stacks, profiles, Path(path), title, tolerance=ADJACENT_SSIM_GOAL
+    )

@@ -113,10 +113,14 @@ def head_mask(reference, threshold: float = MASK_THRESHOLD):
     return between(1) & between(2)
 
 
-def _masked_ssim(reference, ssim_map):
-    """Sums of an SSIM map inside the (cropped) head mask of `reference`, and the mask areas."""
+def _masked_ssim(reference, ssim_map, other=None):
+    """Sums of an SSIM map inside the (cropped) head mask of `reference` (or of the union of the
+    head masks of `reference` and `other`), and the mask areas."""
     half = SSIM_FILTER_SIZE // 2
-    mask = tf.cast(head_mask(reference)[:, half:-half, half:-half], tf.float32)
+    mask = head_mask(reference)
+    if other is not None:
+        mask = mask | head_mask(other)
+    mask = tf.cast(mask[:, half:-half, half:-half], tf.float32)
     return tf.reduce_sum(ssim_map * mask, axis=[1, 2]), tf.reduce_sum(mask, axis=[1, 2])
 
 
@@ -125,6 +129,16 @@ def ssim_foreground_per_image(reference, images, max_val: float = 1.0):
     reference = tf.cast(reference, tf.float32)
     ssim_map = tf.image.ssim(reference, tf.cast(images, tf.float32), max_val, return_index_map=True)
     total, area = _masked_ssim(reference, ssim_map)
+    return tf.where(area > 0, total / tf.maximum(area, 1.0), tf.constant(np.nan, tf.float32))
+
+
+def ssim_foreground_symmetric(first, second, max_val: float = 1.0):
+    """SSIM map averaged inside the union of both images' head masks: `[B]`, NaN for an empty
+    union. Symmetric in its arguments (neither image is the reference), for two slices of one
+    brain, e.g. neighbours in a stack."""
+    first, second = tf.cast(first, tf.float32), tf.cast(second, tf.float32)
+    ssim_map = tf.image.ssim(first, second, max_val, return_index_map=True)
+    total, area = _masked_ssim(first, ssim_map, second)
     return tf.where(area > 0, total / tf.maximum(area, 1.0), tf.constant(np.nan, tf.float32))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from keras_vqpix.data.discover import label_name
 from keras_vqpix.io import atomic_path
@@ -23,6 +24,16 @@ def _figure(rows: int = 1, columns: int = 1, **options):
     """A new figure and its axes (`squeeze` as in `pyplot.subplots`), outside pyplot."""
     figure = Figure(figsize=options.pop("figsize"))
     return figure, figure.subplots(rows, columns, **options)
+
+
+def _show_slice(axis, image: np.ndarray | None) -> None:
+    """A grayscale slice `[H, W, 1]` in [0, 1] on `axis` (None: an empty cell), without ticks."""
+    axis.set_xticks([])
+    axis.set_yticks([])
+    if image is not None:
+        axis.imshow(
+            np.asarray(image)[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest"
+        )
 
 
 def _save(figure, path: Path) -> Path:
@@ -77,18 +88,9 @@ def plot_image_rows(
     for r, (label, images) in enumerate(rows):
         for c in range(columns):
             axis = axes[r][c]
-            axis.set_xticks([])
-            axis.set_yticks([])
+            _show_slice(axis, images[c] if c < len(images) else None)
             for spine in axis.spines.values():
                 spine.set_visible(False)
-            if c < len(images):
-                axis.imshow(
-                    np.asarray(images[c])[..., 0],
-                    cmap="gray",
-                    vmin=0.0,
-                    vmax=1.0,
-                    interpolation="nearest",
-                )
             if c == 0:
                 axis.set_ylabel(label, fontsize=8)
             if r == 0 and column_titles is not None and c < len(column_titles):
@@ -287,6 +289,64 @@ def plot_roc_panels(
             axis.set_yticks([])
             if c == 0:
                 axis.set_ylabel(label, fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_patient_stacks(
+    rows: Sequence[tuple[str, np.ndarray, Sequence[int]]],
+    profiles: Sequence[tuple[str, Sequence[float | None]]],
+    path: Path,
+    title: str,
+    tolerance: float | None = None,
+) -> Path:
+    """Patients slice by slice, one row each, below curves of adjacent-slice SSIM along the stack.
+
+    Args:
+        rows: `(row label, images [n, H, W, 1] in [0, 1], slice numbers [n])`; each image is
+            titled with its slice number (no titles for an empty list).
+        profiles: `(curve label, values)`, entry p the mean SSIM of the pairs at stack position
+            p (None: no pair there); a curve without values is named "no stacks". The last
+            curve is the reference.
+        tolerance: if given, a band of +- `tolerance` around the reference curve.
+    """
+    columns = max([len(images) for _, images, _ in rows] + [8])
+    figure = Figure(figsize=(0.95 * columns, 3.2 + 1.2 * len(rows)))
+    grid = figure.add_gridspec(1 + len(rows), columns, height_ratios=[3.2] + [1.2] * len(rows))
+    axis = figure.add_subplot(grid[0, :])
+    for label, values in profiles:
+        points = [(p, v) for p, v in enumerate(values) if v is not None]
+        if points:
+            positions, scores = zip(*points, strict=True)
+            axis.plot(positions, scores, marker="o", markersize=3, linewidth=1.3, label=label)
+        else:
+            axis.plot([], [], label=f"{label}: no stacks")
+    if tolerance is not None and profiles and any(v is not None for v in profiles[-1][1]):
+        positions, scores = zip(
+            *[(p, v) for p, v in enumerate(profiles[-1][1]) if v is not None], strict=True
+        )
+        axis.fill_between(
+            positions,
+            np.asarray(scores) - tolerance,
+            np.asarray(scores) + tolerance,
+            color="0.85",
+            label=f"{profiles[-1][0]} +- {tolerance:g}",
+        )
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("pair position p in the stack (slices p and p + 1)", fontsize=8)
+    axis.set_ylabel("brain SSIM of adjacent slices", fontsize=8)
+    axis.tick_params(labelsize=7)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    for r, (label, images, numbers) in enumerate(rows):
+        for c in range(len(images)):
+            image_axis = figure.add_subplot(grid[1 + r, c])
+            _show_slice(image_axis, images[c])
+            if c < len(numbers):
+                image_axis.set_title(str(numbers[c]), fontsize=6, pad=2)
+            if c == 0:
+                image_axis.set_ylabel(label, fontsize=7)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return _save(figure, path)

@@ -6,14 +6,24 @@
 - `memorisation_share`: the share of synthetic images closer (nearest-neighbour SSIM) to the
   training set than the `percentile`-th real *unseen* image is, the memorisation figure of
   `vqpix compare` (5% at the 95th percentile: no closer than real unseen slices).
+- `stack_consistency`: how alike neighbouring slices of each patient's stack are (brain SSIM of
+  every consecutive pair), overall and along the stack; `profile_gap` compares two profiles.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tensorflow as tf
 
-from keras_vqpix.metrics import MS_SSIM_MIN_SIZE, SSIM_FILTER_SIZE, fast_ssim_per_image
+from keras_vqpix.data.stacks import consecutive_pairs
+from keras_vqpix.metrics import (
+    MS_SSIM_MIN_SIZE,
+    SSIM_FILTER_SIZE,
+    fast_ssim_per_image,
+    ssim_foreground_symmetric,
+)
 
 _SSIM_SIGMA = 1.5
 _PAIR_PIXELS = 1 << 23  # pixels of the image pairs compared at once (32 MB of float32)
@@ -179,3 +189,85 @@ def memorisation_share(
         return None
     threshold = np.percentile(real_nn_ssim, percentile)
     return float(np.mean(synthetic_nn_ssim > threshold))
+
+
+# -- Stacks of consecutive slices ------------------------------------------------------------------
+@dataclass(frozen=True)
+class StackConsistency:
+    """Brain SSIM of consecutive slices of each patient (`stack_consistency`).
+
+    Attributes:
+        mean: the mean over patients of each patient's mean pair SSIM (every patient counts
+            once, however long its stack); None without a pair.
+        profile: entry p is the mean SSIM of the pairs at position p of their stacks (the pair
+            of slices `first + p` and `first + p + 1`, `first` the patient's lowest slice number),
+            over the patients that have that pair; None where no patient has one.
+        profile_patients: entry p is how many patients have a pair at position p.
+        patients: patients with at least one pair.
+        pairs: pairs in all.
+    """
+
+    mean: float | None
+    profile: list[float | None]
+    profile_patients: list[int]
+    patients: int
+    pairs: int
+
+
+def stack_consistency(
+    images: np.ndarray, patients: np.ndarray, slices: np.ndarray, *, batch_size: int = 256
+) -> StackConsistency:
+    """Brain SSIM (`ssim_foreground_symmetric`) of every consecutive pair of each patient's slices.
+
+    A synthetic data set of single-slice patients (each slice drawn on its own) has no pair:
+    `mean` is None and the profile empty. Real stacks of one brain score high and evenly along
+    the stack; slices of different brains, or shuffled within a patient, score far lower.
+
+    Args:
+        images: `[N, H, W, 1]` in [0, 1].
+        patients: `[N]` patient ids.
+        slices: `[N]` slice numbers (the `<slice>` of `<patient>_<slice>.jpeg`).
+        batch_size: pairs compared at once.
+    """
+    first, second, position = consecutive_pairs(patients, slices)
+    if not len(first):
+        return StackConsistency(None, [], [], 0, 0)
+    images = np.asarray(images, np.float32)
+    scores = np.concatenate(
+        [
+            ssim_foreground_symmetric(
+                images[first[i : i + batch_size]], images[second[i : i + batch_size]]
+            ).numpy()
+            for i in range(0, len(first), batch_size)
+        ]
+    ).astype(np.float64)
+    # A pair of blank slices (no head in either) has no brain to compare: it is left out.
+    known = ~np.isnan(scores)
+    if not known.any():
+        return StackConsistency(None, [], [], 0, 0)
+    first, position, scores = first[known], position[known], scores[known]
+    names, index = np.unique(np.asarray(patients)[first], return_inverse=True)
+    per_patient = np.bincount(index, scores) / np.bincount(index)
+    counts = np.bincount(position)
+    sums = np.bincount(position, scores)
+    return StackConsistency(
+        mean=float(np.mean(per_patient)),
+        # None at a position that every patient's stack skips (a gap shared by all).
+        profile=[
+            float(total / count) if count else None
+            for total, count in zip(sums, counts, strict=True)
+        ],
+        profile_patients=[int(count) for count in counts],
+        patients=len(names),
+        pairs=len(first),
+    )
+
+
+def profile_gap(profile: list, reference: list) -> float | None:
+    """The largest `|profile[p] - reference[p]|` over the positions both have; None if none."""
+    gaps = [
+        abs(value - other)
+        for value, other in zip(profile, reference, strict=False)  # positions both have
+        if value is not None and other is not None
+    ]
+    return max(gaps) if gaps else None

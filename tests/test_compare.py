@@ -13,16 +13,23 @@ from click.testing import CliRunner
 from keras_vqpix.compare import (
     SEEDED_NAMES,
     SET_NAMES,
+    STACK_NAMES,
+    Comparison,
     SliceSet,
+    _stack_rows,
+    format_comparison,
     frechet_distance,
     judge_once,
     kernel_distance,
     per_patient,
+    plot_stacks,
     roc_auc,
     set_figures,
+    stack_figures,
 )
 from keras_vqpix.config import CompareConfig
 from keras_vqpix.data.discover import discover_folder
+from keras_vqpix.data.stacks import consecutive_pairs
 from keras_vqpix.models.slice_classifier import SliceClassifier
 from keras_vqpix_cli.main import main
 
@@ -114,6 +121,8 @@ def test_real_vs_real_is_indistinguishable_and_cli_writes_every_key(demo_halves,
             str(tmp_path / "r.json"),
             "--plot",
             str(tmp_path / "r.png"),
+            "--plot-patients",
+            str(tmp_path / "patients.png"),
             "--image-size",
             "48",
             "--epochs",
@@ -125,11 +134,15 @@ def test_real_vs_real_is_indistinguishable_and_cli_writes_every_key(demo_halves,
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "r.json").read_text())
-    for name in (*SEEDED_NAMES, *SET_NAMES):
+    for name in (*SEEDED_NAMES, *SET_NAMES, *STACK_NAMES):
         for key in (name, f"{name}_down4"):
             assert key in metrics, key
     assert "c2st_auc_std" in metrics and "c2st_auc" in metrics["per_seed"]
     assert (tmp_path / "r.png").stat().st_size > 10_000
+    assert (tmp_path / "patients.png").stat().st_size > 10_000
+    # Every fourth slice of each patient: gaps everywhere, so no consecutive pair on either side.
+    assert metrics["adjacent_ssim"] is None and metrics["adjacent_ssim_real_down4"] is None
+    assert "no stacks" in result.output
     assert "c2st_auc" in result.output and "down4" in result.output
     # Known answers: two disjoint sets of real patients cannot be told apart, lie as far from
     # the real train slices as the real test slices do, and are no copies.
@@ -186,3 +199,92 @@ def test_compare_refuses_shared_patients_and_bad_options(demo_halves):
     assert result.exit_code == 2 and "share patient" in result.output
     result = CliRunner().invoke(main, ["compare", str(real), "--image-size", "50"])
     assert result.exit_code == 2 and "multiple of 4" in result.output
+
+
+# -- Stacks: adjacent-slice SSIM of patients -------------------------------------------------------
+def test_consecutive_pairs_skip_gaps_and_repeated_slices():
+    patients = np.array(["b", "a", "a", "a", "b", "a", "c", "a"])
+    slices = np.array([5, 3, 1, 2, 6, 2, 9, 5])
+    first, second, position = consecutive_pairs(patients, slices)
+    # a: 1, 2, 2 (the first file counts), 3, then 5 after a gap; b: 5, 6; c: alone.
+    assert first.tolist() == [2, 3, 0] and second.tolist() == [3, 1, 4]
+    assert position.tolist() == [0, 1, 0]
+    assert all(len(x) == 0 for x in consecutive_pairs(np.array([]), np.array([])))
+
+
+@pytest.fixture(scope="module")
+def demo_stacks(demo_data):
+    """The demo test split (8 patients, 20 consecutive slices each) at the test budget's size."""
+    return SliceSet.load(discover_folder(demo_data, "test"), BUDGET.image_size)
+
+
+def _relabelled(images: SliceSet, patients=None, slices=None, order=None) -> SliceSet:
+    order = np.arange(len(images)) if order is None else order
+    return SliceSet(
+        images.images[order],
+        images.labels,
+        images.patients if patients is None else patients,
+        images.slices if slices is None else slices,
+    )
+
+
+def test_stack_figures_known_answers(demo_stacks, tmp_path):
+    real = demo_stacks
+    same = stack_figures(real, real)
+    assert (
+        same["adjacent_ssim"] == same["adjacent_ssim_real"] and same["adjacent_ssim_max_gap"] == 0
+    )
+    assert same["adjacent_ssim_patients_real"] == 8
+    assert same["adjacent_ssim_profile_patients_real"] == [8] * 19  # 20 slices: 19 pairs each
+    assert 0.85 < same["adjacent_ssim_real"] < 1.0, same["adjacent_ssim_real"]
+
+    # Slices shuffled within each patient: the same brains, no longer in order.
+    rng = np.random.default_rng(0)
+    order = np.arange(len(real))
+    for patient in np.unique(real.patients):
+        index = np.flatnonzero(real.patients == patient)
+        order[index] = rng.permutation(index)
+    shuffled = stack_figures(real, _relabelled(real, order=order))
+    # Every other slice taken from another patient (same slice position): neighbours of two brains.
+    names = np.unique(real.patients)
+    other = {patient: names[(i + 1) % len(names)] for i, patient in enumerate(names)}
+    order = np.arange(len(real))
+    for patient in names:
+        index = np.flatnonzero(real.patients == patient)
+        donor = np.flatnonzero(real.patients == other[patient])
+        order[index[1::2]] = donor[1::2]
+    mixed = stack_figures(real, _relabelled(real, order=order))
+    for broken in (shuffled, mixed):
+        assert broken["adjacent_ssim"] < same["adjacent_ssim_real"] - 0.15, broken
+        assert broken["adjacent_ssim_max_gap"] > 0.1
+
+    # Every slice its own patient (`vqpix generate` without --slices-per-patient): no stacks.
+    single = stack_figures(real, _relabelled(real, patients=np.arange(len(real)).astype(str)))
+    assert single["adjacent_ssim"] is None and single["adjacent_ssim_max_gap"] is None
+    assert single["adjacent_ssim_profile"] == [] and single["adjacent_ssim_patients"] == 0
+    assert single["adjacent_ssim_real"] == same["adjacent_ssim_real"]
+    table = format_comparison({**single, **{k + "_down4": v for k, v in single.items()}})
+    assert "no stacks" in table and f"{same['adjacent_ssim_real']:.3f}" in table
+
+    # Slices 2, 5, 8, ... of each stack missing: only the pairs left count, at their positions.
+    first = {p: real.slices[real.patients == p].min() for p in names}
+    kept = np.array(
+        [(s - first[p]) % 3 != 2 for p, s in zip(real.patients, real.slices, strict=True)]
+    )
+    gapped = stack_figures(real, real.subset(np.flatnonzero(kept)))
+    profile, full = gapped["adjacent_ssim_profile"], same["adjacent_ssim_profile_real"]
+    assert [p for p, v in enumerate(profile) if v is not None] == [0, 3, 6, 9, 12, 15, 18]
+    np.testing.assert_allclose([profile[p] for p in (0, 3, 18)], [full[p] for p in (0, 3, 18)])
+    assert gapped["adjacent_ssim_max_gap"] < 1e-6
+
+    # The figure: two synthetic patients (NC, AD) above two real ones, every slice in order.
+    rows = _stack_rows(real, _relabelled(real, order=order))
+    assert [label.split("\n")[0] for label, _, _ in rows] == [
+        "synthetic NC",
+        "synthetic AD",
+        "real test NC",
+        "real test AD",
+    ]
+    assert all(np.all(np.diff(numbers) == 1) and len(numbers) == 20 for _, _, numbers in rows)
+    comparison = Comparison(metrics=mixed, stacks=rows)
+    assert plot_stacks(comparison, tmp_path / "p.png", "mixed").stat().st_size > 10_000

@@ -17,6 +17,7 @@ from keras_vqpix.metrics import (
     head_mask,
     ms_ssim_per_image,
     ssim_foreground_per_image,
+    ssim_foreground_symmetric,
     ssim_per_image,
 )
 
@@ -212,3 +213,18 @@ def test_ranking_scores_known_answers():
     assert best_dice(labels, labels.astype(float))[0] == 1.0
     assert balanced_accuracy([1, 1, 1, 0], [1, 1, 0, 0]) == pytest.approx((2 / 3 + 1) / 2)
     assert balanced_accuracy([1, 1], [1, 0]) is None
+
+
+def test_symmetric_brain_ssim_averages_over_both_heads(image_pairs):
+    references, degraded = image_pairs
+    forward = ssim_foreground_symmetric(references, degraded).numpy()
+    np.testing.assert_allclose(forward, ssim_foreground_symmetric(degraded, references), atol=1e-6)
+    np.testing.assert_allclose(ssim_foreground_symmetric(references, references), 1.0, atol=1e-5)
+    # A head shrunk inside the other (same slice, smaller): the union is the larger head's mask,
+    # so the figure is the foreground SSIM with the larger head as the reference, either way.
+    small = tf.image.resize(references, [64, 64]).numpy()
+    shrunk = np.pad(small, [[0, 0], [16, 16], [16, 16], [0, 0]])
+    expected = ssim_foreground_per_image(references, shrunk).numpy()
+    np.testing.assert_allclose(ssim_foreground_symmetric(shrunk, references), expected, atol=1e-6)
+    assert np.all(ssim_foreground_per_image(shrunk, references).numpy() > expected)
+    assert np.isnan(ssim_foreground_symmetric(np.zeros((1, 32, 32, 1)), np.zeros((1, 32, 32, 1))))

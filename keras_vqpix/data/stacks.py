@@ -4,7 +4,8 @@ An ADNI slice data set is a set of patients, each a stack of consecutive axial s
 (`<patient>_<slice>.jpeg`, 20 per patient in the ADNI and demo sets). A slice-context prior
 (`keras_vqpix.models.pixelcnn.PixelCNN` with `previous_slice` / `slice_positions`) learns slice z
 given slice z - 1 of the same patient and z's position in the stack; this module finds both for
-a list of records. NumPy only.
+a list of records, and `consecutive_pairs` every pair of neighbouring slices of arrays of patient
+ids and slice numbers (the stack figures of `vqpix compare`). NumPy only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from keras_vqpix.data.discover import SliceRecord
 
-__all__ = ["position_bins", "stack_context"]
+__all__ = ["consecutive_pairs", "position_bins", "stack_context"]
 
 
 def position_bins(num_slices: int, num_positions: int) -> np.ndarray:
@@ -60,3 +61,27 @@ def stack_context(
         ordered = sorted(indices, key=lambda i: records[i].slice_index)
         positions[ordered] = position_bins(len(ordered), num_positions)
     return previous, positions
+
+
+def consecutive_pairs(
+    patients: np.ndarray, slices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of slices `s`, `s + 1` of one patient: `(first index, second index, position)`.
+
+    Indices point into `patients` / `slices` (any order); the position is `s` minus the
+    patient's lowest slice number. A missing slice number skips the pairs that need it (a gap
+    is no neighbour); of several files with one patient and slice number, the first counts.
+    """
+    patients, slices = np.asarray(patients), np.asarray(slices, np.int64)
+    order = np.lexsort((np.arange(len(slices)), slices, patients))  # by patient, slice, index
+    patients, slices = patients[order], slices[order]
+    if not len(order):
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    new_patient = np.r_[True, patients[1:] != patients[:-1]]
+    first_slice = slices[np.maximum.accumulate(np.where(new_patient, np.arange(len(order)), 0))]
+    unique = np.r_[True, new_patient[1:] | (slices[1:] != slices[:-1])]
+    order, patients, slices = order[unique], patients[unique], slices[unique]
+    first_slice = first_slice[unique]
+    neighbours = np.flatnonzero((patients[1:] == patients[:-1]) & (slices[1:] == slices[:-1] + 1))
+    return order[neighbours], order[neighbours + 1], slices[neighbours] - first_slice[neighbours]
