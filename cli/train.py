@@ -32,8 +32,9 @@ from .common import InputError, resolve_data, user_errors
     type=click.Choice(sorted(PRESETS)),
     default="default",
     show_default=True,
-    help="Preset: quick (tiny, seconds), default (the real model) or default-undilated (the "
-    "default with the previous prior, whose vertical stacks are not dilated).",
+    help="Preset: quick (tiny, seconds), default (the real model), patients (the default with a "
+    "prior that reads the previous slice: draws whole synthetic patients) or default-undilated "
+    "(the default with the earlier prior, whose vertical stacks are not dilated).",
 )
 @click.option(
     "--stage",

@@ -212,9 +212,11 @@ class PriorConfig:
             (`PixelCNN`); 1: no dilation.
         previous_slice: bool, condition each slice's code map on its patient's previous slice
             (`PixelCNN`, `keras_vqpix.layers.slice_context`): what draws whole synthetic
-            patients slice after slice.
+            patients slice after slice (the `patients` preset). Off by default: on the demo
+            data it made single slices worse (docs/models.md, "Prior ablation").
         slice_positions: int, bins of a slice's position in its patient's stack the prior is
-            conditioned on (20: one per slice of the ADNI and demo stacks); 0: none.
+            conditioned on (the `patients` preset: 20, one per slice of the ADNI and demo
+            stacks); 0: none.
         previous_dropout: float, training probability of "no previous slice", so that the same
             prior draws a stack's first slice and single slices.
         learning_rate: float, Adam learning rate.
@@ -232,8 +234,8 @@ class PriorConfig:
     dropout: float = 0.0
     position_embedding: bool = True
     dilation_cycle: int = 4
-    previous_slice: bool = True
-    slice_positions: int = 20
+    previous_slice: bool = False
+    slice_positions: int = 0
     previous_dropout: float = 0.5
     learning_rate: float = 1e-3
     epochs: int = 20
@@ -469,6 +471,8 @@ def _quick() -> RunConfig:
             num_layers=2,
             filters=16,
             embedding_dim=8,
+            # The tests' runs draw synthetic patients too (the `patients` preset's prior).
+            previous_slice=True,
             slice_positions=4,
             learning_rate=1e-2,
             epochs=3,
@@ -481,32 +485,27 @@ def _default() -> RunConfig:
     return RunConfig(name="default")
 
 
-def _default_per_slice() -> RunConfig:
-    # The default prior before slice context (each slice drawn on its own, as in 0.2.0).
-    return RunConfig(
-        name="default-per-slice", prior=PriorConfig(previous_slice=False, slice_positions=0)
-    )
+def _patients() -> RunConfig:
+    # The default with a slice-context prior: it draws whole synthetic patients (`vqpix generate
+    # --slices-per-patient`, `vqpix sample --patient`, the exported `sample_patient`).
+    return RunConfig(name="patients", prior=PriorConfig(previous_slice=True, slice_positions=20))
 
 
 def _default_undilated() -> RunConfig:
-    # The default prior before dilated vertical stacks (11 code rows of context), and before
-    # slice context.
-    return RunConfig(
-        name="default-undilated",
-        prior=PriorConfig(dilation_cycle=1, previous_slice=False, slice_positions=0),
-    )
+    # The default prior before dilated vertical stacks (11 code rows of context).
+    return RunConfig(name="default-undilated", prior=PriorConfig(dilation_cycle=1))
 
 
 PRESETS = {
     "quick": _quick,
     "default": _default,
-    "default-per-slice": _default_per_slice,
+    "patients": _patients,
     "default-undilated": _default_undilated,
 }
 
 
 def get_config(name: str) -> RunConfig:
-    """Return the named preset (`quick`, `default`, `default-per-slice` or `default-undilated`)."""
+    """Return the named preset (`quick`, `default`, `patients` or `default-undilated`)."""
     if name not in PRESETS:
         raise ValueError(f"Unknown config {name!r}; choose one of {sorted(PRESETS)}.")
     return PRESETS[name]()

@@ -182,6 +182,15 @@ ARCHITECTURES = {
         embedding_dim=32,
         position_embedding=True,
         dilation_cycle=4,
+    ),
+    # The `patients` preset's prior (PriorConfig with slice context) with K = 256.
+    "patients": dict(
+        num_embeddings=256,
+        num_layers=9,
+        filters=32,
+        embedding_dim=32,
+        position_embedding=True,
+        dilation_cycle=4,
         previous_slice=True,
         slice_positions=20,
     ),

@@ -267,20 +267,21 @@ def test_pixelcnn_and_config_reject_bad_arguments():
         PriorConfig(dilation_cycle=0)
 
 
-def test_the_default_prior_is_dilated_with_slice_context_and_older_priors_stay_presets():
+def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
     default = get_config("default")
-    per_slice, undilated = get_config("default-per-slice"), get_config("default-undilated")
+    patients, undilated = get_config("patients"), get_config("default-undilated")
     prior = PixelCNN.from_run_config(default.prior, 256, code_shape=(32, 32))
     assert [block.dilation for block in prior.blocks] == [1, 2, 4, 8, 1, 2, 4, 8, 1, 2]
     assert prior.receptive_rows == 34 >= default.code_size
-    assert prior.previous_slice and prior.slice_positions == 20 and prior.has_slice_context
+    assert not prior.has_slice_context
     assert undilated.prior.dilation_cycle == 1
-    # Each preset differs from the next in the prior's one idea: the VQ-VAE stage of all three
-    # is the same run.
+    # Each preset differs from the default in the prior's one idea: the VQ-VAE stage of all
+    # three is the same run.
     context = {"prior.previous_slice": True, "prior.slice_positions": 20}
-    assert per_slice.replace(name="default", **context) == default
-    assert undilated.replace(name="default-per-slice", **{"prior.dilation_cycle": 4}) == per_slice
-    assert not PixelCNN.from_run_config(per_slice.prior, 256, (32, 32)).has_slice_context
+    assert default.replace(name="patients", **context) == patients
+    assert undilated.replace(name="default", **{"prior.dilation_cycle": 4}) == default
+    stacked = PixelCNN.from_run_config(patients.prior, 256, (32, 32))
+    assert stacked.previous_slice and stacked.slice_positions == 20
     assert PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32)).receptive_rows == 11
 
 
@@ -475,9 +476,9 @@ def test_a_config_json_written_before_dilation_reads_as_the_undilated_run_it_was
 def test_a_config_json_written_before_slice_context_reads_as_the_per_slice_run_it_was():
     from keras_vqpix.config import RunConfig, get_config
 
-    old = get_config("default").to_dict()
+    old = get_config("patients").to_dict()
     for name in ("previous_slice", "slice_positions", "previous_dropout"):
         del old["prior"][name]  # as 0.2.0 wrote it
     config = RunConfig.from_dict(old)
-    assert config.prior == get_config("default-per-slice").prior
+    assert config.prior == get_config("default").prior
     assert not PixelCNN.from_run_config(config.prior, 256, (32, 32)).has_slice_context
