@@ -73,7 +73,8 @@ def sample(ctx, run_dir, num, seed, label, temperature, out_dir, patient, slices
     if label is not None and label.lower() == "none":
         label = UNCONDITIONAL
 
-    with RowProgress() as progress, user_errors():
+    label_text = "Sampling patients" if patient else "Sampling code rows"
+    with RowProgress(label_text) as progress, user_errors():
         written = sample_run(
             run_dir,
             out_dir,
@@ -90,13 +91,14 @@ def sample(ctx, run_dir, num, seed, label, temperature, out_dir, patient, slices
 class RowProgress:
     """A click progress bar over the rows of the code maps, opened at the first row drawn."""
 
-    def __init__(self):
+    def __init__(self, label: str = "Sampling code rows"):
+        self.label = label
         self.bar = None
         self.done = 0
 
     def update(self, rows_done: int, rows: int) -> None:
         if self.bar is None:
-            self.bar = click.progressbar(length=rows, label="Sampling code rows", file=None)
+            self.bar = click.progressbar(length=rows, label=self.label, file=None)
             self.bar.__enter__()
         self.bar.update(rows_done - self.done)
         self.done = rows_done

@@ -159,30 +159,59 @@ class PixelCNNSteps:
             reach = block.vertical_reach
             shape = (n, reach, self.width + 2 * reach, channels)
             rows.append(tf.zeros(shape, block.compute_dtype))
+        terms = self.start_terms(None if context is None else context[:, :1])
+        if context is None:
+            return tuple(rows), terms
+        return tuple(rows), terms, context
+
+    def start_terms(self, context_first=None):
+        """Row 0's horizontal terms `[w, L + 1, n, 2p]` (`context_first [n, 1, w, F]`: row 0 of
+        the slice context, or None)."""
         filters = self.prior.blocks[0].filters
         # Row 0's horizontal stack reads the shifted-in zero row through vertical_to_horizontal.
-        zero_row = tf.zeros((n, 1, self.width, 2 * filters), self.prior.blocks[0].compute_dtype)
+        zero_row = tf.zeros(
+            (self.num_maps, 1, self.width, 2 * filters), self.prior.blocks[0].compute_dtype
+        )
         terms = [
             self._sum(
                 block.vertical_to_horizontal(zero_row)[:, 0],
                 bias[:, None, :],
-                None if context is None else block.horizontal_condition(context[:, :1])[:, 0],
+                None if context_first is None else block.horizontal_condition(context_first)[:, 0],
             )
             for block, bias in zip(self.prior.blocks, self.horizontal_bias, strict=True)
         ]
-        if context is None:
-            return tuple(rows), self._by_column(terms)
-        return tuple(rows), self._by_column(terms), context
+        return self._by_column(terms)
+
+    def embed(self, codes, row, col=None):
+        """`PixelCNN.embed` at `row` (and `col`), where `row` may also be one row per map `[n]`
+        (a stack drawn as a wavefront: each slice at its own row)."""
+        if not isinstance(row, tf.Tensor) or row.shape.rank == 0:
+            return self.prior.embed(codes, row, col)
+        embedded = self.prior.code_embedding(ops.cast(codes, "int32"))
+        if not self.prior.position_embedding:
+            return embedded
+        positions = tf.gather(self.prior.positions, row)  # [n, w, E]
+        if col is not None:
+            positions = tf.gather(positions, col, axis=1)
+        return embedded + ops.cast(positions, embedded.dtype)
+
+    @staticmethod
+    def context_row(context, row):
+        """Row `row` (a scalar, or one per map `[n]`) of the slice context: `[n, 1, w, F]`."""
+        if not isinstance(row, tf.Tensor) or row.shape.rank == 0:
+            return tf.gather(context, [row], axis=1)
+        return tf.gather(context, row[:, None], axis=1, batch_dims=1)
 
     def finish_row(self, state, codes_row, row):
-        """The state after row `row`, `codes_row [n, w]`, was drawn: its vertical stack, for the next row."""
+        """The state after row `row`, `codes_row [n, w]`, was drawn: its vertical stack, for the
+        next row. `row`: a scalar, or one row per map `[n]` (see `embed`)."""
         rows, context = state[0], (state[2] if len(state) > 2 else None)
-        x = self.prior.embed(codes_row, row)  # [n, w, E]
+        x = self.embed(codes_row, row)  # [n, w, E]
         new_rows, terms = [], []
         here = below = None
         if context is not None:
-            here = tf.gather(context, [row], axis=1)  # [n, 1, w, F]
-            below = tf.gather(context, [row + 1], axis=1)
+            here = self.context_row(context, row)  # [n, 1, w, F]
+            below = self.context_row(context, row + 1)
         for block, above, label, bias in zip(
             self.prior.blocks, rows, self.vertical_labels, self.horizontal_bias, strict=True
         ):
@@ -254,8 +283,9 @@ class PixelCNNSteps:
         return logits, tuple(new_row_state)
 
     def push_code(self, row_state, codes, row, col):
-        """The row state moved on by one column: `codes [n]` just drawn at `(row, col)`."""
-        embedded = self.prior.embed(codes, row, col)
+        """The row state moved on by one column: `codes [n]` just drawn at `(row, col)` (`row`
+        a scalar or one per map)."""
+        embedded = self.embed(codes, row, col)
         first = row_state[0]
         embedded = ops.cast(embedded, first.dtype)
         return (ops.concatenate([first[:, embedded.shape[-1] :], embedded], -1), *row_state[1:])
