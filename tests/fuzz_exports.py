@@ -65,8 +65,11 @@ def as_dtype(value, dtype):
 class Generator:
     """The cases for one export (its shapes, K, cap and labels read from the export itself)."""
 
-    def __init__(self, rng, image_shape, code_shape, num_embeddings, cap, conditional):
+    def __init__(
+        self, rng, image_shape, code_shape, num_embeddings, cap, conditional, slice_cap=None
+    ):
         self.rng, self.cap, self.k = rng, cap, num_embeddings
+        self.slice_cap = slice_cap  # `sample_patient`'s cap, None without that signature
         self.image_shape, self.code_shape = image_shape, code_shape
         self.labels = (-1, 0, 1) if conditional else (-1,)
         self.bad_labels = (-2, 2, 3, INT32[0], INT32[1]) + (() if conditional else (0, 1))
@@ -205,11 +208,13 @@ class Generator:
             ),
         ]
 
-    def scalar_faults(self):
-        """(family, field, value) faults of the generator's scalar inputs."""
+    def scalar_faults(self, cap=None):
+        """(family, field, value) faults of the generator's scalar inputs (`cap`: of the count,
+        default the cap of `num_samples`)."""
+        cap = self.cap if cap is None else cap
         faults = [
             ("value", "num_samples", np.int32(n))
-            for n in (0, -1, INT32[0], self.cap + 1, 10**8, INT32[1])
+            for n in (0, -1, INT32[0], cap + 1, 10**8, INT32[1])
         ]
         faults += [
             ("value", "temperature", np.float32(t))
@@ -262,6 +267,41 @@ class Generator:
                 "good",
             )
         )
+        return cases + self.patient_cases()
+
+    def patient_inputs(self, n=None):
+        """`sample_patient`'s inputs: those of `sample` with num_slices for num_samples."""
+        inputs = self.sample_inputs(1)
+        del inputs["num_samples"]
+        count = self.rng.integers(1, min(self.slice_cap, 3) + 1) if n is None else n
+        return {"num_slices": np.int32(count), **inputs}
+
+    def patient_cases(self):
+        """`sample_patient` (a run whose prior reads the previous slice): the scalar faults of
+        `sample` with num_slices (its cap) for num_samples, and good edges."""
+        if self.slice_cap is None:
+            return []
+        cases = []
+        for i, (family, field, value) in enumerate(self.scalar_faults(self.slice_cap)):
+            field = "num_slices" if field == "num_samples" else field
+            inputs = {**self.patient_inputs(), field: value}
+            cases.append(
+                Case(
+                    "generator",
+                    "sample_patient",
+                    f"{family}_{field}_{i}",
+                    inputs,
+                    "refused",
+                    family,
+                    field,
+                )
+            )
+        cases += self.common_faults("generator", "sample_patient", self.patient_inputs(1))
+        goods = [self.patient_inputs(1), self.patient_inputs(self.slice_cap)]
+        goods.append({**self.patient_inputs(2), "temperature": np.float32(TINY)})
+        goods.append({**self.patient_inputs(2), "seed": np.int32(INT32[0])})
+        for i, inputs in enumerate(goods):
+            cases.append(Case("generator", "sample_patient", f"good_{i}", inputs, "ok", "good"))
         return cases
 
     def random_tensor(self, good_shape, good_dtype, sample_good, bad_values):
@@ -363,7 +403,7 @@ def to_tensor(value):
 def check_outputs(case, outputs, info):
     """'' when the outputs of a good (or empty) call have the right shape, dtype and range."""
     if case.model == "generator":
-        n = int(case.inputs["num_samples"])
+        n = int(case.inputs["num_slices" if case.signature == "sample_patient" else "num_samples"])
         images, codes = outputs["images"], outputs["codes"]
     elif case.signature == "decode":
         n = len(case.inputs["codes"])
@@ -477,6 +517,7 @@ def main(argv=None) -> int:
         "num_embeddings": int(config["vqvae"]["num_embeddings"]),
         "cap": int(config["serving"]["max_samples"]),
         "conditional": bool(config["prior"]["conditional"]),
+        "slice_cap": config["serving"].get("max_slices"),
     }
     generator = Generator(
         np.random.default_rng(args.seed),
@@ -485,6 +526,7 @@ def main(argv=None) -> int:
         info["num_embeddings"],
         info["cap"],
         info["conditional"],
+        info["slice_cap"],
     )
     # Warm-up: each signature once (its first call builds kernels and allocator pools).
     for signature in ("serving_default", "encode"):

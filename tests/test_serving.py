@@ -23,6 +23,9 @@ from keras_vqpix_cli.main import main
 pytestmark = [pytest.mark.large, pytest.mark.usefixtures("time_limit")]
 
 QUICK_CAP = 6
+QUICK_SLICE_CAP = (
+    5  # `sample_patient`'s cap in these tests (the quick prior reads the previous slice)
+)
 FUZZ_SCRIPT = Path(__file__).with_name("fuzz_exports.py")
 FUZZ_TIMEOUT = 300  # seconds: the subprocess is killed (and the test fails) after this
 MIB = 2**20
@@ -30,11 +33,11 @@ MIB = 2**20
 
 @pytest.fixture(scope="module")
 def served(quick_run, tmp_path_factory) -> Path:
-    """`export_run(quick_run, BASE, max_samples=QUICK_CAP)`: BASE."""
+    """`export_run(quick_run, BASE, max_samples=QUICK_CAP, max_slices=QUICK_SLICE_CAP)`: BASE."""
     from keras_vqpix.export import export_run
 
     base = tmp_path_factory.mktemp("served") / "exported"
-    export_run(quick_run, base, max_samples=QUICK_CAP)
+    export_run(quick_run, base, max_samples=QUICK_CAP, max_slices=QUICK_SLICE_CAP)
     return base
 
 
@@ -86,7 +89,12 @@ def test_the_cap_is_in_the_readme_and_config_json(served, quick_run, fuzz):
     assert f"num_samples int32 scalar, 1 .. {QUICK_CAP}" in readme
     assert f"num_samples above {QUICK_CAP} is refused" in readme
     config = json.loads((folder / "config.json").read_text())
-    assert config.pop("serving") == {"max_samples": QUICK_CAP, "sampler": "fast"}
+    assert config.pop("serving") == {
+        "max_samples": QUICK_CAP,
+        "max_slices": QUICK_SLICE_CAP,
+        "sampler": "fast",
+    }
+    assert f"num_slices int32 scalar, 1 .. {QUICK_SLICE_CAP}" in readme
     assert config == json.loads((quick_run / "config.json").read_text())
     # The VQ-VAE's version has no cap: its config.json is the run's, unchanged.
     vqvae_config = (served / "vqvae" / "1" / "config.json").read_text()
@@ -153,6 +161,7 @@ NAMED = {
         "images": "images must be float32 in [0, 1]",
         "codes": "codes must be in [0, ",
         "num_samples": "num_samples must be",
+        "num_slices": "num_slices must be",
         "temperature": "temperature must be a finite number > 0",
         "label": "label must be -1",
     },
@@ -176,6 +185,7 @@ def test_fuzzed_inputs_are_refused_or_answered_never_a_crash_or_hang(fuzz):
         ("vqvae", "decode"),
         ("generator", "sample"),
         ("generator", "serving_default"),
+        ("generator", "sample_patient"),
     }
     expected = [r["expect"] for r in results]
     assert expected.count("refused") >= 250 and expected.count("ok") >= 30
@@ -210,6 +220,8 @@ def test_good_inputs_at_the_edges_succeed(fuzz):
     for index in range(2 + 6 + 3 + 3):  # n = 1, n = cap, 6 temperatures, 3 seeds, 3 labels
         assert ("generator", "sample", f"good_{index}") in names
     assert ("generator", "serving_default", "good_cap") in names
+    for index in range(4):  # num_slices 1 and the cap, the tiniest temperature, int32's least seed
+        assert ("generator", "sample_patient", f"good_{index}") in names
     # Empty batches: an empty answer of the right shape, never an error or a wrong answer.
     empty = [r for r in results if r["family"] == "empty"]
     assert len(empty) == 3 and all(r["passed"] and not r["error"] for r in empty), empty
