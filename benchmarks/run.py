@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import load
+from benchmarks import load, stacks
 from benchmarks.timing import Stats, alternate, load_average, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,8 +244,9 @@ def _sampling(name: str, settings: Settings) -> dict:
     times = alternate({"forward": one_pass, "fast": fast}, settings.repeats)
 
     # The reference: its row function traced (and row 0 drawn) once before timing.
-    arguments = (tf.constant(labels), tf.constant(0), tf.constant(1.0))
     empty = tf.zeros((n, size, size), tf.int32)
+    no_context = (tf.fill((n, size, size), -1), tf.fill((n,), -1))  # no previous slice, position
+    arguments = (tf.constant(labels), *no_context, tf.constant(0), tf.constant(1.0))
     sampling._row_sampler(prior, size, size)(empty, *arguments, tf.constant(0), tf.constant(0))
     reference_codes = []
 
@@ -599,9 +600,11 @@ def main(argv=None) -> int:
         "load_end": load_average(),
     }
     text = report(results, info, settings, command, timing)
-    if Path(args.out).exists():  # keep the section `python -m benchmarks.load` wrote
-        kept = load.section_of(Path(args.out).read_text())
-        text = load.replace_section(text, kept) if kept else text
+    if Path(args.out).exists():  # keep the sections `benchmarks.load` and `.stacks` wrote
+        previous = Path(args.out).read_text()
+        for heading in (load.HEADING, stacks.HEADING):
+            kept = load.section_of(previous, heading)
+            text = load.replace_section(text, kept, heading) if kept else text
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     if args.json:

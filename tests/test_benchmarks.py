@@ -50,3 +50,15 @@ def test_quick_benchmark_run_writes_every_section(tiny_adni, tmp_path):
 def test_rejects_an_unknown_section():
     with pytest.raises(SystemExit):
         run.parse_args(["--sections", "training,speed"])
+
+
+def test_the_stacks_benchmark_replaces_its_own_section(tmp_path):
+    from benchmarks import stacks
+
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmarks\n\n## Sampling\n\ns\n\n## Synthetic patients\n\nold\n")
+    assert stacks.main(["--slices", "2", "--repeats", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\n## Sampling\n\ns\n\n## Synthetic patients\n")
+    assert "old" not in text and "| wavefront" in text
+    assert "the same codes: yes" in text  # the wavefront draws the slice-after-slice codes

@@ -1,0 +1,110 @@
+"""`python -m benchmarks.stacks [--repeats 5] [--out benchmarks/RESULTS.md]`: synthetic patients.
+
+Times drawing one synthetic patient (a stack of `--slices` 32x32 code maps) from a prior of the
+`patients` preset (random weights: the cost does not depend on them), two ways, in alternation:
+
+- **wavefront** (`sample_stacks`, the default): every slice at once, slice z one row behind
+  slice z - 1;
+- **slice after slice**: `sample_codes` with the fast per-slice sampler, once per slice, each
+  given the previous slice (what the wavefront replaces; the same codes).
+
+and, once, 16 patients at once (throughput). Prints a Markdown section and writes it into
+`--out` in place of its previous version (the other sections are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+HEADING = "## Synthetic patients"
+
+
+def measure(slices: int, repeats: int) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from benchmarks.timing import alternate, timed
+    from keras_vqpix.config import get_config
+    from keras_vqpix.data.stacks import position_bins
+    from keras_vqpix.models.pixelcnn import PixelCNN
+    from keras_vqpix.sampling import sample_codes, sample_stacks, slice_seed
+
+    config = get_config("patients")
+    keras.utils.set_random_seed(0)
+    size = config.code_size
+    prior = PixelCNN.from_run_config(config.prior, config.vqvae.num_embeddings, (size, size), 0)
+    prior(tf.zeros((1, size, size), tf.int32), tf.zeros((1,), tf.int32))
+    bins = position_bins(slices, prior.slice_positions)
+
+    def wavefront():
+        return sample_stacks(prior, 1, slices, seed=1, labels=1)
+
+    def slice_after_slice():
+        previous, stack = None, []
+        for z in range(slices):
+            previous = sample_codes(
+                prior,
+                1,
+                int(slice_seed(1, z)),
+                1,
+                previous=previous,
+                positions=int(bins[z]),
+            )
+            stack.append(previous)
+        return np.stack(stack, axis=1)
+
+    same = np.array_equal(wavefront(), slice_after_slice())  # also the warm-up (tracing)
+    times = alternate({"wavefront": wavefront, "slices": slice_after_slice}, repeats)
+    batch_seconds, _ = timed(lambda: sample_stacks(prior, 16, slices, seed=2))
+    return {
+        "slices": slices,
+        "code_size": size,
+        "same_codes": bool(same),
+        "wavefront": times["wavefront"],
+        "slices_time": times["slices"],
+        "speedup": times["slices"].over(times["wavefront"]),
+        "batch_16_seconds": batch_seconds,
+    }
+
+
+def report(result: dict, command: str) -> str:
+    from benchmarks.timing import load_average
+
+    s, h = result["slices"], result["code_size"]
+    return (
+        f"{HEADING}\n\n"
+        f"One synthetic patient of {s} slices ({h}x{h} code maps, the `patients` preset's "
+        f"prior, random weights), `{command}` (load average {load_average()}):\n\n"
+        "| method | seconds per patient | row steps |\n|---|---|---|\n"
+        f"| wavefront (`sample_stacks`, default) | {result['wavefront'].show(2)} | {h + s - 1} |\n"
+        f"| slice after slice (fast per-slice sampler) | {result['slices_time'].show(2)} "
+        f"| {s * h} |\n\n"
+        f"Speed-up of the wavefront, run by run: {result['speedup'].show(2)} x; the same codes: "
+        f"{'yes' if result['same_codes'] else 'NO'}. 16 patients at once: "
+        f"{result['batch_16_seconds']:.1f} s ({result['batch_16_seconds'] / 16:.2f} s each).\n"
+    )
+
+
+def main(argv=None) -> int:
+    from benchmarks.load import replace_section
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stacks", description=__doc__)
+    parser.add_argument("--slices", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="a RESULTS.md to update")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "benchmarks.stacks", *(argv or sys.argv[1:])])
+    section = report(measure(args.slices, args.repeats), command)
+    print(section)
+    if args.out is not None:
+        text = args.out.read_text() if args.out.is_file() else "# Benchmarks\n"
+        args.out.write_text(replace_section(text, section, HEADING))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
