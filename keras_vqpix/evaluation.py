@@ -331,6 +331,11 @@ def format_metrics(metrics: dict) -> str:
             lines.append(
                 f"{'  with label -1':<26}{show(metrics['prior_bits_per_code_unconditional']):>10}"
             )
+        if "prior_bits_per_code_single_slice" in metrics:  # a prior that reads the previous slice
+            lines.append(
+                f"{'  each slice on its own':<26}"
+                f"{show(metrics['prior_bits_per_code_single_slice']):>10}"
+            )
         if "sample_diversity" in metrics:
             lines.append(f"{'metric':<26}{'samples':>10}{'real data':>12}")
             for name in ("sample_diversity", "sample_nn_ssim"):

@@ -4,7 +4,9 @@
 
 - `prior_bits_per_code`: cross-entropy of the evaluated split's code maps under the prior (its
   own labels), in bits per code; `max_bits_per_code` = log2 K is what a uniform prior scores.
-  For a conditional prior also `prior_bits_per_code_unconditional` (label -1).
+  For a conditional prior also `prior_bits_per_code_unconditional` (label -1). For a prior
+  that reads the previous slice, the bits of the split's patients as stacks
+  (`split_bits_per_code`), and `prior_bits_per_code_single_slice`.
 - With N samples (`--samples N`): `sample_diversity`, the mean over all pairs of samples of
   `1 - MS-SSIM` (or `1 - SSIM` when the images are smaller than 161 px, where MS-SSIM cannot
   run; `diversity_metric` says which), and `sample_nn_ssim`, the mean over samples of the SSIM
@@ -27,7 +29,7 @@ from keras_vqpix import plots
 from keras_vqpix.codes import cached_codes, encode_records
 from keras_vqpix.data.discover import SliceRecord, spread_records
 from keras_vqpix.data.pipeline import load_images
-from keras_vqpix.models.pixelcnn import bits_per_code, max_bits_per_code
+from keras_vqpix.models.pixelcnn import bits_per_code, max_bits_per_code, split_bits_per_code
 from keras_vqpix.run_folder import load_prior
 from keras_vqpix.sampling import decode_codes, resolve_labels, sample_codes
 from keras_vqpix.similarity import (
@@ -116,7 +118,12 @@ def evaluate_prior(
     batch_size = config.prior.batch_size
     metrics = {
         "prior_epoch": prior_meta.get("epoch"),
-        "prior_bits_per_code": bits_per_code(prior, codes, labels, batch_size),
+        **{
+            f"prior_{name}": value
+            for name, value in split_bits_per_code(
+                prior, codes, labels, records, batch_size
+            ).items()
+        },
         "max_bits_per_code": max_bits_per_code(prior.num_embeddings),
     }
     if prior.conditional:

@@ -156,6 +156,15 @@ def quick_run(tiny_adni, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def quick_prior(quick_run):
+    """The prior `vqpix train --config quick` trained (8x8 code maps, K = 16; it reads the
+    previous slice, as the `patients` preset's)."""
+    from keras_vqpix.run_folder import load_prior
+
+    return load_prior(quick_run)[0]
+
+
 # -- Priors with random weights (test_pixelcnn_steps, test_fast_sampling) --------------------------
 def random_prior(shape=(4, 5), **kwargs):
     """A built `PixelCNN` whose biases and label embeddings are random too (not zeros)."""
@@ -183,17 +192,6 @@ ARCHITECTURES = {
         position_embedding=True,
         dilation_cycle=4,
     ),
-    # The `patients` preset's prior (PriorConfig with slice context) with K = 256.
-    "patients": dict(
-        num_embeddings=256,
-        num_layers=9,
-        filters=32,
-        embedding_dim=32,
-        position_embedding=True,
-        dilation_cycle=4,
-        previous_slice=True,
-        slice_positions=20,
-    ),
     "quick": dict(
         num_embeddings=16,
         num_layers=2,
@@ -215,6 +213,12 @@ ARCHITECTURES = {
         dilation_cycle=3,
         position_embedding=True,
     ),
+}
+# The `patients` preset's prior: the default's with slice context.
+ARCHITECTURES["patients"] = {
+    **ARCHITECTURES["default"],
+    "previous_slice": True,
+    "slice_positions": 20,
 }
 
 

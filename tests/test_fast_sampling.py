@@ -24,14 +24,6 @@ pytestmark = pytest.mark.usefixtures("time_limit")
 
 
 @pytest.fixture(scope="module")
-def quick_prior(quick_run):
-    """The prior `vqpix train --config quick` trained (8x8 code maps, K = 16)."""
-    from keras_vqpix.run_folder import load_prior
-
-    return load_prior(quick_run)[0]
-
-
-@pytest.fixture(scope="module")
 def default_prior():
     """The default architecture (10 blocks of 32 filters, K = 256), random weights, 5x7 maps."""
     return random_prior((5, 7), **ARCHITECTURES["default"])

@@ -27,14 +27,6 @@ pytestmark = pytest.mark.usefixtures("time_limit")
 
 
 @pytest.fixture(scope="module")
-def quick_prior(quick_run):
-    """The quick run's prior: it reads the previous slice (8x8 code maps, K = 16)."""
-    from keras_vqpix.run_folder import load_prior
-
-    return load_prior(quick_run)[0]
-
-
-@pytest.fixture(scope="module")
 def random_stack_prior():
     """The quick architecture with random weights on 5x6 maps (biases and embeddings too)."""
     return random_prior((5, 6), **ARCHITECTURES["quick"])

@@ -117,10 +117,9 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         # Not the config's default (4): a prior saved before dilation existed has no
         # dilation_cycle in its config and must load undilated.
         dilation_cycle: int = 1,
-        # Likewise: a prior saved before slice context existed has none.
-        previous_slice: bool = False,
-        slice_positions: int = 0,
-        previous_dropout: float = 0.0,
+        previous_slice: bool = _DEFAULTS.previous_slice,
+        slice_positions: int = _DEFAULTS.slice_positions,
+        previous_dropout: float = _DEFAULTS.previous_dropout,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -505,3 +504,34 @@ def bits_per_code(
             )
         )
     return total / (codes.size * LN2)
+
+
+def split_bits_per_code(
+    prior, codes: np.ndarray, labels: np.ndarray, records, batch_size: int = 64
+) -> dict[str, float]:
+    """`{"bits_per_code": ...}` of a split's code maps (`records`' order) as the prior models them.
+
+    A prior without slice context: `bits_per_code` of the maps. A slice-context prior
+    (`has_slice_context`): the likelihood of the split's patients as the stacks they are, each
+    slice given its patient's previous slice and its position bin
+    (`keras_vqpix.data.stacks.stack_context`), and `bits_per_code_single_slice`, each slice on
+    its own with its position known (comparable with a prior without slice context).
+    """
+    from keras_vqpix.data.stacks import stack_context
+
+    if not getattr(prior, "has_slice_context", False):
+        return {"bits_per_code": bits_per_code(prior, codes, labels, batch_size)}
+    previous_index, positions = stack_context(records, prior.slice_positions)
+    previous = np.where(
+        (previous_index >= 0)[:, None, None], codes[np.maximum(previous_index, 0)], -1
+    )
+    if not prior.previous_slice:
+        previous = None
+    return {
+        "bits_per_code": bits_per_code(
+            prior, codes, labels, batch_size, previous=previous, positions=positions
+        ),
+        "bits_per_code_single_slice": bits_per_code(
+            prior, codes, labels, batch_size, positions=positions
+        ),
+    }

@@ -21,7 +21,12 @@ from keras_vqpix.data.discover import DataSplits
 from keras_vqpix.data.pipeline import batch_by_plan, shard_by_batch, steps_per_epoch
 from keras_vqpix.data.stacks import stack_context
 from keras_vqpix.io import atomic_write_text
-from keras_vqpix.models.pixelcnn import PixelCNN, bits_per_code, max_bits_per_code
+from keras_vqpix.models.pixelcnn import (
+    PixelCNN,
+    bits_per_code,
+    max_bits_per_code,
+    split_bits_per_code,
+)
 from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae, read_json, write_json
 from keras_vqpix.training.callbacks import Stage, read_history, seeded_construction, train_stage
 from keras_vqpix.training.distribute import (
@@ -180,7 +185,7 @@ def train_prior(
         name: stack_context(getattr(splits, name), config.prior.slice_positions)
         if config.prior.slice_context
         else None
-        for name in codes
+        for name in ("train", "validation")
     }
     _discard_stale_prior(paths, vqvae_fingerprint, log)
 
@@ -239,7 +244,8 @@ def train_prior(
         return {**read_json(paths.prior_meta), **last}
     best_prior, meta = load_prior(paths.root, vqvae_meta)
     test_codes, test_labels = codes["test"]
-    meta.update(test_bits(best_prior, test_codes, test_labels, contexts["test"], batch_size))
+    figures = split_bits_per_code(best_prior, test_codes, test_labels, splits.test, batch_size)
+    meta.update({f"test_{name}": value for name, value in figures.items()})
     if best_prior.conditional:
         meta["test_bits_per_code_unconditional"] = bits_per_code(
             best_prior, test_codes, None, batch_size
@@ -251,33 +257,6 @@ def train_prior(
     )
     plot_prior(paths, splits, config, vqvae, best_prior, meta, samples=samples)
     return {**meta, **last}
-
-
-def test_bits(
-    prior, codes: np.ndarray, labels: np.ndarray, context, batch_size: int = 64
-) -> dict[str, float]:
-    """`test_bits_per_code` of the maps; for a slice-context prior also `_single_slice`.
-
-    `test_bits_per_code` is the prior's likelihood of the data as the stacks they are: each
-    slice given its patient's previous slice and its position (`context`,
-    `keras_vqpix.data.stacks.stack_context`). `test_bits_per_code_single_slice` scores each
-    slice on its own (no previous slice, its position known): comparable with a prior without
-    slice context, which draws every slice on its own.
-    """
-    if context is None:
-        return {"test_bits_per_code": bits_per_code(prior, codes, labels, batch_size)}
-    previous_index, positions = context
-    previous = np.where(
-        (previous_index >= 0)[:, None, None], codes[np.maximum(previous_index, 0)], -1
-    )
-    return {
-        "test_bits_per_code": bits_per_code(
-            prior, codes, labels, batch_size, previous=previous, positions=positions
-        ),
-        "test_bits_per_code_single_slice": bits_per_code(
-            prior, codes, labels, batch_size, positions=positions
-        ),
-    }
 
 
 def plot_prior(
