@@ -43,6 +43,15 @@ from .common import SizeType, user_errors
     show_default=True,
     help="Share of each class's patients written to test/.",
 )
+@click.option(
+    "--guidance",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    metavar="W",
+    help="Classifier-free guidance weight: the logits u + W (c - u) of the class (c) and "
+    "unconditional (u) prior; W > 1 strengthens the class (twice the sampling cost). "
+    "Default: none (W = 1).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option(
     "--temperature",
@@ -74,6 +83,7 @@ def generate(
     out_dir,
     per_class,
     slices_per_patient,
+    guidance,
     test_fraction,
     seed,
     temperature,
@@ -95,6 +105,7 @@ def generate(
         sampling_only = (
             "per_class",
             "slices_per_patient",
+            "guidance",
             "test_fraction",
             "seed",
             "temperature",
@@ -116,6 +127,8 @@ def generate(
         words += ["--per-class", str(per_class), "--test-fraction", f"{test_fraction:g}"]
         if slices_per_patient > 1:
             words += ["--slices-per-patient", str(slices_per_patient)]
+        if guidance is not None:
+            words += ["--guidance", f"{guidance:g}"]
         words += ["--seed", str(seed), "--temperature", f"{temperature:g}"]
     if size is not None:
         words += ["--size", f"{size[0]}x{size[1]}"]
@@ -146,6 +159,7 @@ def generate(
                     out_dir,
                     per_class=per_class,
                     slices_per_patient=slices_per_patient,
+                    guidance=guidance,
                     test_fraction=test_fraction,
                     seed=seed,
                     temperature=temperature,

@@ -40,6 +40,15 @@ from .common import user_errors
     help="Softmax temperature; below 1 is more conservative.",
 )
 @click.option(
+    "--guidance",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    metavar="W",
+    help="Classifier-free guidance weight: the logits u + W (c - u) of the class (c) and "
+    "unconditional (u) prior; W > 1 strengthens the class (twice the sampling cost). "
+    "Default: none (W = 1).",
+)
+@click.option(
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -61,7 +70,7 @@ from .common import user_errors
     help="Slices of each patient with --patient.",
 )
 @click.pass_context
-def sample(ctx, run_dir, num, seed, label, temperature, out_dir, patient, slices) -> None:
+def sample(ctx, run_dir, num, seed, label, temperature, guidance, out_dir, patient, slices) -> None:
     """Sample NUM brain slices (or with --patient NUM whole patients) from the run RUN into --out.
 
     The same seed, label and temperature give the same code maps (.npy) and images.
@@ -84,6 +93,7 @@ def sample(ctx, run_dir, num, seed, label, temperature, out_dir, patient, slices
             temperature=temperature,
             on_row=progress.update,
             slices_per_patient=slices if patient else None,
+            guidance=guidance,
         )
     click.echo(f"Wrote {written} {'patients' if patient else 'samples'} to {out_dir}")
 

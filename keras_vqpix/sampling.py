@@ -105,6 +105,24 @@ def check_temperature(temperature) -> float:
     return value
 
 
+def check_guidance(guidance) -> float | None:
+    """`guidance` as None (none: also for 1, which draws from the conditional prior itself) or a
+    float w >= 0 (`PixelCNNSteps`' classifier-free guidance), or a one-line ValueError."""
+    if guidance is None:
+        return None
+    try:
+        value = float(guidance)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(guidance, bool) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"guidance must be a finite number >= 0. Received: guidance={guidance!r}")
+    return None if value == 1.0 else value
+
+
+def _guidance_tensor(guidance):
+    return tf.constant(1.0 if guidance is None else guidance, tf.float32)
+
+
 def position_seed(seed, index):
     """Stateless seed `int32[2]` of the code at raster index `index` (= row * w + col) for `seed`."""
     pair = tf.stack([tf.cast(seed, tf.int32), tf.constant(SEED_SALT, tf.int32)])
@@ -292,6 +310,7 @@ def sample_rows_reference(
     redraw=None,
     previous=None,
     positions=None,
+    guidance=None,
 ):
     """Draw rows `row_start .. row_end - 1` of `codes [n, h, w]` (a TF function body).
 
@@ -304,12 +323,13 @@ def sample_rows_reference(
     request (see `map_seeds`). With `redraw` (bool `[n, h, w]`), only the positions it marks
     are drawn, the others keep their code in `codes` (see `resample_codes`). `previous`,
     `positions`: a slice-context prior's context (`resolve_context`; None: none, unknown).
+    `guidance`: None, or a float32 w (`PixelCNNSteps`: classifier-free guidance).
     """
     height, width = codes.shape[1], codes.shape[2]
     rows = tf.range(height)[:, None]
     cols = tf.range(width)[None, :]
     steps = (
-        PixelCNNSteps(prior, labels, width, previous, positions)
+        PixelCNNSteps(prior, labels, width, previous, positions, guidance)
         if isinstance(prior, PixelCNN)
         else None
     )
@@ -332,10 +352,10 @@ def sample_rows_reference(
     return codes
 
 
-def _row_sampler(prior, height: int, width: int):
-    """A traced-once `tf.function(codes, labels, seed, temperature, row, first_map)` drawing
-    one row."""
-    cached = _ROW_SAMPLERS.get(prior, {}).get((height, width))
+def _row_sampler(prior, height: int, width: int, guided: bool = False):
+    """A traced-once `tf.function(codes, labels, previous, positions, seed, temperature, row,
+    first_map, guidance)` drawing one row (`guided`: with guidance)."""
+    cached = _ROW_SAMPLERS.get(prior, {}).get((height, width, guided))
     if cached is not None:
         return cached
     # The cache is keyed weakly by the prior; a strong reference from the function would keep
@@ -352,10 +372,11 @@ def _row_sampler(prior, height: int, width: int):
             tf.TensorSpec([], tf.float32),
             tf.TensorSpec([], tf.int32),
             tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.float32),
         ],
         autograph=False,
     )
-    def sample_row(codes, labels, previous, positions, seed, temperature, row, first_map):
+    def sample_row(codes, labels, previous, positions, seed, temperature, row, first_map, guidance):
         return sample_rows_reference(
             prior_ref(),
             codes,
@@ -367,9 +388,10 @@ def _row_sampler(prior, height: int, width: int):
             first_map,
             previous=previous,
             positions=positions,
+            guidance=guidance if guided else None,
         )
 
-    _ROW_SAMPLERS.setdefault(prior, {})[(height, width)] = sample_row
+    _ROW_SAMPLERS.setdefault(prior, {})[(height, width, guided)] = sample_row
     return sample_row
 
 
@@ -420,6 +442,7 @@ def sample_codes_reference(
     first_map: int = 0,
     previous=None,
     positions=None,
+    guidance: float | None = None,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 drawn by the straightforward reference sampler.
 
@@ -439,14 +462,18 @@ def sample_codes_reference(
             batches: maps `first_map ..` of that request (see `map_seeds`).
         previous, positions: a slice-context prior's context, the previous slice's codes and
             the slice's position bin (`resolve_context`); None: none, and a bin drawn per map.
+        guidance: None, or w >= 0: classifier-free guidance (`PixelCNNSteps`; `check_guidance`).
     """
     arguments, height, width, first_map = _checked_arguments(
         prior, num_samples, seed, labels, temperature, code_shape, first_map, previous, positions
     )
-    sample_row = _row_sampler(prior, height, width)
+    guidance = check_guidance(guidance)
+    sample_row = _row_sampler(prior, height, width, guidance is not None)
     codes = tf.zeros((num_samples, height, width), tf.int32)
     for row in range(height):
-        codes = sample_row(codes, *arguments, tf.constant(row, tf.int32), first_map)
+        codes = sample_row(
+            codes, *arguments, tf.constant(row, tf.int32), first_map, _guidance_tensor(guidance)
+        )
         if on_row is not None:
             on_row(row + 1, height)
     return codes.numpy()
@@ -536,6 +563,7 @@ def fast_codes_graph(
     width: int,
     previous=None,
     positions=None,
+    guidance=None,
 ):
     """Code maps `int32 [num_samples, height, width]` drawn by the fast sampler, in graph mode.
 
@@ -552,7 +580,7 @@ def fast_codes_graph(
     if not isinstance(prior, PixelCNN):
         return sample_rows_reference(prior, codes, labels, seed, temperature, 0, height)
     positions = _graph_positions(prior, num_samples, seed, positions)
-    steps = PixelCNNSteps(prior, labels, width, previous, positions)
+    steps = PixelCNNSteps(prior, labels, width, previous, positions, guidance)
     codes, _ = sample_rows_fast(steps, codes, steps.start(), seed, temperature, 0, height)
     return codes
 
@@ -567,28 +595,44 @@ def reference_codes_graph(
     width: int,
     previous=None,
     positions=None,
+    guidance=None,
 ):
     """`fast_codes_graph`'s counterpart drawn by the reference sampler (the same codes, slowly)."""
     codes, labels = _blank_maps(num_samples, labels, height, width)
     positions = _graph_positions(prior, num_samples, seed, positions)
     return sample_rows_reference(
-        prior, codes, labels, seed, temperature, 0, height, previous=previous, positions=positions
+        prior,
+        codes,
+        labels,
+        seed,
+        temperature,
+        0,
+        height,
+        previous=previous,
+        positions=positions,
+        guidance=guidance,
     )
 
 
-def _fast_row_sampler(prior, height: int, width: int):
-    """Traced-once `tf.function`s `start(labels, previous, positions) -> state` and
-    `sample_row(codes, state, labels, seed, temperature, row, first_map) -> (codes, state)`."""
-    cached = _FAST_SAMPLERS.get(prior, {}).get((height, width))
+def _fast_row_sampler(prior, height: int, width: int, guided: bool = False):
+    """Traced-once `tf.function`s `start(labels, previous, positions, guidance) -> state` and
+    `sample_row(codes, state, labels, seed, temperature, row, first_map, guidance) -> (codes,
+    state)` (`guided`: with guidance)."""
+    cached = _FAST_SAMPLERS.get(prior, {}).get((height, width, guided))
     if cached is not None:
         return cached
     prior_ref = weakref.ref(prior)  # as in `_row_sampler`
     labels_spec = tf.TensorSpec([None], tf.int32)
     previous_spec = tf.TensorSpec([None, height, width], tf.int32)
 
-    @tf.function(input_signature=[labels_spec, previous_spec, labels_spec], autograph=False)
-    def start(labels, previous, positions):
-        return PixelCNNSteps(prior_ref(), labels, width, previous, positions).start()
+    guidance_spec = tf.TensorSpec([], tf.float32)
+
+    @tf.function(
+        input_signature=[labels_spec, previous_spec, labels_spec, guidance_spec], autograph=False
+    )
+    def start(labels, previous, positions, guidance):
+        guidance = guidance if guided else None
+        return PixelCNNSteps(prior_ref(), labels, width, previous, positions, guidance).start()
 
     state_spec = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape, t.dtype),
@@ -604,14 +648,16 @@ def _fast_row_sampler(prior, height: int, width: int):
             tf.TensorSpec([], tf.float32),
             tf.TensorSpec([], tf.int32),
             tf.TensorSpec([], tf.int32),
+            guidance_spec,
         ],
         autograph=False,
     )
-    def sample_row(codes, state, labels, seed, temperature, row, first_map):
-        steps = PixelCNNSteps(prior_ref(), labels, width)
+    def sample_row(codes, state, labels, seed, temperature, row, first_map, guidance):
+        guidance = guidance if guided else None
+        steps = PixelCNNSteps(prior_ref(), labels, width, guidance=guidance)
         return sample_rows_fast(steps, codes, state, seed, temperature, row, row + 1, first_map)
 
-    _FAST_SAMPLERS.setdefault(prior, {})[(height, width)] = (start, sample_row)
+    _FAST_SAMPLERS.setdefault(prior, {})[(height, width, guided)] = (start, sample_row)
     return start, sample_row
 
 
@@ -627,6 +673,7 @@ def sample_codes_fast(
     first_map: int = 0,
     previous=None,
     positions=None,
+    guidance: float | None = None,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 drawn by the fast sampler: the reference's codes.
 
@@ -646,17 +693,20 @@ def sample_codes_fast(
             first_map=first_map,
             previous=previous,
             positions=positions,
+            guidance=guidance,
         )
     arguments, height, width, first_map = _checked_arguments(
         prior, num_samples, seed, labels, temperature, code_shape, first_map, previous, positions
     )
-    start, sample_row = _fast_row_sampler(prior, height, width)
+    guidance = check_guidance(guidance)
+    start, sample_row = _fast_row_sampler(prior, height, width, guidance is not None)
     codes = tf.zeros((num_samples, height, width), tf.int32)
     labels, previous, positions, seed, temperature = arguments
-    state = start(labels, previous, positions)
+    weight = _guidance_tensor(guidance)
+    state = start(labels, previous, positions, weight)
     for row in range(height):
         codes, state = sample_row(
-            codes, state, labels, seed, temperature, tf.constant(row, tf.int32), first_map
+            codes, state, labels, seed, temperature, tf.constant(row, tf.int32), first_map, weight
         )
         if on_row is not None:
             on_row(row + 1, height)
@@ -710,12 +760,15 @@ def sample_codes(
     batch_size: int = SAMPLE_BATCH_SIZE,
     previous=None,
     positions=None,
+    guidance: float | None = None,
 ) -> np.ndarray:
     """Code maps `[num_samples, h, w]` int32 from `prior`: the public entry point.
 
     Arguments as `sample_codes_reference`; `method`: a key of `SAMPLERS`, "fast"
     (`sample_codes_fast`, the default) or "reference" (`sample_codes_reference`). Both draw the
     same codes. `previous`, `positions`: a slice-context prior's context (`resolve_context`).
+    `guidance`: None, or w >= 0, classifier-free guidance (`PixelCNNSteps`): w > 1 strengthens
+    the class in the samples, at twice the cost per map.
 
     Any number of maps: they are drawn `batch_size` at a time, so the sampler's memory is
     bounded by the batch (only the int32 codes, `4 * h * w` bytes a map, grow with
@@ -753,6 +806,7 @@ def sample_codes(
             first_map=start,
             previous=previous[start : start + batch_size],
             positions=positions[start : start + batch_size],
+            guidance=guidance,
         )
         if codes is None:  # filled in place: no second copy of a large request
             codes = np.empty((num_samples, *drawn.shape[1:]), np.int32)
@@ -847,6 +901,7 @@ def codes_graph(
     method: str = DEFAULT_METHOD,
     previous=None,
     positions=None,
+    guidance=None,
 ):
     """Code maps `[num_samples, height, width]` int32 drawn entirely in the graph (a TF function body).
 
@@ -868,6 +923,7 @@ def codes_graph(
             pass per code). Every method draws the same codes; they differ in speed only.
         previous, positions: int32 tensors `[n, h, w]` and `[n]`, or None: a slice-context
             prior's context (`resolve_context`: positions None are drawn), not checked here.
+        guidance: None, or a float32 w >= 0 (classifier-free guidance, `PixelCNNSteps`).
 
     Returns:
         int32 tensor `[n, height, width]` with a static `[None, height, width]` shape.
@@ -875,7 +931,9 @@ def codes_graph(
     draw = sampler(method).graph
     seed = tf.cast(seed, tf.int32)
     temperature = tf.cast(temperature, tf.float32)
-    return draw(prior, num_samples, seed, labels, temperature, height, width, previous, positions)
+    return draw(
+        prior, num_samples, seed, labels, temperature, height, width, previous, positions, guidance
+    )
 
 
 # -- Stacks: whole synthetic patients --------------------------------------------------------------
@@ -967,6 +1025,7 @@ def sample_stacks(
     method: str = DEFAULT_METHOD,
     batch_size: int = STACK_BATCH_SIZE,
     on_progress: Callable[[int, int], None] | None = None,
+    guidance: float | None = None,
 ) -> np.ndarray:
     """Code maps `[num_stacks, num_slices, h, w]` int32: whole synthetic patients.
 
@@ -992,6 +1051,7 @@ def sample_stacks(
         batch_size: stacks per graph call of the fast method (bounds its memory).
         on_progress: called with `(stacks done, num_stacks)` after each batch (fast) or
             `(slices done, num_slices)` after each slice (reference).
+        guidance: None, or w >= 0: classifier-free guidance of every slice (`sample_codes`).
     """
     if not getattr(prior, "previous_slice", False):
         raise ValueError(
@@ -1002,6 +1062,7 @@ def sample_stacks(
     num_slices = check_num_slices(num_slices)
     seed = check_seed(seed)
     temperature = check_temperature(temperature)
+    guidance = check_guidance(guidance)
     labels = resolve_labels(prior, num_stacks, labels)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
         raise ValueError(f"batch_size must be an int >= 1. Received: batch_size={batch_size!r}")
@@ -1020,12 +1081,13 @@ def sample_stacks(
                 method="reference",
                 previous=previous,
                 positions=int(bins[z]),
+                guidance=guidance,
             )
             stacks.append(previous)
             if on_progress is not None:
                 on_progress(z + 1, num_slices)
         return np.stack(stacks, axis=1)
-    draw = _stack_sampler(prior)
+    draw = _stack_sampler(prior, guidance is not None)
     stacks = []
     for start in range(0, num_stacks, batch_size):
         chosen = labels[start : start + batch_size]
@@ -1036,6 +1098,7 @@ def sample_stacks(
             tf.constant(chosen),
             tf.constant(temperature, tf.float32),
             tf.constant(start, tf.int32),
+            _guidance_tensor(guidance),
         )
         stacks.append(drawn.numpy())
         if on_progress is not None:
@@ -1043,9 +1106,11 @@ def sample_stacks(
     return np.concatenate(stacks)
 
 
-def _stack_sampler(prior):
-    """`wavefront_stacks_graph` of `prior` traced once (any number of stacks and slices)."""
-    if prior not in _STACK_SAMPLERS:
+def _stack_sampler(prior, guided: bool = False):
+    """`wavefront_stacks_graph` of `prior` traced once (any number of stacks and slices;
+    `guided`: with guidance)."""
+    cached = _STACK_SAMPLERS.get(prior, {}).get(guided)
+    if cached is None:
         prior_ref = weakref.ref(prior)  # as in `_row_sampler`
         height, width = prior.code_shape
         scalar = tf.TensorSpec([], tf.int32)
@@ -1058,10 +1123,11 @@ def _stack_sampler(prior):
                 tf.TensorSpec([None], tf.int32),
                 tf.TensorSpec([], tf.float32),
                 scalar,
+                tf.TensorSpec([], tf.float32),
             ],
             autograph=False,
         )
-        def draw(num_stacks, num_slices, seed, labels, temperature, first_stack):
+        def draw(num_stacks, num_slices, seed, labels, temperature, first_stack, guidance):
             return wavefront_stacks_graph(
                 prior_ref(),
                 num_stacks,
@@ -1072,10 +1138,11 @@ def _stack_sampler(prior):
                 height,
                 width,
                 first_stack=first_stack,
+                guidance=guidance if guided else None,
             )
 
-        _STACK_SAMPLERS[prior] = draw
-    return _STACK_SAMPLERS[prior]
+        cached = _STACK_SAMPLERS.setdefault(prior, {})[guided] = draw
+    return cached
 
 
 def wavefront_stacks_graph(
@@ -1090,6 +1157,7 @@ def wavefront_stacks_graph(
     *,
     wavefront: bool = True,
     first_stack=0,
+    guidance=None,
 ):
     """`sample_stacks`' codes `int32 [num_stacks, num_slices, height, width]` drawn as a wavefront.
 
@@ -1100,7 +1168,8 @@ def wavefront_stacks_graph(
     (map `z * num_stacks + i` is slice z of stack i). With `wavefront=False` the same engine
     draws slice after slice (slice z starts once slice z - 1 is done): the schedule of the
     reference, on the same shapes. `first_stack`: the index of stack 0 of these in a larger
-    request drawn in batches (its seeds are those of that index, as `first_map`).
+    request drawn in batches (its seeds are those of that index, as `first_map`). `guidance`:
+    None or a float32 w (`PixelCNNSteps`).
 
     Each map runs the fast sampler's steps (`PixelCNNSteps`, with one row per map), its slice
     context is computed row by row as its previous slice's rows are drawn
@@ -1122,7 +1191,7 @@ def wavefront_stacks_graph(
     seeds_of = tf.gather(slice_seeds, slice_of)
     start = slice_of * (1 if wavefront else height)  # the step each map draws its row 0
     steps_total = tf.reduce_max(start) + height
-    steps = PixelCNNSteps(prior, labels, width, None, positions)
+    steps = PixelCNNSteps(prior, labels, width, None, positions, guidance)
     context_layer = prior.slice_context
     dtype = context_layer.compute_dtype
     filters = context_layer.filters
@@ -1166,7 +1235,7 @@ def wavefront_stacks_graph(
         terms = tf.cond(  # row 0's terms of the maps that start now (once per slice)
             tf.reduce_any(starting),
             lambda: tf.where(
-                starting[None, None, :, None],
+                steps.twice(starting)[None, None, :, None],
                 steps.start_terms(steps.context_row(context, tf.zeros_like(row))),
                 terms,
             ),
@@ -1210,11 +1279,12 @@ def wavefront_stacks_graph(
         cache, context, context_done = update_context(step + 1, codes, cache, context, context_done)
         state = (vertical, terms, context)
         new_vertical, new_terms, _ = steps.finish_row(state, row_codes, row)
+        computed = steps.twice(active)  # the maps the steps compute (twice under guidance)
         vertical = tuple(
-            tf.where(active[:, None, None, None], new, old)
+            tf.where(computed[:, None, None, None], new, old)
             for new, old in zip(new_vertical, vertical, strict=True)
         )
-        terms = tf.where(active[None, None, :, None], new_terms, terms)
+        terms = tf.where(computed[None, None, :, None], new_terms, terms)
         return step + 1, codes, (vertical, terms), cache, context, context_done
 
     _, codes, _, _, _, _ = tf.while_loop(
@@ -1236,6 +1306,7 @@ def stacks_graph(
     height: int,
     width: int,
     method: str = DEFAULT_METHOD,
+    guidance=None,
 ):
     """`sample_stacks` in the graph (a TF function body, e.g. a SavedModel signature): the
     wavefront (`method` "fast"), or slice after slice with `codes_graph` ("reference").
@@ -1246,7 +1317,15 @@ def stacks_graph(
     """
     if method == "fast":
         return wavefront_stacks_graph(
-            prior, num_stacks, num_slices, seed, labels, temperature, height, width
+            prior,
+            num_stacks,
+            num_slices,
+            seed,
+            labels,
+            temperature,
+            height,
+            width,
+            guidance=guidance,
         )
     num_stacks = tf.cast(num_stacks, tf.int32)
     num_slices = tf.cast(num_slices, tf.int32)
@@ -1266,6 +1345,7 @@ def stacks_graph(
             method=method,
             previous=previous,
             positions=tf.fill(tf.reshape(num_stacks, [1]), bins[z]),
+            guidance=guidance,
         )
         return z + 1, codes, drawn.write(z, codes)
 
@@ -1330,6 +1410,7 @@ def sample_run(
     *,
     on_row: Callable[[int, int], None] | None = None,
     slices_per_patient: int | None = None,
+    guidance: float | None = None,
 ) -> int:
     """Sample `num_samples` slices from the run's prior into the new folder `out_dir`; the count written.
 
@@ -1347,11 +1428,13 @@ def sample_run(
         label: None (conditional prior: half NC, half AD; unconditional prior: unconditional),
             "NC"/"AD" (any case), 0/1, or -1 (unconditional, conditional priors too).
         on_row: progress callback, as in `sample_codes_reference`.
+        guidance: None, or w >= 0: classifier-free guidance (`sample_codes`).
     """
     from PIL import Image
 
     seed = check_seed(seed)
     temperature = check_temperature(temperature)
+    guidance = check_guidance(guidance)
     out_dir = check_output_folder(out_dir)
     paths = RunPaths(Path(run_dir))
     vqvae, _, vqvae_meta = load_vqvae(paths.root)
@@ -1369,12 +1452,13 @@ def sample_run(
             vqvae,
             (prior_meta, vqvae_meta),
             labels,
-            seed,
-            temperature,
+            (seed, temperature, guidance),
             slices_per_patient,
             on_row,
         )
-    codes = sample_codes(prior, num_samples, seed, labels, temperature, on_row=on_row)
+    codes = sample_codes(
+        prior, num_samples, seed, labels, temperature, on_row=on_row, guidance=guidance
+    )
     digits = max(3, len(str(num_samples - 1)))
     with atomic_directory(out_dir, overwrite=out_dir.exists()) as tmp:
         names = []
@@ -1406,6 +1490,7 @@ def sample_run(
             "num_samples": num_samples,
             "seed": seed,
             "temperature": temperature,
+            "guidance": guidance,
             "labels": [label_name(int(v)) for v in labels],
             "files": names,
             "prior_epoch": prior_meta.get("epoch"),
@@ -1420,14 +1505,23 @@ PATIENT_GRID_ROWS = 8  # patients shown in a `vqpix sample --patient` grid
 
 
 def _sample_patients(
-    paths, out_dir, prior, vqvae, metas, labels, seed, temperature, num_slices, on_progress
+    paths, out_dir, prior, vqvae, metas, labels, drawing, num_slices, on_progress
 ) -> int:
-    """`sample_run` of whole patients (`slices_per_patient`)."""
+    """`sample_run` of whole patients (`slices_per_patient`); `drawing`: (seed, temperature,
+    guidance)."""
     from PIL import Image
 
+    seed, temperature, guidance = drawing
     num_slices = check_num_slices(num_slices)
     stacks = sample_stacks(
-        prior, len(labels), num_slices, seed, labels, temperature, on_progress=on_progress
+        prior,
+        len(labels),
+        num_slices,
+        seed,
+        labels,
+        temperature,
+        on_progress=on_progress,
+        guidance=guidance,
     )
     digits = max(3, len(str(len(labels) - 1)))
     prior_meta, vqvae_meta = metas
@@ -1456,6 +1550,7 @@ def _sample_patients(
             "slices_per_patient": num_slices,
             "seed": seed,
             "temperature": temperature,
+            "guidance": guidance,
             "labels": [label_name(int(v)) for v in labels],
             "files": names,
             "prior_epoch": prior_meta.get("epoch"),

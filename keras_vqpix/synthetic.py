@@ -191,6 +191,7 @@ def generate_dataset(
     command: str = "",
     on_progress: Callable[[int, int], None] | None = None,
     slices_per_patient: int = 1,
+    guidance: float | None = None,
 ) -> GenerateSummary:
     """Sample a labelled data set from the run's conditional prior into `out_dir` (module docstring).
 
@@ -210,10 +211,13 @@ def generate_dataset(
         slices_per_patient: S, slices of each synthetic patient: 1 (every slice its own
             patient), or S > 1 consecutive slices drawn as a stack (a prior that reads the
             previous slice); batches are then `batch_size` patients.
+        guidance: None, or w >= 0: classifier-free guidance (`keras_vqpix.sampling.sample_codes`;
+            w > 1 strengthens the class, at twice the sampling cost).
     """
     from keras_vqpix.io import atomic_directory, check_output_folder
     from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
     from keras_vqpix.sampling import (
+        check_guidance,
         check_num_slices,
         check_seed,
         check_temperature,
@@ -242,6 +246,10 @@ def generate_dataset(
         raise ValueError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
     seed = check_seed(seed)
     temperature = check_temperature(temperature)
+    try:
+        guidance = check_guidance(guidance)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite=overwrite)
     paths = RunPaths(Path(run_dir))
@@ -271,11 +279,22 @@ def generate_dataset(
             draw_seed = batch_seed(seed, batch)
             if stack == 1:
                 codes = sample_codes(
-                    prior, len(labels[chunk]), draw_seed, labels[chunk], temperature
+                    prior,
+                    len(labels[chunk]),
+                    draw_seed,
+                    labels[chunk],
+                    temperature,
+                    guidance=guidance,
                 )[:, None]
             else:
                 codes = sample_stacks(
-                    prior, len(labels[chunk]), stack, draw_seed, labels[chunk], temperature
+                    prior,
+                    len(labels[chunk]),
+                    stack,
+                    draw_seed,
+                    labels[chunk],
+                    temperature,
+                    guidance=guidance,
                 )
             slices = to_frame(decode_codes(vqvae, codes.reshape(-1, *codes.shape[2:])), frame)
             names = []
@@ -315,6 +334,7 @@ def generate_dataset(
                 "size": list(frame),
                 "batch_size": batch_size,
                 "slices_per_patient": stack,
+                "guidance": guidance,
             },
             "frame": list(frame),
             "patients": (

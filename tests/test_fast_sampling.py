@@ -172,3 +172,27 @@ def test_vqpix_sample_draws_with_the_fast_sampler(quick_run, quick_prior, tmp_pa
 def test_sample_codes_rejects_an_unknown_method(quick_prior):
     with pytest.raises(ValueError, match="method must be one of"):
         sample_codes(quick_prior, 1, method="slow")
+
+
+def test_guided_sampling_draws_the_same_codes_with_every_sampler(small_prior):
+    """Classifier-free guidance (`guidance=w`): fast == reference == in one graph, w = 1 is the
+    conditional prior itself (the same codes as no guidance), other weights change the draws."""
+    labels = [0, 1, 1, -1]
+    plain = sample_codes(small_prior, 4, 5, labels)
+    for weight in (0.0, 2.5):
+        fast = sample_codes_fast(small_prior, 4, 5, labels, guidance=weight)
+        reference = sample_codes_reference(small_prior, 4, 5, labels, guidance=weight)
+        np.testing.assert_array_equal(fast, reference, err_msg=str(weight))
+        graph = tf.function(
+            lambda weight=weight: fast_codes_graph(
+                small_prior, 4, 5, tf.constant(labels), 1.0, 5, 6, guidance=tf.constant(weight)
+            ),
+            autograph=False,
+        )().numpy()
+        np.testing.assert_array_equal(graph, fast, err_msg=str(weight))
+        assert not np.array_equal(fast[:3], plain[:3])  # labelled maps move
+        np.testing.assert_array_equal(fast[3], plain[3])  # label -1: c = u, nothing to guide
+    np.testing.assert_array_equal(sample_codes(small_prior, 4, 5, labels, guidance=1.0), plain)
+    for bad in (-1.0, float("nan"), "x", True):
+        with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+            sample_codes(small_prior, 1, guidance=bad)

@@ -91,6 +91,14 @@ def test_the_wavefront_draws_the_reference_stacks(request, name):
         np.testing.assert_array_equal(graph, fast, err_msg=method)
 
 
+def test_guided_stacks_draw_the_reference_stacks(random_stack_prior):
+    labels = [1, 0]
+    fast = sample_stacks(random_stack_prior, 2, 4, 3, labels, guidance=2.0)
+    reference = sample_stacks(random_stack_prior, 2, 4, 3, labels, method="reference", guidance=2.0)
+    np.testing.assert_array_equal(fast, reference)
+    assert not np.array_equal(fast, sample_stacks(random_stack_prior, 2, 4, 3, labels))
+
+
 def test_slice_z_is_drawn_from_slice_z_minus_1_alone(quick_prior):
     # Each slice is the draw of sample_codes given the slice before it (and its seed and
     # position): nothing of slice z itself or of a later slice enters, and a stack's first

@@ -64,14 +64,26 @@ class PixelCNNSteps:
         previous: `[n, h, w]` int32, the previous slice's codes (-1: none), or None (none);
             ignored by a prior without slice context.
         positions: `[n]` int32 position bins (-1: unknown), or None (unknown).
+        guidance: None, or a float32 scalar w: classifier-free guidance (Ho and Salimans
+            2022, https://arxiv.org/abs/2207.12598), the logits `u + w (c - u)` of the
+            label's logits c and the unconditional (label -1) logits u, which the label
+            dropout of training taught the same prior. The steps then run each map twice
+            (with its label and with -1; `num_maps` is 2n inside) on the same codes and
+            context, and `column` returns the n guided logits; every other method takes and
+            returns the n maps as without guidance. w = 1 draws from the conditional prior
+            itself, w > 1 strengthens what tells the class apart.
     """
 
-    def __init__(self, prior, labels, width: int, previous=None, positions=None):
+    def __init__(self, prior, labels, width: int, previous=None, positions=None, guidance=None):
         self.prior = prior
         self.width = int(width)
         self.previous, self.positions = previous, positions
         self.half = prior.kernel_size // 2
-        self.num_maps = tf.shape(labels)[0]
+        self.guidance = None if guidance is None else tf.cast(guidance, tf.float32)
+        self.num_drawn = tf.shape(labels)[0]  # n: the maps drawn
+        if self.guidance is not None:  # each map twice: with its label, and unconditional
+            labels = tf.concat([labels, tf.fill(tf.shape(labels), -1)], axis=0)
+        self.num_maps = tf.shape(labels)[0]  # the maps the steps compute
         label_rows = prior.label_indices(labels, self.num_maps) if prior.conditional else None
         half = self.half
         self.vertical_labels, self.horizontal_bias = [], []
@@ -111,11 +123,20 @@ class PixelCNNSteps:
         )
 
     # -- Slice context --------------------------------------------------------------------------------
+    def twice(self, values):
+        """`values` of the n maps drawn as the steps compute them: twice under guidance."""
+        if self.guidance is None or values is None:
+            return values
+        if isinstance(values, tf.Tensor) and values.shape.rank == 0:
+            return values  # one row for every map
+        return tf.concat([values, values], axis=0)
+
     def context_rows(self):
-        """The slice context `[n, h + 1, w, F]` of every row (and a zero row below), row by row."""
+        """The slice context `[n, h + 1, w, F]` of every row (and a zero row below), row by row
+        (of the n maps drawn: under guidance both runs of a map share it)."""
         context_layer = self.prior.slice_context
         height = self.prior.code_shape[0]
-        shape = (self.num_maps, height, self.width)
+        shape = (self.num_drawn, height, self.width)
         blank = tf.zeros(shape, tf.int32)
         previous, positions = self.prior.context_inputs(blank, self.previous, self.positions)
         previous = tf.ensure_shape(
@@ -132,11 +153,11 @@ class PixelCNNSteps:
             body,
             (
                 tf.constant(0),
-                context_layer.start_rows(self.num_maps, self.width, dtype),
+                context_layer.start_rows(self.num_drawn, self.width, dtype),
                 tf.TensorArray(dtype, height),
             ),
         )
-        zero = tf.zeros((1, self.num_maps, self.width, context_layer.filters), dtype)
+        zero = tf.zeros((1, self.num_drawn, self.width, context_layer.filters), dtype)
         return tf.transpose(tf.concat([rows.stack(), zero], 0), (1, 0, 2, 3))
 
     @staticmethod
@@ -176,7 +197,9 @@ class PixelCNNSteps:
             self._sum(
                 block.vertical_to_horizontal(zero_row)[:, 0],
                 bias[:, None, :],
-                None if context_first is None else block.horizontal_condition(context_first)[:, 0],
+                None
+                if context_first is None
+                else block.horizontal_condition(self.twice(context_first))[:, 0],
             )
             for block, bias in zip(self.prior.blocks, self.horizontal_bias, strict=True)
         ]
@@ -206,12 +229,13 @@ class PixelCNNSteps:
         """The state after row `row`, `codes_row [n, w]`, was drawn: its vertical stack, for the
         next row. `row`: a scalar, or one row per map `[n]` (see `embed`)."""
         rows, context = state[0], (state[2] if len(state) > 2 else None)
-        x = self.embed(codes_row, row)  # [n, w, E]
-        new_rows, terms = [], []
         here = below = None
         if context is not None:
-            here = self.context_row(context, row)  # [n, 1, w, F]
-            below = self.context_row(context, row + 1)
+            here = self.twice(self.context_row(context, row))  # [n, 1, w, F]
+            below = self.twice(self.context_row(context, row + 1))
+        row = self.twice(row) if isinstance(row, tf.Tensor) else row
+        x = self.embed(self.twice(codes_row), row)  # [n, w, E]
+        new_rows, terms = [], []
         for block, above, label, bias in zip(
             self.prior.blocks, rows, self.vertical_labels, self.horizontal_bias, strict=True
         ):
@@ -280,12 +304,16 @@ class PixelCNNSteps:
         hidden = ops.relu(tf.nn.bias_add(ops.matmul(ops.relu(total), kernel), bias))
         kernel, bias = self.head_logits
         logits = tf.nn.bias_add(ops.matmul(ops.cast(hidden, "float32"), kernel), bias)
+        if self.guidance is not None:
+            conditional, unconditional = tf.split(logits, 2, axis=0)
+            logits = unconditional + self.guidance * (conditional - unconditional)
         return logits, tuple(new_row_state)
 
     def push_code(self, row_state, codes, row, col):
         """The row state moved on by one column: `codes [n]` just drawn at `(row, col)` (`row`
         a scalar or one per map)."""
-        embedded = self.embed(codes, row, col)
+        row = self.twice(row) if isinstance(row, tf.Tensor) else row
+        embedded = self.embed(self.twice(codes), row, col)
         first = row_state[0]
         embedded = ops.cast(embedded, first.dtype)
         return (ops.concatenate([first[:, embedded.shape[-1] :], embedded], -1), *row_state[1:])
