@@ -247,7 +247,10 @@ def _sampling(name: str, settings: Settings) -> dict:
     empty = tf.zeros((n, size, size), tf.int32)
     no_context = (tf.fill((n, size, size), -1), tf.fill((n,), -1))  # no previous slice, position
     arguments = (tf.constant(labels), *no_context, tf.constant(0), tf.constant(1.0))
-    sampling._row_sampler(prior, size, size)(empty, *arguments, tf.constant(0), tf.constant(0))
+    no_guidance = tf.constant(1.0)  # unused: the row sampler is traced without guidance
+    sampling._row_sampler(prior, size, size)(
+        empty, *arguments, tf.constant(0), tf.constant(0), no_guidance
+    )
     reference_codes = []
 
     def reference():
@@ -260,12 +263,12 @@ def _sampling(name: str, settings: Settings) -> dict:
     # tell its time per row.
     whole_map = _WholeMapPrior(prior)  # the sampler's cache holds it weakly: keep it alive
     old_row = sampling._row_sampler(whole_map, size, size)
-    old_row(empty, *arguments, tf.constant(0), tf.constant(0))
+    old_row(empty, *arguments, tf.constant(0), tf.constant(0), no_guidance)
     rows = settings.old_sampler_rows
 
     def old_rows():
         for row in range(rows):
-            old_row(empty, *arguments, tf.constant(row), tf.constant(0)).numpy()
+            old_row(empty, *arguments, tf.constant(row), tf.constant(0), no_guidance).numpy()
 
     old_times = alternate({"forward": one_pass, "rows": old_rows}, settings.reference_repeats)
     old_map = old_times["rows"].map(lambda s: s / rows * size)
