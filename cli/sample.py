@@ -45,7 +45,7 @@ from .common import user_errors
     default=None,
     metavar="W",
     help="Classifier-free guidance weight: the logits u + W (c - u) of the class (c) and "
-    "unconditional (u) prior; W > 1 strengthens the class (twice the sampling cost). "
+    "unconditional (u) prior; W > 1 strengthens the class (up to twice the sampling time). "
     "Default: none (W = 1).",
 )
 @click.option(

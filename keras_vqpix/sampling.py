@@ -768,7 +768,7 @@ def sample_codes(
     (`sample_codes_fast`, the default) or "reference" (`sample_codes_reference`). Both draw the
     same codes. `previous`, `positions`: a slice-context prior's context (`resolve_context`).
     `guidance`: None, or w >= 0, classifier-free guidance (`PixelCNNSteps`): w > 1 strengthens
-    the class in the samples, at twice the cost per map.
+    the class in the samples, for twice the arithmetic per map.
 
     Any number of maps: they are drawn `batch_size` at a time, so the sampler's memory is
     bounded by the batch (only the int32 codes, `4 * h * w` bytes a map, grow with

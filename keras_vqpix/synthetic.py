@@ -212,7 +212,7 @@ def generate_dataset(
             patient), or S > 1 consecutive slices drawn as a stack (a prior that reads the
             previous slice); batches are then `batch_size` patients.
         guidance: None, or w >= 0: classifier-free guidance (`keras_vqpix.sampling.sample_codes`;
-            w > 1 strengthens the class, at twice the sampling cost).
+            w > 1 strengthens the class, for twice the arithmetic).
     """
     from keras_vqpix.io import atomic_directory, check_output_folder
     from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
