@@ -83,3 +83,14 @@ split_option = click.option(
     help="test, val or train split of the run's own data; of external data: its test/ folder "
     "(test) or every slice in it (all).",
 )
+
+# Classifier-free guidance of `vqpix sample` and `vqpix generate` (`keras_vqpix.sampling`).
+guidance_option = click.option(
+    "--guidance",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    metavar="W",
+    help="Classifier-free guidance weight: the logits u + W (c - u) of the class (c) and "
+    "unconditional (u) prior; W > 1 strengthens the class (up to twice the sampling time). "
+    "Default: none (W = 1).",
+)

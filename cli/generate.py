@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import SizeType, user_errors
+from .common import SizeType, guidance_option, user_errors
 
 
 @click.command()
@@ -43,15 +43,7 @@ from .common import SizeType, user_errors
     show_default=True,
     help="Share of each class's patients written to test/.",
 )
-@click.option(
-    "--guidance",
-    type=click.FloatRange(min=0.0),
-    default=None,
-    metavar="W",
-    help="Classifier-free guidance weight: the logits u + W (c - u) of the class (c) and "
-    "unconditional (u) prior; W > 1 strengthens the class (up to twice the sampling time). "
-    "Default: none (W = 1).",
-)
+@guidance_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option(
     "--temperature",

@@ -8,7 +8,7 @@ import click
 
 from keras_vqpix.config import SEED_RANGE
 
-from .common import user_errors
+from .common import guidance_option, user_errors
 
 
 @click.command()
@@ -39,15 +39,7 @@ from .common import user_errors
     show_default=True,
     help="Softmax temperature; below 1 is more conservative.",
 )
-@click.option(
-    "--guidance",
-    type=click.FloatRange(min=0.0),
-    default=None,
-    metavar="W",
-    help="Classifier-free guidance weight: the logits u + W (c - u) of the class (c) and "
-    "unconditional (u) prior; W > 1 strengthens the class (up to twice the sampling time). "
-    "Default: none (W = 1).",
-)
+@guidance_option
 @click.option(
     "--out",
     "out_dir",
