@@ -172,13 +172,20 @@ def draw_codes(logits, seed, index, temperature, first_map=0):
     logits = scaled_logits(logits, temperature)
     num_maps = tf.shape(logits)[0]
     seeds = map_seeds(position_seed(seed, index), num_maps, first_map)
+    return draw_each(num_maps, lambda i: (logits[i], seeds[i]))
+
+
+def draw_each(count, logits_and_seed):
+    """Codes `[count]` int32, draw i from `logits_and_seed(i) -> (scaled logits [K], seed [2])`,
+    one `tf.random.stateless_categorical` call per draw (the module docstring says why)."""
 
     def draw_one(i, drawn):
-        code = tf.random.stateless_categorical(logits[i][None], 1, seeds[i], dtype=tf.int32)
+        logits, seed = logits_and_seed(i)
+        code = tf.random.stateless_categorical(logits[None], 1, seed, dtype=tf.int32)
         return i + 1, drawn.write(i, code[0, 0])
 
     _, drawn = tf.while_loop(
-        lambda i, _: i < num_maps, draw_one, (tf.constant(0), tf.TensorArray(tf.int32, num_maps))
+        lambda i, _: i < count, draw_one, (tf.constant(0), tf.TensorArray(tf.int32, count))
     )
     return drawn.stack()
 
@@ -257,7 +264,7 @@ def resolve_context(
             f"{(num_samples, height, width)}. Received: shape {previous.shape}"
         )
     previous = np.broadcast_to(previous.astype(np.int32), (num_samples, height, width))
-    positions = np.asarray(-1 if positions is None else positions)
+    positions = np.asarray(positions)
     if positions.ndim > 1 or positions.size not in (1, num_samples):
         raise ValueError(
             f"positions must be one position bin or one per sample ({num_samples}). "
@@ -1195,7 +1202,8 @@ def wavefront_stacks_graph(
     context_layer = prior.slice_context
     dtype = context_layer.compute_dtype
     filters = context_layer.filters
-    state = steps.start()[:2]  # zero rows above; row 0's terms are set when a map starts
+    # Zero rows above; row 0's terms are set when a map starts (its context row 0 known).
+    state = (steps.zero_rows(), steps.start_terms())
     context = tf.zeros(tf.stack([total, height + 1, width, filters]), dtype)
     codes = tf.zeros(tf.stack([total, height, width]), tf.int32)
     cache = context_layer.start_rows(total, width, dtype)
@@ -1226,7 +1234,6 @@ def wavefront_stacks_graph(
         return cache, context, context_done + tf.cast(ready, tf.int32)
 
     def step_body(step, codes, state, cache, context, context_done):
-        cache, context, context_done = update_context(step, codes, cache, context, context_done)
         rows = step - start
         active = (rows >= 0) & (rows < height)
         row = tf.clip_by_value(rows, 0, height - 1)
@@ -1250,22 +1257,17 @@ def wavefront_stacks_graph(
             logits, row_state = steps.column(state, row_state, col)
             scaled = scaled_logits(logits, temperature)
 
-            def draw_one(k, out):
+            def logits_and_seed(k):
                 # Map m draws as `draw_codes` draws stack i of its slice at this position.
                 m = drawing[k]
                 at_position = position_seed(seeds_of[m], row[m] * width + col)
-                map_seed = tf.random.experimental.stateless_fold_in(
+                seed = tf.random.experimental.stateless_fold_in(
                     at_position, stack_of[m], alg="philox"
                 )
-                code = tf.random.stateless_categorical(scaled[m][None], 1, map_seed, tf.int32)
-                return k + 1, out.write(k, code[0, 0])
+                return scaled[m], seed
 
-            _, out = tf.while_loop(
-                lambda k, _: k < num_drawing,
-                draw_one,
-                (tf.constant(0), tf.TensorArray(tf.int32, num_drawing)),
-            )
-            draws = tf.scatter_nd(drawing[:, None], out.stack(), [total])
+            drawn_here = draw_each(num_drawing, logits_and_seed)
+            draws = tf.scatter_nd(drawing[:, None], drawn_here, [total])
             return col + 1, steps.push_code(row_state, draws, row, col), drawn.write(col, draws)
 
         _, _, drawn = tf.while_loop(
@@ -1276,6 +1278,8 @@ def wavefront_stacks_graph(
         row_codes = tf.transpose(drawn.stack())  # [N, w]
         here = (rows_index[None, :] == row[:, None]) & active[:, None]
         codes = tf.where(here[:, :, None], row_codes[:, None, :], codes)
+        # The row slice z - 1 just drew is the context row slice z needs next: row r + 1 for
+        # its finish_row now, row 0 for its start at the next step.
         cache, context, context_done = update_context(step + 1, codes, cache, context, context_done)
         state = (vertical, terms, context)
         new_vertical, new_terms, _ = steps.finish_row(state, row_codes, row)
@@ -1287,6 +1291,9 @@ def wavefront_stacks_graph(
         terms = tf.where(computed[None, None, :, None], new_terms, terms)
         return step + 1, codes, (vertical, terms), cache, context, context_done
 
+    # Context row 0 of the first slices (no previous slice); every later row comes after a
+    # row is drawn, one per step.
+    cache, context, context_done = update_context(0, codes, cache, context, context_done)
     _, codes, _, _, _, _ = tf.while_loop(
         lambda step, *_: step < steps_total,
         step_body,

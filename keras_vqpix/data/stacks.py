@@ -46,17 +46,19 @@ def stack_context(
 
     `previous[i]`: the index in `records` of the same patient's slice `slice_index - 1`, or -1
     when the patient has no such slice (its first slice, or a gap in the numbers: a slice two
-    apart is no neighbour). `positions[i]`: the slice's position bin in its patient's stack
-    (`position_bins` of its rank among the patient's slices), -1 for a patient of one slice.
+    apart is no neighbour), as `consecutive_pairs` pairs them. `positions[i]`: the slice's
+    position bin in its patient's stack (`position_bins` of its rank among the patient's
+    slices), -1 for a patient of one slice.
     """
-    where = {(r.patient, r.slice_index): i for i, r in enumerate(records)}
+    previous = np.full(len(records), -1, np.int32)
+    first, second, _ = consecutive_pairs(
+        np.array([r.patient for r in records]), np.array([r.slice_index for r in records])
+    )
+    previous[second] = first
     by_patient: dict[str, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
         by_patient[record.patient].append(i)
-    previous = np.full(len(records), -1, np.int32)
     positions = np.full(len(records), -1, np.int32)
-    for i, record in enumerate(records):
-        previous[i] = where.get((record.patient, record.slice_index - 1), -1)
     for indices in by_patient.values():
         ordered = sorted(indices, key=lambda i: records[i].slice_index)
         positions[ordered] = position_bins(len(ordered), num_positions)

@@ -306,14 +306,18 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         """The first block's input: the code embedding, plus the position embedding if any.
 
         `codes [B, h, w]` (a whole map); or `codes [B, w]` with `row` (one row of the map), or
-        `codes [B]` with `row` and `col` (one position): what `PixelCNNSteps` embeds.
+        `codes [B]` with `row` and `col` (one position): what `PixelCNNSteps` embeds. `row` is
+        one row for every map, or one per map `[B]` (a stack drawn as a wavefront, each slice
+        at its own row).
         """
         embedded = self.code_embedding(ops.cast(codes, "int32"))
         if not self.position_embedding:
             return embedded
         positions = self.positions
         if row is not None:
-            positions = positions[row] if col is None else positions[row, col]
+            positions = ops.take(positions, row, axis=0)  # [w, E], or [B, w, E]
+            if col is not None:
+                positions = ops.take(positions, col, axis=-2)  # [E], or [B, E]
         return embedded + ops.cast(positions, embedded.dtype)
 
     def logits_from_embeddings(self, embedded, labels=None, training=False, condition=None):

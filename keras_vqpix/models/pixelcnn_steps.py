@@ -8,6 +8,12 @@ from keras import ops
 from keras_vqpix.layers.gated_pixelcnn import gate
 
 
+def _for_every_map(row) -> bool:
+    """Whether `row` is one value for every map (a Python number or a scalar tensor), not one per
+    map (a wavefront)."""
+    return not isinstance(row, tf.Tensor) or row.shape.rank == 0
+
+
 class PixelCNNSteps:
     """A `PixelCNN`'s logits computed position by position from cached activations.
 
@@ -124,11 +130,10 @@ class PixelCNNSteps:
 
     # -- Slice context --------------------------------------------------------------------------------
     def twice(self, values):
-        """`values` of the n maps drawn as the steps compute them: twice under guidance."""
-        if self.guidance is None or values is None:
+        """`values` of the n maps drawn as the steps compute them: twice under guidance (a row
+        for every map, a scalar, stays as it is)."""
+        if self.guidance is None or values is None or _for_every_map(values):
             return values
-        if isinstance(values, tf.Tensor) and values.shape.rank == 0:
-            return values  # one row for every map
         return tf.concat([values, values], axis=0)
 
     def context_rows(self):
@@ -172,18 +177,21 @@ class PixelCNNSteps:
     # -- Vertical stack: once per row --------------------------------------------------------------
     def start(self):
         """The state before row 0: zero rows above the map (and the slice context, if any)."""
-        n = self.num_maps
         context = self.context_rows() if self.prior.has_slice_context else None
+        terms = self.start_terms(None if context is None else context[:, :1])
+        if context is None:
+            return self.zero_rows(), terms
+        return self.zero_rows(), terms, context
+
+    def zero_rows(self):
+        """Each block's vertical inputs above row 0: the zero padding of its convolution."""
         rows = []
         for i, block in enumerate(self.prior.blocks):
             channels = self.prior.embedding_dim if i == 0 else block.filters
             reach = block.vertical_reach
-            shape = (n, reach, self.width + 2 * reach, channels)
+            shape = (self.num_maps, reach, self.width + 2 * reach, channels)
             rows.append(tf.zeros(shape, block.compute_dtype))
-        terms = self.start_terms(None if context is None else context[:, :1])
-        if context is None:
-            return tuple(rows), terms
-        return tuple(rows), terms, context
+        return tuple(rows)
 
     def start_terms(self, context_first=None):
         """Row 0's horizontal terms `[w, L + 1, n, 2p]` (`context_first [n, 1, w, F]`: row 0 of
@@ -205,36 +213,22 @@ class PixelCNNSteps:
         ]
         return self._by_column(terms)
 
-    def embed(self, codes, row, col=None):
-        """`PixelCNN.embed` at `row` (and `col`), where `row` may also be one row per map `[n]`
-        (a stack drawn as a wavefront: each slice at its own row)."""
-        if not isinstance(row, tf.Tensor) or row.shape.rank == 0:
-            return self.prior.embed(codes, row, col)
-        embedded = self.prior.code_embedding(ops.cast(codes, "int32"))
-        if not self.prior.position_embedding:
-            return embedded
-        positions = tf.gather(self.prior.positions, row)  # [n, w, E]
-        if col is not None:
-            positions = tf.gather(positions, col, axis=1)
-        return embedded + ops.cast(positions, embedded.dtype)
-
     @staticmethod
     def context_row(context, row):
         """Row `row` (a scalar, or one per map `[n]`) of the slice context: `[n, 1, w, F]`."""
-        if not isinstance(row, tf.Tensor) or row.shape.rank == 0:
+        if _for_every_map(row):
             return tf.gather(context, [row], axis=1)
         return tf.gather(context, row[:, None], axis=1, batch_dims=1)
 
     def finish_row(self, state, codes_row, row):
         """The state after row `row`, `codes_row [n, w]`, was drawn: its vertical stack, for the
-        next row. `row`: a scalar, or one row per map `[n]` (see `embed`)."""
+        next row. `row`: a scalar, or one row per map `[n]` (see `PixelCNN.embed`)."""
         rows, context = state[0], (state[2] if len(state) > 2 else None)
         here = below = None
         if context is not None:
             here = self.twice(self.context_row(context, row))  # [n, 1, w, F]
             below = self.twice(self.context_row(context, row + 1))
-        row = self.twice(row) if isinstance(row, tf.Tensor) else row
-        x = self.embed(self.twice(codes_row), row)  # [n, w, E]
+        x = self.prior.embed(self.twice(codes_row), self.twice(row))  # [n, w, E]
         new_rows, terms = [], []
         for block, above, label, bias in zip(
             self.prior.blocks, rows, self.vertical_labels, self.horizontal_bias, strict=True
@@ -312,8 +306,7 @@ class PixelCNNSteps:
     def push_code(self, row_state, codes, row, col):
         """The row state moved on by one column: `codes [n]` just drawn at `(row, col)` (`row`
         a scalar or one per map)."""
-        row = self.twice(row) if isinstance(row, tf.Tensor) else row
-        embedded = self.embed(self.twice(codes), row, col)
+        embedded = self.prior.embed(self.twice(codes), self.twice(row), col)
         first = row_state[0]
         embedded = ops.cast(embedded, first.dtype)
         return (ops.concatenate([first[:, embedded.shape[-1] :], embedded], -1), *row_state[1:])
