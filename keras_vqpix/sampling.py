@@ -1452,6 +1452,12 @@ def sample_run(
         )
     labels = resolve_labels(prior, num_samples, label)
     if slices_per_patient is not None:
+        if not getattr(prior, "previous_slice", False):
+            raise ValueError(
+                f"--patient: the prior of {paths.root} does not read the previous slice (a run "
+                "of the default config draws single slices only); train a run with --config "
+                "patients"
+            )
         return _sample_patients(
             paths,
             out_dir,
