@@ -219,7 +219,9 @@ class PriorConfig:
             stacks); 0: none.
         previous_dropout: float, training probability of "no previous slice", so that the same
             prior draws a stack's first slice and single slices.
-        learning_rate: float, Adam learning rate.
+        learning_rate: float, Adam learning rate (the peak of the schedule).
+        final_learning_rate_ratio: float, the learning rate decays along a cosine to this share
+            of the peak by the last epoch (1.0: constant, as runs before 0.3.0 trained).
         epochs: int, training epochs.
         batch_size: int, code maps per batch.
     """
@@ -237,12 +239,13 @@ class PriorConfig:
     previous_slice: bool = False
     slice_positions: int = 0
     previous_dropout: float = 0.5
-    learning_rate: float = 1e-3
+    learning_rate: float = 4e-3
+    final_learning_rate_ratio: float = 0.05
     epochs: int = 20
     batch_size: int = 32
 
     # Fields of the training recipe; every other field is an argument of `PixelCNN`.
-    TRAINING_FIELDS = ("learning_rate", "epochs", "batch_size")
+    TRAINING_FIELDS = ("learning_rate", "final_learning_rate_ratio", "epochs", "batch_size")
 
     def model_arguments(self) -> dict[str, Any]:
         """The fields that are `keras_vqpix.models.pixelcnn.PixelCNN` arguments, by name."""
@@ -289,6 +292,10 @@ class PriorConfig:
             self.learning_rate > 0,
             f"learning_rate must be > 0. Received: learning_rate={self.learning_rate}",
         )
+        _check(
+            0.0 < self.final_learning_rate_ratio <= 1.0,
+            f"final_learning_rate_ratio must be in (0, 1]. Received: final_learning_rate_ratio={self.final_learning_rate_ratio}",
+        )
         _check(self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}")
         _check(
             self.batch_size >= 1, f"batch_size must be >= 1. Received: batch_size={self.batch_size}"
@@ -303,7 +310,14 @@ class PriorConfig:
 # Fields added after 0.1.0, with the value that a run written before them was trained with: a
 # `config.json` without them reads as that run's config (resuming it keeps its prior undilated;
 # the new default then differs from it and is refused as another config, not silently mixed).
-ADDED_FIELDS = {"prior": {"dilation_cycle": 1, "previous_slice": False, "slice_positions": 0}}
+ADDED_FIELDS = {
+    "prior": {
+        "dilation_cycle": 1,
+        "previous_slice": False,
+        "slice_positions": 0,
+        "final_learning_rate_ratio": 1.0,
+    }
+}
 
 
 @dataclass(frozen=True)

@@ -265,6 +265,29 @@ def test_pixelcnn_and_config_reject_bad_arguments():
         PixelCNN(num_embeddings=8, dilation_cycle=0)
     with pytest.raises(ValueError, match=r"Received: dilation_cycle=0"):
         PriorConfig(dilation_cycle=0)
+    for ratio in (0.0, 1.5):
+        with pytest.raises(ValueError, match=rf"Received: final_learning_rate_ratio={ratio}"):
+            PriorConfig(final_learning_rate_ratio=ratio)
+
+
+def test_the_priors_learning_rate_follows_a_cosine_to_its_final_share_by_the_last_epoch():
+    from keras_vqpix.training.prior_training import build_prior
+
+    config = get_config("quick").replace(
+        **{"prior.learning_rate": 0.01, "prior.final_learning_rate_ratio": 0.1, "prior.epochs": 2}
+    )
+
+    def rates(config):
+        optimizer = build_prior(config, steps_per_epoch=5).optimizer
+        found = []
+        for step in (0, 5, 10, 20):  # start, half-way, the last epoch's end, beyond
+            optimizer.iterations.assign(step)
+            found.append(float(optimizer.learning_rate))
+        return found
+
+    np.testing.assert_allclose(rates(config), [0.01, 0.0055, 0.001, 0.001], rtol=1e-5)
+    constant = config.replace(**{"prior.final_learning_rate_ratio": 1.0})
+    np.testing.assert_allclose(rates(constant), [0.01] * 4, rtol=1e-6)
 
 
 def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
@@ -466,10 +489,18 @@ def test_a_config_json_written_before_dilation_reads_as_the_undilated_run_it_was
     from keras_vqpix.config import RunConfig, get_config
 
     old = get_config("default").to_dict()
-    for name in ("dilation_cycle", "previous_slice", "slice_positions", "previous_dropout"):
+    old["prior"]["learning_rate"] = 1e-3  # 0.1.0's constant learning rate
+    for name in (
+        "dilation_cycle",
+        "previous_slice",
+        "slice_positions",
+        "previous_dropout",
+        "final_learning_rate_ratio",
+    ):
         del old["prior"][name]  # as 0.1.0 wrote it
     config = RunConfig.from_dict(old)
-    assert config.prior == get_config("default-undilated").prior
+    before = {"prior.learning_rate": 1e-3, "prior.final_learning_rate_ratio": 1.0}
+    assert config.prior == get_config("default-undilated").replace(**before).prior
     assert config != get_config("default")  # resuming it with the new default is refused
 
 
@@ -477,8 +508,15 @@ def test_a_config_json_written_before_slice_context_reads_as_the_per_slice_run_i
     from keras_vqpix.config import RunConfig, get_config
 
     old = get_config("patients").to_dict()
-    for name in ("previous_slice", "slice_positions", "previous_dropout"):
+    old["prior"]["learning_rate"] = 1e-3  # 0.2.0's constant learning rate
+    for name in (
+        "previous_slice",
+        "slice_positions",
+        "previous_dropout",
+        "final_learning_rate_ratio",
+    ):
         del old["prior"][name]  # as 0.2.0 wrote it
     config = RunConfig.from_dict(old)
-    assert config.prior == get_config("default").prior
+    before = {"prior.learning_rate": 1e-3, "prior.final_learning_rate_ratio": 1.0}
+    assert config.prior == get_config("default").replace(**before).prior
     assert not PixelCNN.from_run_config(config.prior, 256, (32, 32)).has_slice_context

@@ -36,6 +36,7 @@ from keras_vqpix.training.distribute import (
     single_process,
     training_optimizer,
 )
+from keras_vqpix.training.schedule import learning_rate_schedule
 
 PLOT_SAMPLES_PER_CLASS = 4
 CURVE_PANELS = (("bits per code", ("bits_per_code",)),)
@@ -109,18 +110,22 @@ def code_dataset(
     return shard_by_batch(epochs.flat_map(one_epoch).prefetch(2))
 
 
-def build_prior(config: RunConfig) -> PixelCNN:
+def build_prior(config: RunConfig, steps_per_epoch: int = 1) -> PixelCNN:
     """A compiled, built prior for `config` (weights initialised from `config.seed`).
 
-    It computes in `config.precision`; build it under the strategy scope it trains with.
+    `steps_per_epoch` sets the length of the learning-rate schedule. It computes in
+    `config.precision`; build it under the strategy scope it trains with.
     """
     with seeded_construction(config.seed):
         with dtype_policy(config.precision):
             prior = _new_prior(config)
+        schedule = learning_rate_schedule(
+            config.prior.learning_rate,
+            config.prior.final_learning_rate_ratio,
+            config.prior.epochs * steps_per_epoch,
+        )
         prior.compile(
-            optimizer=training_optimizer(
-                keras.optimizers.Adam(config.prior.learning_rate), config.precision
-            )
+            optimizer=training_optimizer(keras.optimizers.Adam(schedule), config.precision)
         )
         # Create the optimizer's slots now, so a checkpoint restores into existing variables.
         prior.optimizer.build(prior.trainable_variables)
@@ -189,9 +194,13 @@ def train_prior(
     }
     _discard_stale_prior(paths, vqvae_fingerprint, log)
 
-    with cluster.strategy.scope():
-        prior = build_prior(config)
     batch_size = config.prior.batch_size
+    train_codes, train_labels = codes["train"]
+    # No replica may get an empty slice of a batch (`keras_vqpix.data.pipeline.batch_sizes`).
+    replicas = cluster.replicas
+    steps = steps_per_epoch(len(train_codes), batch_size, min_batch=replicas)
+    with cluster.strategy.scope():
+        prior = build_prior(config, steps)
     stage = Stage(
         "prior",
         paths.prior_checkpoints,
@@ -203,9 +212,6 @@ def train_prior(
         "min",
         config.prior.epochs,
     )
-    train_codes, train_labels = codes["train"]
-    # No replica may get an empty slice of a batch (`keras_vqpix.data.pipeline.batch_sizes`).
-    replicas = cluster.replicas
 
     def make_data(first_epoch: int):
         train_data = code_dataset(
@@ -228,7 +234,7 @@ def train_prior(
     progress, last = train_stage(
         prior,
         stage,
-        steps=steps_per_epoch(len(train_codes), batch_size, min_batch=replicas),
+        steps=steps,
         make_data=make_data,
         saved_model=lambda: float32_twin(prior, lambda: _new_prior(config), config.precision),
         best_fields=lambda logs: {

@@ -20,6 +20,7 @@ from keras_vqpix.training.distribute import (
     single_process,
     training_optimizer,
 )
+from keras_vqpix.training.schedule import learning_rate_schedule
 
 PLOT_IMAGES = 8
 # The best model is the one with the best brain (foreground) SSIM on the validation patients.
@@ -29,15 +30,6 @@ CURVE_PANELS = (
     ("SSIM", ("ssim", "ssim_foreground")),
     ("codebook", ("perplexity", "codes_used")),
 )
-
-
-def learning_rate_schedule(peak: float, final_ratio: float, total_steps: int):
-    """Cosine decay from `peak` to `peak * final_ratio` over `total_steps` (constant if ratio 1)."""
-    if final_ratio >= 1.0:
-        return peak
-    return keras.optimizers.schedules.CosineDecay(
-        peak, decay_steps=max(total_steps, 1), alpha=final_ratio
-    )
 
 
 def training_dataset(
