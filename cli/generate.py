@@ -37,6 +37,16 @@ from .common import SizeType, guidance_option, user_errors
     "patients of S consecutive slices drawn slice after slice (--per-class a multiple of S).",
 )
 @click.option(
+    "--first-slices",
+    "first_slices_from",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    metavar="FIRST_RUN",
+    help="With --slices-per-patient: draw each patient's first slice with the per-slice prior "
+    "of FIRST_RUN (a run of the same VQ-VAE, e.g. the default config's), the later slices "
+    "with RUN's.",
+)
+@click.option(
     "--test-fraction",
     type=click.FloatRange(0.0, 1.0, max_open=True),
     default=0.2,
@@ -75,6 +85,7 @@ def generate(
     out_dir,
     per_class,
     slices_per_patient,
+    first_slices_from,
     guidance,
     test_fraction,
     seed,
@@ -97,6 +108,7 @@ def generate(
         sampling_only = (
             "per_class",
             "slices_per_patient",
+            "first_slices_from",
             "guidance",
             "test_fraction",
             "seed",
@@ -119,6 +131,8 @@ def generate(
         words += ["--per-class", str(per_class), "--test-fraction", f"{test_fraction:g}"]
         if slices_per_patient > 1:
             words += ["--slices-per-patient", str(slices_per_patient)]
+        if first_slices_from is not None:
+            words += ["--first-slices", str(first_slices_from)]
         if guidance is not None:
             words += ["--guidance", f"{guidance:g}"]
         words += ["--seed", str(seed), "--temperature", f"{temperature:g}"]
@@ -151,6 +165,7 @@ def generate(
                     out_dir,
                     per_class=per_class,
                     slices_per_patient=slices_per_patient,
+                    first_slices_from=first_slices_from,
                     guidance=guidance,
                     test_fraction=test_fraction,
                     seed=seed,

@@ -52,7 +52,16 @@ from .common import guidance_option, user_errors
     is_flag=True,
     help="Draw NUM whole synthetic patients (stacks of --slices consecutive slices, each "
     "slice drawn given the previous one), each written as a strip; needs a prior that reads "
-    "the previous slice (the default config).",
+    "the previous slice (the patients config).",
+)
+@click.option(
+    "--first-slices",
+    "first_slices_from",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    metavar="FIRST_RUN",
+    help="With --patient: draw each patient's first slice with the per-slice prior of "
+    "FIRST_RUN (a run of the same VQ-VAE, e.g. the default config's).",
 )
 @click.option(
     "--slices",
@@ -62,7 +71,19 @@ from .common import guidance_option, user_errors
     help="Slices of each patient with --patient.",
 )
 @click.pass_context
-def sample(ctx, run_dir, num, seed, label, temperature, guidance, out_dir, patient, slices) -> None:
+def sample(
+    ctx,
+    run_dir,
+    num,
+    seed,
+    label,
+    temperature,
+    guidance,
+    out_dir,
+    patient,
+    first_slices_from,
+    slices,
+) -> None:
     """Sample NUM brain slices (or with --patient NUM whole patients) from the run RUN into --out.
 
     The same seed, label and temperature give the same code maps (.npy) and images.
@@ -86,6 +107,7 @@ def sample(ctx, run_dir, num, seed, label, temperature, guidance, out_dir, patie
             on_row=progress.update,
             slices_per_patient=slices if patient else None,
             guidance=guidance,
+            first_slices_from=first_slices_from,
         )
     click.echo(f"Wrote {written} {'patients' if patient else 'samples'} to {out_dir}")
 

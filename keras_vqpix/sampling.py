@@ -1033,6 +1033,7 @@ def sample_stacks(
     batch_size: int = STACK_BATCH_SIZE,
     on_progress: Callable[[int, int], None] | None = None,
     guidance: float | None = None,
+    first_prior=None,
 ) -> np.ndarray:
     """Code maps `[num_stacks, num_slices, h, w]` int32: whole synthetic patients.
 
@@ -1059,6 +1060,11 @@ def sample_stacks(
         on_progress: called with `(stacks done, num_stacks)` after each batch (fast) or
             `(slices done, num_slices)` after each slice (reference).
         guidance: None, or w >= 0: classifier-free guidance of every slice (`sample_codes`).
+        first_prior: None, or a per-slice prior (no slice context) over the same codes that
+            draws each stack's slice 0: `sample_codes(first_prior, ...)` with the seed
+            `slice_seed(seed, 0)`, by the same method; `prior` then draws slices 1.. given it.
+            A prior trained on every slice draws a first slice better than the stack prior,
+            which saw "no previous slice" on part of its maps only (docs/models.md).
     """
     if not getattr(prior, "previous_slice", False):
         raise ValueError(
@@ -1075,10 +1081,24 @@ def sample_stacks(
         raise ValueError(f"batch_size must be an int >= 1. Received: batch_size={batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1. Received: batch_size={batch_size}")
+    first_slices = None
+    if first_prior is not None:
+        check_first_prior(first_prior, prior)
+        first_slices = sample_codes(
+            first_prior,
+            num_stacks,
+            int(slice_seed(seed, 0)),
+            labels,
+            temperature,
+            method=method,
+            guidance=guidance,
+        )
     if method == "reference":
         bins = position_bins(num_slices, prior.slice_positions)
         stacks, previous = [], None
-        for z in range(num_slices):
+        if first_slices is not None:
+            stacks, previous = [first_slices], first_slices
+        for z in range(len(stacks), num_slices):
             previous = sample_codes(
                 prior,
                 num_stacks,
@@ -1095,9 +1115,15 @@ def sample_stacks(
                 on_progress(z + 1, num_slices)
         return np.stack(stacks, axis=1)
     draw = _stack_sampler(prior, guidance is not None)
+    height, width = prior.code_shape
     stacks = []
     for start in range(0, num_stacks, batch_size):
         chosen = labels[start : start + batch_size]
+        given = (
+            np.full((0, height, width), -1, np.int32)  # none: the stack prior draws slice 0
+            if first_slices is None
+            else first_slices[start : start + batch_size]
+        )
         drawn = draw(
             tf.constant(len(chosen), tf.int32),
             tf.constant(num_slices, tf.int32),
@@ -1106,11 +1132,52 @@ def sample_stacks(
             tf.constant(temperature, tf.float32),
             tf.constant(start, tf.int32),
             _guidance_tensor(guidance),
+            tf.constant(given),
         )
         stacks.append(drawn.numpy())
         if on_progress is not None:
             on_progress(start + len(chosen), num_stacks)
     return np.concatenate(stacks)
+
+
+def check_first_prior(first_prior, prior) -> None:
+    """Refuse a `first_prior` that cannot draw `prior`'s first slices (`sample_stacks`)."""
+    if getattr(first_prior, "has_slice_context", False):
+        raise ValueError(
+            "first_prior reads a slice context: give a per-slice prior (the default config's)"
+        )
+    if tuple(first_prior.code_shape) != tuple(prior.code_shape) or (
+        first_prior.num_embeddings != prior.num_embeddings
+    ):
+        raise ValueError(
+            f"first_prior draws {first_prior.num_embeddings} codes on "
+            f"{tuple(first_prior.code_shape)} maps, the stack prior {prior.num_embeddings} on "
+            f"{tuple(prior.code_shape)}: both must be priors of the same VQ-VAE"
+        )
+    if first_prior.conditional != prior.conditional:
+        raise ValueError("first_prior and the stack prior must both be conditional, or neither")
+
+
+def load_first_prior(first_run, run_dir, vqvae_meta: dict) -> tuple[PixelCNN, dict]:
+    """The per-slice prior of the run `first_run` that draws the first slices of `run_dir`'s
+    patients (`--first-slices`; `sample_stacks`' `first_prior`) and its metadata.
+
+    Refused, in one line naming the option, unless it draws the codes of `run_dir`'s VQ-VAE
+    (`vqvae_meta`) and reads no slice context.
+    """
+    first_prior, first_meta = load_prior(Path(first_run))
+    if first_meta.get("vqvae_fingerprint") != vqvae_meta["fingerprint"]:
+        raise ValueError(
+            f"--first-slices: the prior of {first_run} draws the codes of VQ-VAE "
+            f"{first_meta.get('vqvae_fingerprint')}, {run_dir}'s VQ-VAE is "
+            f"{vqvae_meta['fingerprint']}: both runs must share their VQ-VAE"
+        )
+    if first_prior.has_slice_context:
+        raise ValueError(
+            f"--first-slices: the prior of {first_run} reads a slice context; give a run with "
+            "a per-slice prior (the default config's)"
+        )
+    return first_prior, first_meta
 
 
 def _stack_sampler(prior, guided: bool = False):
@@ -1131,10 +1198,13 @@ def _stack_sampler(prior, guided: bool = False):
                 tf.TensorSpec([], tf.float32),
                 scalar,
                 tf.TensorSpec([], tf.float32),
+                tf.TensorSpec([None, height, width], tf.int32),
             ],
             autograph=False,
         )
-        def draw(num_stacks, num_slices, seed, labels, temperature, first_stack, guidance):
+        def draw(num_stacks, num_slices, seed, labels, temperature, first_stack, guidance, first):
+            # `first`: the stacks' given slices 0, or no maps (the prior draws them).
+            given = tf.shape(first)[0] > 0
             return wavefront_stacks_graph(
                 prior_ref(),
                 num_stacks,
@@ -1146,6 +1216,8 @@ def _stack_sampler(prior, guided: bool = False):
                 width,
                 first_stack=first_stack,
                 guidance=guidance if guided else None,
+                first_slices=first,
+                first_given=given,
             )
 
         cached = _STACK_SAMPLERS.setdefault(prior, {})[guided] = draw
@@ -1165,6 +1237,8 @@ def wavefront_stacks_graph(
     wavefront: bool = True,
     first_stack=0,
     guidance=None,
+    first_slices=None,
+    first_given=None,
 ):
     """`sample_stacks`' codes `int32 [num_stacks, num_slices, height, width]` drawn as a wavefront.
 
@@ -1176,7 +1250,9 @@ def wavefront_stacks_graph(
     draws slice after slice (slice z starts once slice z - 1 is done): the schedule of the
     reference, on the same shapes. `first_stack`: the index of stack 0 of these in a larger
     request drawn in batches (its seeds are those of that index, as `first_map`). `guidance`:
-    None or a float32 w (`PixelCNNSteps`).
+    None or a float32 w (`PixelCNNSteps`). `first_slices`: None, or int32 `[num_stacks, height,
+    width]`, the stacks' slice 0 drawn elsewhere (`sample_stacks`' `first_prior`), used when
+    the bool scalar `first_given` is true (None: true); slice 1 then starts at step 0.
 
     Each map runs the fast sampler's steps (`PixelCNNSteps`, with one row per map), its slice
     context is computed row by row as its previous slice's rows are drawn
@@ -1197,7 +1273,16 @@ def wavefront_stacks_graph(
     )
     seeds_of = tf.gather(slice_seeds, slice_of)
     start = slice_of * (1 if wavefront else height)  # the step each map draws its row 0
-    steps_total = tf.reduce_max(start) + height
+    codes = tf.zeros(tf.stack([total, height, width]), tf.int32)
+    if first_slices is not None:
+        given = tf.constant(True) if first_given is None else tf.convert_to_tensor(first_given)
+        # Slice 0 is done before step 0 (it starts `height` steps early, drawing nothing), and
+        # every later slice starts one slot earlier.
+        start = tf.where(given, start - (1 if wavefront else height), start)
+        start = tf.where(given & (slice_of == 0), -height, start)
+        first = tf.pad(first_slices, [[0, total - tf.shape(first_slices)[0]], [0, 0], [0, 0]])
+        codes = tf.where(given & (slice_of == 0)[:, None, None], first, codes)
+    steps_total = tf.maximum(tf.reduce_max(start) + height, 0)
     steps = PixelCNNSteps(prior, labels, width, None, positions, guidance)
     context_layer = prior.slice_context
     dtype = context_layer.compute_dtype
@@ -1205,7 +1290,6 @@ def wavefront_stacks_graph(
     # Zero rows above; row 0's terms are set when a map starts (its context row 0 known).
     state = (steps.zero_rows(), steps.start_terms())
     context = tf.zeros(tf.stack([total, height + 1, width, filters]), dtype)
-    codes = tf.zeros(tf.stack([total, height, width]), tf.int32)
     cache = context_layer.start_rows(total, width, dtype)
     context_done = tf.zeros([total], tf.int32)  # context rows computed, per map
     has_previous = slice_of > 0
@@ -1418,6 +1502,7 @@ def sample_run(
     on_row: Callable[[int, int], None] | None = None,
     slices_per_patient: int | None = None,
     guidance: float | None = None,
+    first_slices_from: str | os.PathLike | None = None,
 ) -> int:
     """Sample `num_samples` slices from the run's prior into the new folder `out_dir`; the count written.
 
@@ -1436,6 +1521,8 @@ def sample_run(
             "NC"/"AD" (any case), 0/1, or -1 (unconditional, conditional priors too).
         on_row: progress callback, as in `sample_codes_reference`.
         guidance: None, or w >= 0: classifier-free guidance (`sample_codes`).
+        first_slices_from: with `slices_per_patient`, None or a run of the same VQ-VAE whose
+            per-slice prior draws each patient's first slice (`load_first_prior`).
     """
     from PIL import Image
 
@@ -1451,6 +1538,8 @@ def sample_run(
             f"--label: the prior of {paths.root} is unconditional (trained without labels); omit --label"
         )
     labels = resolve_labels(prior, num_samples, label)
+    if first_slices_from is not None and slices_per_patient is None:
+        raise ValueError("--first-slices applies to --patient only")
     if slices_per_patient is not None:
         if not getattr(prior, "previous_slice", False):
             raise ValueError(
@@ -1468,6 +1557,9 @@ def sample_run(
             (seed, temperature, guidance),
             slices_per_patient,
             on_row,
+            None
+            if first_slices_from is None
+            else load_first_prior(first_slices_from, paths.root, vqvae_meta),
         )
     codes = sample_codes(
         prior, num_samples, seed, labels, temperature, on_row=on_row, guidance=guidance
@@ -1518,10 +1610,10 @@ PATIENT_GRID_ROWS = 8  # patients shown in a `vqpix sample --patient` grid
 
 
 def _sample_patients(
-    paths, out_dir, prior, vqvae, metas, labels, drawing, num_slices, on_progress
+    paths, out_dir, prior, vqvae, metas, labels, drawing, num_slices, on_progress, first=None
 ) -> int:
     """`sample_run` of whole patients (`slices_per_patient`); `drawing`: (seed, temperature,
-    guidance)."""
+    guidance); `first`: None, or `(first_prior, its metadata)` (`load_first_prior`)."""
     from PIL import Image
 
     seed, temperature, guidance = drawing
@@ -1535,6 +1627,7 @@ def _sample_patients(
         temperature,
         on_progress=on_progress,
         guidance=guidance,
+        first_prior=None if first is None else first[0],
     )
     digits = max(3, len(str(len(labels) - 1)))
     prior_meta, vqvae_meta = metas
@@ -1569,6 +1662,7 @@ def _sample_patients(
             "prior_epoch": prior_meta.get("epoch"),
             "prior_fingerprint": prior_meta.get("fingerprint"),
             "vqvae_fingerprint": vqvae_meta.get("fingerprint"),
+            "first_slices_prior_fingerprint": None if first is None else first[1]["fingerprint"],
         }
         (tmp / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
     return len(labels)

@@ -192,6 +192,7 @@ def generate_dataset(
     on_progress: Callable[[int, int], None] | None = None,
     slices_per_patient: int = 1,
     guidance: float | None = None,
+    first_slices_from: str | os.PathLike | None = None,
 ) -> GenerateSummary:
     """Sample a labelled data set from the run's conditional prior into `out_dir` (module docstring).
 
@@ -213,6 +214,8 @@ def generate_dataset(
             previous slice); batches are then `batch_size` patients.
         guidance: None, or w >= 0: classifier-free guidance (`keras_vqpix.sampling.sample_codes`;
             w > 1 strengthens the class, for twice the arithmetic).
+        first_slices_from: None, or a run of the same VQ-VAE whose per-slice prior draws each
+            patient's first slice (`keras_vqpix.sampling.sample_stacks`' `first_prior`).
     """
     from keras_vqpix.io import atomic_directory, check_output_folder
     from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
@@ -222,6 +225,7 @@ def generate_dataset(
         check_seed,
         check_temperature,
         decode_codes,
+        load_first_prior,
         sample_codes,
         sample_stacks,
     )
@@ -267,6 +271,11 @@ def generate_dataset(
             "slice (trained before slice context, or with prior.previous_slice false); it "
             "draws single slices only"
         )
+    first_prior = first_meta = None
+    if first_slices_from is not None:
+        if stack == 1:
+            raise ValueError("--first-slices applies to whole patients: give --slices-per-patient")
+        first_prior, first_meta = load_first_prior(first_slices_from, paths.root, vqvae_meta)
     patients = per_class // stack
     labels = np.repeat(np.arange(len(CLASS_NAMES), dtype=np.int32), patients)
     number = np.tile(np.arange(patients), len(CLASS_NAMES))
@@ -295,6 +304,7 @@ def generate_dataset(
                     labels[chunk],
                     temperature,
                     guidance=guidance,
+                    first_prior=first_prior,
                 )
             slices = to_frame(decode_codes(vqvae, codes.reshape(-1, *codes.shape[2:])), frame)
             names = []
@@ -335,13 +345,21 @@ def generate_dataset(
                 "batch_size": batch_size,
                 "slices_per_patient": stack,
                 "guidance": guidance,
+                "first_slices_from": None if first_slices_from is None else str(first_slices_from),
             },
             "frame": list(frame),
             "patients": (
                 "each synthetic slice is its own patient (slices are drawn one at a time)"
                 if stack == 1
                 else f"each synthetic patient is a stack of {stack} consecutive slices "
-                "(slice z drawn conditioned on slice z - 1)"
+                "(slice z drawn conditioned on slice z - 1"
+                + (
+                    ""
+                    if first_meta is None
+                    else f"; slice 0 by the per-slice prior {first_meta['fingerprint']} "
+                    f"of {first_slices_from}"
+                )
+                + ")"
             ),
             "counts": _counts(rows),
         }

@@ -13,6 +13,7 @@ from PIL import Image
 
 from keras_vqpix.data.discover import SliceRecord
 from keras_vqpix.data.stacks import position_bins, stack_context
+from keras_vqpix.run_folder import load_prior
 from keras_vqpix.sampling import (
     position_bins_graph,
     sample_codes,
@@ -132,6 +133,62 @@ def test_slice_z_is_drawn_from_slice_z_minus_1_alone(quick_prior):
     np.testing.assert_array_equal(sample_stacks(quick_prior, 1, 6, 5, labels[:1]), stacks[:1])
 
 
+def test_a_first_prior_draws_slice_0_and_the_stack_prior_each_later_slice(random_stack_prior):
+    stack_prior = random_stack_prior
+    first_prior = random_prior((5, 6), num_embeddings=16, num_layers=2, filters=8, embedding_dim=4)
+    labels = np.array([0, 1, -1], np.int32)
+    fast = sample_stacks(stack_prior, 3, 5, 11, labels, 0.9, batch_size=2, first_prior=first_prior)
+    reference = sample_stacks(
+        stack_prior, 3, 5, 11, labels, 0.9, method="reference", first_prior=first_prior
+    )
+    np.testing.assert_array_equal(fast, reference)
+    # Slice 0 is the first prior's draw with slice 0's seed; slice z the stack prior's, given
+    # slice z - 1, as without a first prior.
+    np.testing.assert_array_equal(
+        fast[:, 0], sample_codes(first_prior, 3, int(slice_seed(11, 0)), labels, 0.9)
+    )
+    bins = position_bins(5, stack_prior.slice_positions)
+    for z in range(1, 5):
+        drawn = sample_codes(
+            stack_prior,
+            3,
+            int(slice_seed(11, z)),
+            labels,
+            0.9,
+            previous=fast[:, z - 1],
+            positions=int(bins[z]),
+        )
+        np.testing.assert_array_equal(fast[:, z], drawn, err_msg=f"slice {z}")
+    assert not np.array_equal(fast[:, 0], sample_stacks(stack_prior, 3, 5, 11, labels, 0.9)[:, 0])
+    # The engine slice after slice, with the first slices given: the same codes.
+    height, width = stack_prior.code_shape
+    sequential = tf.function(
+        lambda: wavefront_stacks_graph(
+            stack_prior,
+            3,
+            5,
+            11,
+            tf.constant(labels),
+            0.9,
+            height,
+            width,
+            wavefront=False,
+            first_slices=tf.constant(fast[:, 0]),
+        ),
+        autograph=False,
+    )().numpy()
+    np.testing.assert_array_equal(sequential, fast)
+    # A single slice is the first prior's alone.
+    np.testing.assert_array_equal(
+        sample_stacks(stack_prior, 3, 1, 11, labels, 0.9, first_prior=first_prior)[:, 0], fast[:, 0]
+    )
+    with pytest.raises(ValueError, match="first_prior reads a slice context"):
+        sample_stacks(stack_prior, 1, 2, first_prior=stack_prior)
+    other_shape = random_prior((4, 6), num_embeddings=16, num_layers=1, filters=4, embedding_dim=2)
+    with pytest.raises(ValueError, match="same VQ-VAE"):
+        sample_stacks(stack_prior, 1, 2, first_prior=other_shape)
+
+
 def test_stacks_refuse_a_prior_that_does_not_read_the_previous_slice():
     prior = random_prior((4, 5), **ARCHITECTURES["dilated"])
     with pytest.raises(ValueError, match="does not read the previous slice"):
@@ -172,6 +229,74 @@ def test_generate_writes_whole_patients_split_by_patient(quick_run, tmp_path):
         + ["--slices-per-patient", "4"],
     )
     assert bad.exit_code == 2 and "multiple of --slices-per-patient" in bad.output
+
+
+def test_generate_draws_first_slices_with_another_runs_per_slice_prior(
+    quick_run, tiny_adni, tmp_path
+):
+    import shutil
+
+    # A per-slice prior on the quick run's VQ-VAE: `vqpix train --stage prior` on a copy.
+    first_run = tmp_path / "per_slice"
+    shutil.copytree(quick_run, first_run)
+    for name in ("prior.keras", "prior.json", "prior_history.csv"):
+        (first_run / name).unlink()
+    for name in ("checkpoints/prior", "logs/prior"):
+        shutil.rmtree(first_run / name, ignore_errors=True)
+    config = json.loads((first_run / "config.json").read_text())
+    config["prior"].update(previous_slice=False, slice_positions=0, epochs=1)
+    (first_run / "config.json").write_text(json.dumps(config))
+    trained = CliRunner().invoke(
+        main, ["train", "--out", str(first_run), "--data", str(tiny_adni), "--stage", "prior"]
+    )
+    assert trained.exit_code == 0, trained.output
+
+    def generate(out, *extra):
+        return CliRunner().invoke(
+            main,
+            ["generate", str(quick_run), "--out", str(tmp_path / out), "--per-class", "8"]
+            + ["--slices-per-patient", "4", "--seed", "3", *extra],
+        )
+
+    result = generate("first", "--first-slices", str(first_run))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "first" / "generator.json").read_text())
+    assert record["options"]["first_slices_from"] == str(first_run)
+    assert f"--first-slices {first_run}" in record["command"]
+    assert "slice 0 by the per-slice prior" in record["patients"]
+    assert generate("own").exit_code == 0
+    pixels = {
+        out: {p.name: np.asarray(Image.open(p)) for p in sorted((tmp_path / out).rglob("*.jpeg"))}
+        for out in ("first", "own")
+    }
+    assert pixels["first"].keys() == pixels["own"].keys()  # the same patients and slices
+    first = [name for name in pixels["own"] if name.endswith("_0.jpeg")]
+    assert any(not np.array_equal(pixels["first"][n], pixels["own"][n]) for n in first)
+    # `vqpix sample --patient` too: slice 0 of each patient is the per-slice prior's draw.
+    strips = tmp_path / "strips"
+    result = CliRunner().invoke(
+        main,
+        ["sample", str(quick_run), "--patient", "--slices", "3", "--num", "2", "--seed", "4"]
+        + ["--first-slices", str(first_run), "--out", str(strips)],
+    )
+    assert result.exit_code == 0, result.output
+    first_prior, first_meta = load_prior(first_run)
+    record = json.loads((strips / "samples.json").read_text())
+    assert record["first_slices_prior_fingerprint"] == first_meta["fingerprint"]
+    drawn = np.stack([np.load(strips / f"{name}.npy")[0] for name in record["files"]])
+    labels = [{"NC": 0, "AD": 1}[name] for name in record["labels"]]
+    np.testing.assert_array_equal(
+        drawn, sample_codes(first_prior, 2, int(slice_seed(4, 0)), np.array(labels, np.int32))
+    )
+    # Refused, one line naming the option: a prior with slice context; single slices.
+    bad = generate("bad", "--first-slices", str(quick_run))
+    assert bad.exit_code == 2 and "--first-slices" in bad.output and "slice context" in bad.output
+    single = CliRunner().invoke(
+        main,
+        ["generate", str(quick_run), "--out", str(tmp_path / "one"), "--per-class", "4"]
+        + ["--first-slices", str(first_run)],
+    )
+    assert single.exit_code == 2 and "--first-slices" in single.output
 
 
 def test_sample_patient_writes_strips(quick_run, quick_prior, tmp_path):
