@@ -94,3 +94,18 @@ guidance_option = click.option(
     "unconditional (u) prior; W > 1 strengthens the class (up to twice the sampling time). "
     "Default: none (W = 1).",
 )
+
+
+def first_slices_option(whole_patients: str):
+    """`--first-slices FIRST_RUN` of `vqpix generate` and `vqpix sample` (`whole_patients`: the
+    option that asks for patients), `keras_vqpix.sampling.load_first_prior`."""
+    return click.option(
+        "--first-slices",
+        "first_slices_from",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        default=None,
+        metavar="FIRST_RUN",
+        help=f"With {whole_patients}: draw each patient's first slice with the per-slice prior "
+        "of FIRST_RUN (a run of the same VQ-VAE, e.g. the default config's), the later slices "
+        "with RUN's.",
+    )

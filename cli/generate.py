@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import SizeType, guidance_option, user_errors
+from .common import SizeType, first_slices_option, guidance_option, user_errors
 
 
 @click.command()
@@ -36,16 +36,7 @@ from .common import SizeType, guidance_option, user_errors
     help="Slices of each synthetic patient: 1, each slice its own patient; S > 1, whole "
     "patients of S consecutive slices drawn slice after slice (--per-class a multiple of S).",
 )
-@click.option(
-    "--first-slices",
-    "first_slices_from",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    metavar="FIRST_RUN",
-    help="With --slices-per-patient: draw each patient's first slice with the per-slice prior "
-    "of FIRST_RUN (a run of the same VQ-VAE, e.g. the default config's), the later slices "
-    "with RUN's.",
-)
+@first_slices_option("--slices-per-patient")
 @click.option(
     "--test-fraction",
     type=click.FloatRange(0.0, 1.0, max_open=True),

@@ -8,7 +8,7 @@ import click
 
 from keras_vqpix.config import SEED_RANGE
 
-from .common import guidance_option, user_errors
+from .common import first_slices_option, guidance_option, user_errors
 
 
 @click.command()
@@ -54,15 +54,7 @@ from .common import guidance_option, user_errors
     "slice drawn given the previous one), each written as a strip; needs a prior that reads "
     "the previous slice (the patients config).",
 )
-@click.option(
-    "--first-slices",
-    "first_slices_from",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    metavar="FIRST_RUN",
-    help="With --patient: draw each patient's first slice with the per-slice prior of "
-    "FIRST_RUN (a run of the same VQ-VAE, e.g. the default config's).",
-)
+@first_slices_option("--patient")
 @click.option(
     "--slices",
     type=click.IntRange(min=1, max=512),
