@@ -1140,30 +1140,31 @@ def sample_stacks(
     return np.concatenate(stacks)
 
 
-def check_first_prior(first_prior, prior) -> None:
-    """Refuse a `first_prior` that cannot draw `prior`'s first slices (`sample_stacks`)."""
+def check_first_prior(first_prior, prior, name: str = "first_prior") -> None:
+    """Refuse a `first_prior` that cannot draw `prior`'s first slices (`sample_stacks`), in one
+    line that starts with `name`."""
     if getattr(first_prior, "has_slice_context", False):
         raise ValueError(
-            "first_prior reads a slice context: give a per-slice prior (the default config's)"
+            f"{name} reads a slice context: give a per-slice prior (the default config's)"
         )
     if tuple(first_prior.code_shape) != tuple(prior.code_shape) or (
         first_prior.num_embeddings != prior.num_embeddings
     ):
         raise ValueError(
-            f"first_prior draws {first_prior.num_embeddings} codes on "
+            f"{name} draws {first_prior.num_embeddings} codes on "
             f"{tuple(first_prior.code_shape)} maps, the stack prior {prior.num_embeddings} on "
             f"{tuple(prior.code_shape)}: both must be priors of the same VQ-VAE"
         )
     if first_prior.conditional != prior.conditional:
-        raise ValueError("first_prior and the stack prior must both be conditional, or neither")
+        raise ValueError(f"{name} and the stack prior must both be conditional, or neither")
 
 
-def load_first_prior(first_run, run_dir, vqvae_meta: dict) -> tuple[PixelCNN, dict]:
+def load_first_prior(first_run, run_dir, vqvae_meta: dict, prior) -> tuple[PixelCNN, dict]:
     """The per-slice prior of the run `first_run` that draws the first slices of `run_dir`'s
     patients (`--first-slices`; `sample_stacks`' `first_prior`) and its metadata.
 
     Refused, in one line naming the option, unless it draws the codes of `run_dir`'s VQ-VAE
-    (`vqvae_meta`) and reads no slice context.
+    (`vqvae_meta`) and can draw the first slices of `run_dir`'s `prior` (`check_first_prior`).
     """
     first_prior, first_meta = load_prior(Path(first_run))
     if first_meta.get("vqvae_fingerprint") != vqvae_meta["fingerprint"]:
@@ -1172,11 +1173,7 @@ def load_first_prior(first_run, run_dir, vqvae_meta: dict) -> tuple[PixelCNN, di
             f"{first_meta.get('vqvae_fingerprint')}, {run_dir}'s VQ-VAE is "
             f"{vqvae_meta['fingerprint']}: both runs must share their VQ-VAE"
         )
-    if first_prior.has_slice_context:
-        raise ValueError(
-            f"--first-slices: the prior of {first_run} reads a slice context; give a run with "
-            "a per-slice prior (the default config's)"
-        )
+    check_first_prior(first_prior, prior, f"--first-slices: the prior of {first_run}")
     return first_prior, first_meta
 
 
@@ -1203,8 +1200,6 @@ def _stack_sampler(prior, guided: bool = False):
             autograph=False,
         )
         def draw(num_stacks, num_slices, seed, labels, temperature, first_stack, guidance, first):
-            # `first`: the stacks' given slices 0, or no maps (the prior draws them).
-            given = tf.shape(first)[0] > 0
             return wavefront_stacks_graph(
                 prior_ref(),
                 num_stacks,
@@ -1217,7 +1212,6 @@ def _stack_sampler(prior, guided: bool = False):
                 first_stack=first_stack,
                 guidance=guidance if guided else None,
                 first_slices=first,
-                first_given=given,
             )
 
         cached = _STACK_SAMPLERS.setdefault(prior, {})[guided] = draw
@@ -1238,7 +1232,6 @@ def wavefront_stacks_graph(
     first_stack=0,
     guidance=None,
     first_slices=None,
-    first_given=None,
 ):
     """`sample_stacks`' codes `int32 [num_stacks, num_slices, height, width]` drawn as a wavefront.
 
@@ -1250,9 +1243,10 @@ def wavefront_stacks_graph(
     draws slice after slice (slice z starts once slice z - 1 is done): the schedule of the
     reference, on the same shapes. `first_stack`: the index of stack 0 of these in a larger
     request drawn in batches (its seeds are those of that index, as `first_map`). `guidance`:
-    None or a float32 w (`PixelCNNSteps`). `first_slices`: None, or int32 `[num_stacks, height,
-    width]`, the stacks' slice 0 drawn elsewhere (`sample_stacks`' `first_prior`), used when
-    the bool scalar `first_given` is true (None: true); slice 1 then starts at step 0.
+    None or a float32 w (`PixelCNNSteps`). `first_slices`: None or no maps (`[0, height,
+    width]`, so that one traced function serves both): the prior draws slice 0 itself; else
+    int32 `[num_stacks, height, width]`, the stacks' slice 0 drawn elsewhere (`sample_stacks`'
+    `first_prior`), and slice 1 starts at step 0.
 
     Each map runs the fast sampler's steps (`PixelCNNSteps`, with one row per map), its slice
     context is computed row by row as its previous slice's rows are drawn
@@ -1275,7 +1269,7 @@ def wavefront_stacks_graph(
     start = slice_of * (1 if wavefront else height)  # the step each map draws its row 0
     codes = tf.zeros(tf.stack([total, height, width]), tf.int32)
     if first_slices is not None:
-        given = tf.constant(True) if first_given is None else tf.convert_to_tensor(first_given)
+        given = tf.shape(first_slices)[0] > 0
         # Slice 0 is done before step 0 (it starts `height` steps early, drawing nothing), and
         # every later slice starts one slot earlier.
         start = tf.where(given, start - (1 if wavefront else height), start)
@@ -1559,7 +1553,7 @@ def sample_run(
             on_row,
             None
             if first_slices_from is None
-            else load_first_prior(first_slices_from, paths.root, vqvae_meta),
+            else load_first_prior(first_slices_from, paths.root, vqvae_meta, prior),
         )
     codes = sample_codes(
         prior, num_samples, seed, labels, temperature, on_row=on_row, guidance=guidance

@@ -275,7 +275,7 @@ def generate_dataset(
     if first_slices_from is not None:
         if stack == 1:
             raise ValueError("--first-slices applies to whole patients: give --slices-per-patient")
-        first_prior, first_meta = load_first_prior(first_slices_from, paths.root, vqvae_meta)
+        first_prior, first_meta = load_first_prior(first_slices_from, paths.root, vqvae_meta, prior)
     patients = per_class // stack
     labels = np.repeat(np.arange(len(CLASS_NAMES), dtype=np.int32), patients)
     number = np.tile(np.arange(patients), len(CLASS_NAMES))
