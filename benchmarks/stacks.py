@@ -38,12 +38,15 @@ def measure(slices: int, repeats: int) -> dict:
     config = get_config("patients")
     keras.utils.set_random_seed(0)
     size = config.code_size
-    prior = PixelCNN.from_run_config(config.prior, config.vqvae.num_embeddings, (size, size), 0)
-    prior(tf.zeros((1, size, size), tf.int32), tf.zeros((1,), tf.int32))
+
+    def built(prior_config):
+        model = PixelCNN.from_run_config(prior_config, config.vqvae.num_embeddings, (size, size), 0)
+        model(tf.zeros((1, size, size), tf.int32), tf.zeros((1,), tf.int32))
+        return model
+
+    prior = built(config.prior)
     bins = position_bins(slices, prior.slice_positions)
-    per_slice = get_config("default").prior
-    first_prior = PixelCNN.from_run_config(per_slice, config.vqvae.num_embeddings, (size, size), 0)
-    first_prior(tf.zeros((1, size, size), tf.int32), tf.zeros((1,), tf.int32))
+    first_prior = built(get_config("default").prior)
 
     def wavefront():
         return sample_stacks(prior, 1, slices, seed=1, labels=1)

@@ -485,38 +485,32 @@ def test_training_reports_bits_per_code():
     assert history["bits_per_code"][-1] < history["bits_per_code"][0]
 
 
-def test_a_config_json_written_before_dilation_reads_as_the_undilated_run_it_was():
-    from keras_vqpix.config import RunConfig, get_config
+# The prior's training recipe of 0.1.0 and 0.2.0: a constant learning rate of 1e-3.
+CONSTANT_RATE = {"prior.learning_rate": 1e-3, "prior.final_learning_rate_ratio": 1.0}
 
-    old = get_config("default").to_dict()
-    old["prior"]["learning_rate"] = 1e-3  # 0.1.0's constant learning rate
-    for name in (
-        "dilation_cycle",
-        "previous_slice",
-        "slice_positions",
-        "previous_dropout",
-        "final_learning_rate_ratio",
-    ):
-        del old["prior"][name]  # as 0.1.0 wrote it
-    config = RunConfig.from_dict(old)
-    before = {"prior.learning_rate": 1e-3, "prior.final_learning_rate_ratio": 1.0}
-    assert config.prior == get_config("default-undilated").replace(**before).prior
+
+def read_as_written_before(preset: str, missing: tuple[str, ...]):
+    """`RunConfig.from_dict` of the `config.json` an older version wrote for `preset`: its
+    constant learning rate, and none of the prior fields `missing` (added since)."""
+    from keras_vqpix.config import RunConfig
+
+    old = get_config(preset).replace(**CONSTANT_RATE).to_dict()
+    for name in (*missing, "final_learning_rate_ratio"):
+        del old["prior"][name]
+    return RunConfig.from_dict(old)
+
+
+def test_a_config_json_written_before_dilation_reads_as_the_undilated_run_it_was():
+    config = read_as_written_before(  # as 0.1.0 wrote it
+        "default", ("dilation_cycle", "previous_slice", "slice_positions", "previous_dropout")
+    )
+    assert config.prior == get_config("default-undilated").replace(**CONSTANT_RATE).prior
     assert config != get_config("default")  # resuming it with the new default is refused
 
 
 def test_a_config_json_written_before_slice_context_reads_as_the_per_slice_run_it_was():
-    from keras_vqpix.config import RunConfig, get_config
-
-    old = get_config("patients").to_dict()
-    old["prior"]["learning_rate"] = 1e-3  # 0.2.0's constant learning rate
-    for name in (
-        "previous_slice",
-        "slice_positions",
-        "previous_dropout",
-        "final_learning_rate_ratio",
-    ):
-        del old["prior"][name]  # as 0.2.0 wrote it
-    config = RunConfig.from_dict(old)
-    before = {"prior.learning_rate": 1e-3, "prior.final_learning_rate_ratio": 1.0}
-    assert config.prior == get_config("default").replace(**before).prior
+    config = read_as_written_before(  # as 0.2.0 wrote it
+        "patients", ("previous_slice", "slice_positions", "previous_dropout")
+    )
+    assert config.prior == get_config("default").replace(**CONSTANT_RATE).prior
     assert not PixelCNN.from_run_config(config.prior, 256, (32, 32)).has_slice_context
