@@ -187,7 +187,7 @@ ARCHITECTURES = {
     "default": dict(
         num_embeddings=256,
         num_layers=9,
-        filters=32,
+        filters=48,
         embedding_dim=32,
         position_embedding=True,
         dilation_cycle=4,
@@ -214,9 +214,10 @@ ARCHITECTURES = {
         position_embedding=True,
     ),
 }
-# The `patients` preset's prior: the default's with slice context.
+# The `patients` preset's prior: the default's with slice context, 32 channels wide.
 ARCHITECTURES["patients"] = {
     **ARCHITECTURES["default"],
+    "filters": 32,
     "previous_slice": True,
     "slice_positions": 20,
 }

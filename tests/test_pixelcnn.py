@@ -298,9 +298,10 @@ def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
     assert prior.receptive_rows == 34 >= default.code_size
     assert not prior.has_slice_context
     assert undilated.prior.dilation_cycle == 1
-    # Each preset differs from the default in the prior's one idea: the VQ-VAE stage of all
-    # three is the same run.
-    context = {"prior.previous_slice": True, "prior.slice_positions": 20}
+    # Each preset differs from the default in the prior's one idea (patients: also the width
+    # that keeps a 20-slice patient within 2 s): the VQ-VAE stage of all three is the same run.
+    context = {"prior.previous_slice": True, "prior.slice_positions": 20, "prior.filters": 32}
+    assert default.prior.filters == 48
     assert default.replace(name="patients", **context) == patients
     assert undilated.replace(name="default", **{"prior.dilation_cycle": 4}) == default
     stacked = PixelCNN.from_run_config(patients.prior, 256, (32, 32))
@@ -487,14 +488,17 @@ def test_training_reports_bits_per_code():
 
 # The prior's training recipe of 0.1.0 and 0.2.0: a constant learning rate of 1e-3.
 CONSTANT_RATE = {"prior.learning_rate": 1e-3, "prior.final_learning_rate_ratio": 1.0}
+# The prior those versions wrote: that recipe, 32 channels.
+EARLIER_PRIOR = {**CONSTANT_RATE, "prior.filters": 32}
 
 
 def read_as_written_before(preset: str, missing: tuple[str, ...]):
     """`RunConfig.from_dict` of the `config.json` an older version wrote for `preset`: its
-    constant learning rate, and none of the prior fields `missing` (added since)."""
+    constant learning rate and 32 channels, and none of the prior fields `missing` (added
+    since)."""
     from keras_vqpix.config import RunConfig
 
-    old = get_config(preset).replace(**CONSTANT_RATE).to_dict()
+    old = get_config(preset).replace(**EARLIER_PRIOR).to_dict()
     for name in (*missing, "final_learning_rate_ratio"):
         del old["prior"][name]
     return RunConfig.from_dict(old)
@@ -504,7 +508,7 @@ def test_a_config_json_written_before_dilation_reads_as_the_undilated_run_it_was
     config = read_as_written_before(  # as 0.1.0 wrote it
         "default", ("dilation_cycle", "previous_slice", "slice_positions", "previous_dropout")
     )
-    assert config.prior == get_config("default-undilated").replace(**CONSTANT_RATE).prior
+    assert config.prior == get_config("default-undilated").replace(**EARLIER_PRIOR).prior
     assert config != get_config("default")  # resuming it with the new default is refused
 
 
@@ -512,5 +516,5 @@ def test_a_config_json_written_before_slice_context_reads_as_the_per_slice_run_i
     config = read_as_written_before(  # as 0.2.0 wrote it
         "patients", ("previous_slice", "slice_positions", "previous_dropout")
     )
-    assert config.prior == get_config("default").replace(**CONSTANT_RATE).prior
+    assert config.prior == get_config("default").replace(**EARLIER_PRIOR).prior
     assert not PixelCNN.from_run_config(config.prior, 256, (32, 32)).has_slice_context
