@@ -12,8 +12,9 @@ SavedModels are loaded once with TensorFlow alone (this module never imports ker
 3. **Load**: `--threads` client threads (as TF Serving's request threads call one loaded model)
    send a random mix of `sample` (1 .. cap maps), `serving_default`, `encode` and `decode`
    (batches of 1 .. `--batch` images or code maps) for `--seconds`. Per signature: requests,
-   errors, requests/s, items/s, latency p50/p95/p99; resident memory after a warm-up (each
-   signature called once at its largest size), at the end and its peak, sampled every 50 ms.
+   errors, requests/s, items/s, latency p50/p95/p99; resident memory after a warm-up (every
+   client calls each signature at its largest size, all clients at once), at the end and its
+   peak, sampled every 50 ms.
 
 Exits 1 when any load request failed, when a good request was refused or a bad one not, or when
 the resident memory grew by more than `--rss-bound` MiB over the load phase. `--results` adds
@@ -196,9 +197,20 @@ def run_load(
         "encode": batch,
         "decode": batch,
     }
-    warm = random.Random(seed)
-    for name in names:  # every signature once at its largest size: allocators reach their size
-        exports.call(name, exports.inputs(name, largest[name], warm))
+
+    def warm_up(index: int) -> None:
+        warm = random.Random(seed - 1 - index)
+        for name in names:
+            exports.call(name, exports.inputs(name, largest[name], warm))
+
+    # Every client calls every signature at its largest size, all at once: the allocators reach
+    # what `threads` concurrent requests hold, so growth over the load phase is a leak, not the
+    # working set of concurrency (a wider prior's is larger).
+    warmers = [threading.Thread(target=warm_up, args=(i,)) for i in range(threads)]
+    for warmer in warmers:
+        warmer.start()
+    for warmer in warmers:
+        warmer.join()
     rss_before = resident_bytes()
     records: dict[str, list] = {name: [] for name in names}
     errors: list[str] = []
