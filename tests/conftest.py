@@ -14,6 +14,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from keras_vqpix.config import PATIENTS_FILTERS  # noqa: E402
+
 
 def write_slice(path: Path, rng: np.random.Generator, size=(256, 240), radius_scale=1.0) -> None:
     """A bright noisy ellipse on black, 8-bit grayscale, PIL size (width, height)."""
@@ -214,10 +216,10 @@ ARCHITECTURES = {
         position_embedding=True,
     ),
 }
-# The `patients` preset's prior: the default's with slice context, 32 channels wide.
+# The `patients` preset's prior: the default's with slice context, narrower.
 ARCHITECTURES["patients"] = {
     **ARCHITECTURES["default"],
-    "filters": 32,
+    "filters": PATIENTS_FILTERS,
     "previous_slice": True,
     "slice_positions": 20,
 }
