@@ -10,6 +10,7 @@ from conftest import assert_config_round_trip
 
 from keras_vqpix.config import PriorConfig, get_config
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
+from keras_vqpix.layers.layout_context import LayoutContext
 from keras_vqpix.layers.masked_conv import MaskedConv2D, causal_mask
 from keras_vqpix.layers.slice_context import SliceContext
 from keras_vqpix.models.pixelcnn import PixelCNN
@@ -65,21 +66,28 @@ def random_embedded(height=6, width=6, channels=4, batch=2, seed=0) -> np.ndarra
         {"num_layers": 5, "kernel_size": 3, "conditional": True},
         {"num_layers": 2, "kernel_size": 5, "conditional": False},
         {"num_layers": 5, "conditional": True, "previous_slice": True, "slice_positions": 3},
+        {"num_layers": 5, "layout_levels": 4, "layout_upsample": 2, "code_shape": (6, 6)},
     ],
-    ids=["k3-conditional", "k5-unconditional", "slice-context"],
+    ids=["k3-conditional", "k5-unconditional", "slice-context", "layout"],
 )
 def test_every_position_sees_exactly_the_earlier_positions(kwargs):
     # On a 6x6 map the receptive field of (num_layers + 1) * (k // 2) >= 6 covers every earlier
     # position, so each output must depend on all of them (no blind spot) and on nothing at or
     # after itself (no leak). A slice-context prior is checked with a previous slice and
-    # positions given: the context must not open a path from a map's own codes.
+    # positions given, a layout prior with a layout: the condition must not open a path from a
+    # map's own codes.
     keras.utils.set_random_seed(1)
     prior = PixelCNN(num_embeddings=8, filters=8, embedding_dim=4, **kwargs)
     labels = tf.constant([0, 1])
     codes = tf.zeros((2, 6, 6), tf.int32)
-    previous = tf.constant(np.random.default_rng(3).integers(0, 8, (2, 6, 6)), tf.int32)
-    prior(codes, labels)
-    condition = prior.context(codes, previous, tf.constant([0, 2]))
+    rng = np.random.default_rng(3)
+    previous, layout = None, None
+    if prior.layout_levels:
+        layout = tf.constant(rng.integers(0, 4, (2, 3, 3)), tf.int32)
+    else:
+        previous = tf.constant(rng.integers(0, 8, (2, 6, 6)), tf.int32)
+    prior(codes, labels, layout=layout)
+    condition = prior.context(codes, previous, tf.constant([0, 2]), layout)
 
     def logits(x):
         copies = x.shape[0] // 2
@@ -139,6 +147,44 @@ def test_a_slice_context_prior_reads_the_previous_slice_and_the_position():
         prior(codes, labels).numpy(),
         prior(codes, labels, -tf.ones_like(codes), tf.constant([-1, -1])).numpy(),
     )
+
+
+def test_a_layout_prior_reads_the_layout_below_and_around_each_position():
+    # The layout is drawn before the codes, so the condition at a code position may read the
+    # cells below it too (no mask): two 3x3 convolutions over the cells, so the cells within
+    # two of its own; the logits at (0, 0) thus know the layout four code rows ahead.
+    keras.utils.set_random_seed(1)
+    prior = PixelCNN(
+        num_embeddings=8,
+        num_layers=2,
+        filters=8,
+        embedding_dim=4,
+        code_shape=(8, 8),
+        layout_levels=5,
+        layout_upsample=2,
+    )
+    codes = tf.zeros((1, 8, 8), tf.int32)
+    layout = np.random.default_rng(0).integers(0, 5, (1, 4, 4))
+    base = prior(codes, None, layout=tf.constant(layout)).numpy()
+    for cell, reads in (((2, 2), True), ((3, 0), False)):
+        changed = layout.copy()
+        changed[(0, *cell)] = (changed[(0, *cell)] + 1) % 5
+        moved = np.abs(prior(codes, None, layout=tf.constant(changed)).numpy() - base).sum(-1)
+        assert bool(moved[0, 0, 0] > 0) == reads, cell
+        assert (moved[0, 2 * cell[0] :, 2 * cell[1]] > 0).all()  # and every code below it
+    with pytest.raises(ValueError, match="needs a layout"):
+        prior(codes, None)
+    for kwargs, message in (
+        (dict(code_shape=(8, 8), layout_levels=1), "layout_levels must be 0 or >= 2"),
+        (dict(code_shape=(6, 6), layout_levels=4, layout_upsample=4), "divisible"),
+        (dict(layout_levels=4, layout_upsample=2), "divisible"),
+        (
+            dict(code_shape=(8, 8), layout_levels=4, layout_upsample=2, previous_slice=True),
+            "not both",
+        ),
+    ):
+        with pytest.raises(ValueError, match=message):
+            PixelCNN(num_embeddings=8, **kwargs)
 
 
 def test_dilated_vertical_stacks_see_every_earlier_row_of_a_tall_map():
@@ -362,11 +408,45 @@ def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
                 previous_dropout=0.3,
             ),
         ),
+        (LayoutContext, dict(num_levels=5, filters=4, upsample=2)),
+        (
+            PixelCNN,
+            dict(
+                num_embeddings=8,
+                num_layers=1,
+                filters=8,
+                kernel_size=5,
+                embedding_dim=4,
+                conditional=False,
+                num_classes=3,
+                label_dropout=0.2,
+                dropout=0.1,
+                code_shape=(4, 6),
+                seed=3,
+                position_embedding=True,
+                dilation_cycle=2,
+                previous_dropout=0.3,
+                layout_levels=3,
+                layout_upsample=2,
+            ),
+        ),
     ],
-    ids=["MaskedConv2D", "GatedBlock", "SliceContext", "PixelCNN"],
+    ids=[
+        "MaskedConv2D",
+        "GatedBlock",
+        "SliceContext",
+        "PixelCNN",
+        "LayoutContext",
+        "PixelCNN-layout",
+    ],
 )
 def test_get_config_round_trips(cls, arguments):
-    assert_config_round_trip(cls, arguments)
+    # A prior reads a slice context or a layout, not both: each PixelCNN case leaves the other's
+    # arguments at their defaults.
+    exclusive = {"layout_levels", "layout_upsample", "previous_slice", "slice_positions"}
+    assert_config_round_trip(
+        cls, arguments, optional_kept=tuple(exclusive - set(arguments)) if cls is PixelCNN else ()
+    )
 
 
 def tiny_prior(**kwargs) -> PixelCNN:

@@ -8,15 +8,17 @@ import pytest
 import tensorflow as tf
 from conftest import ARCHITECTURES, random_prior
 
+from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
 
 pytestmark = pytest.mark.usefixtures("time_limit")
 
 
-def cached_logits(prior, codes, labels, previous=None, positions=None) -> np.ndarray:
-    """Logits `[n, h, w, K]` of `codes` from the cached steps, as the fast sampler runs them."""
+def cached_logits(prior, codes, labels, previous=None, positions=None, steps=None) -> np.ndarray:
+    """Logits `[n, h, w, K]` of `codes` from the cached steps (`steps`, or the prior's for these
+    labels and context), as the fast sampler runs them."""
     _, height, width = codes.shape
-    steps = PixelCNNSteps(prior, labels, width, previous, positions)
+    steps = steps or PixelCNNSteps(prior, labels, width, previous, positions)
     state = steps.start()
     rows = []
     for r in range(height):
@@ -60,6 +62,32 @@ def test_the_steps_compute_the_model_logits_at_every_position(name):
     # From scratch, every step sees the same operations on the same values as when cached; and
     # the bits do not depend on where the steps run (here: eagerly, and traced).
     np.testing.assert_array_equal(from_scratch, cached)
+
+
+def test_the_steps_compute_a_layout_priors_logits_at_every_position():
+    # The layout's condition is computed once, whole, by `start`: row and column steps then
+    # read it as they read a slice context.
+    keras.utils.set_random_seed(0)
+    prior = PixelCNN(
+        num_embeddings=16,
+        num_layers=3,
+        filters=8,
+        embedding_dim=4,
+        code_shape=(4, 6),
+        position_embedding=True,
+        dilation_cycle=2,
+        layout_levels=5,
+        layout_upsample=2,
+    )
+    rng = np.random.default_rng(0)
+    codes = tf.constant(rng.integers(0, 16, (3, 4, 6)), tf.int32)
+    layout = tf.constant(rng.integers(0, 5, (3, 2, 3)), tf.int32)
+    labels = tf.constant([0, 1, -1], tf.int32)
+    expected = prior(codes, labels, layout=layout).numpy()
+    steps = PixelCNNSteps(prior, labels, 6, layout=layout)
+    cached = cached_logits(prior, codes, labels, steps=steps)
+    np.testing.assert_allclose(cached, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_array_equal(steps.position_logits(codes, 3, 5).numpy(), cached[:, 3, 5])
 
 
 def test_the_steps_keep_the_logits_float32_under_mixed_precision():

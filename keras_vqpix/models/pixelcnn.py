@@ -11,6 +11,7 @@ from keras import layers, ops
 
 from keras_vqpix.config import PriorConfig
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
+from keras_vqpix.layers.layout_context import LayoutContext
 from keras_vqpix.layers.slice_context import SliceContext
 from keras_vqpix.models.distributed import DistributedFitMixin
 from keras_vqpix.replicas import all_reduce_sum, global_mean, global_rows, sync_context
@@ -89,6 +90,10 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         previous_slice: bool, condition on the previous slice's code map.
         slice_positions: int >= 0, position bins of a slice in its stack; 0: none.
         previous_dropout: float in [0, 1), training probability of "no previous slice".
+        layout_levels: int, 0: no layout; L >= 2: condition on a coarse layout of the slice
+            (`layout [B, h / f, w / f]` in `[0, L)`, `LayoutContext`), given in full before
+            any code is drawn (the bottom level of a two-level hierarchy, as in VQ-VAE-2).
+        layout_upsample: int >= 1, f, code positions per layout cell along each axis.
 
     Defaults are those of `keras_vqpix.config.PriorConfig` (the one place they are written), but
     `position_embedding`: False here, as it needs a `code_shape`. `PixelCNN.from_run_config`
@@ -120,6 +125,8 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         previous_slice: bool = _DEFAULTS.previous_slice,
         slice_positions: int = _DEFAULTS.slice_positions,
         previous_dropout: float = _DEFAULTS.previous_dropout,
+        layout_levels: int = 0,
+        layout_upsample: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -163,6 +170,19 @@ class PixelCNN(DistributedFitMixin, keras.Model):
                 )
         if position_embedding and code_shape is None:
             raise ValueError("position_embedding=True needs a code_shape (h, w)")
+        if layout_levels:
+            if layout_levels < 2 or layout_upsample < 1:
+                raise ValueError(
+                    "layout_levels must be 0 or >= 2 and layout_upsample >= 1. Received: "
+                    f"layout_levels={layout_levels}, layout_upsample={layout_upsample}"
+                )
+            if code_shape is None or any(s % layout_upsample for s in code_shape):
+                raise ValueError(
+                    f"A layout prior needs a code_shape divisible by layout_upsample "
+                    f"({layout_upsample}). Received: code_shape={code_shape}"
+                )
+            if previous_slice or slice_positions:
+                raise ValueError("A prior reads a layout or a slice context, not both")
         self.num_embeddings = int(num_embeddings)
         self.position_embedding = bool(position_embedding)
         self.num_layers = int(num_layers)
@@ -179,7 +199,20 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         self.previous_slice = bool(previous_slice)
         self.slice_positions = int(slice_positions)
         self.previous_dropout = float(previous_dropout)
+        self.layout_levels = int(layout_levels)
+        self.layout_upsample = int(layout_upsample)
         policy = self.dtype_policy
+        self.layout_context = (
+            LayoutContext(
+                self.layout_levels,
+                filters,
+                self.layout_upsample,
+                name="layout_context",
+                dtype=policy,
+            )
+            if self.layout_levels
+            else None
+        )
         self.slice_context = (
             SliceContext(
                 num_embeddings,
@@ -203,7 +236,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
                 "A" if i == 0 else "B",
                 num_labels,
                 dilation=2 ** (i % self.dilation_cycle),
-                spatial_condition=self.has_slice_context,
+                spatial_condition=self.has_slice_context or bool(self.layout_levels),
                 name=f"gated_{i}",
                 dtype=policy,
             )
@@ -258,12 +291,20 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         if self.has_slice_context:
             self.slice_context.build(tuple(codes_shape[:3]), (batch,))
             condition = (*codes_shape[:3], self.filters)
+        if self.layout_levels:
+            self.layout_context.build(self.layout_shape(batch))
+            condition = (*codes_shape[:3], self.filters)
         for block in self.blocks:
             block.build(features, features, (batch,) if self.conditional else None, condition)
             features = (*codes_shape[:3], self.filters)
         self.head_hidden.build(features)
         self.head_logits.build(features)
         self.built = True
+
+    def layout_shape(self, batch=None):
+        """`(batch, lh, lw)`: the layout a layout prior reads (`code_shape` / `layout_upsample`)."""
+        height, width = self.code_shape
+        return (batch, height // self.layout_upsample, width // self.layout_upsample)
 
     def label_indices(self, labels, batch_size):
         """Rows of the label embeddings: `labels` with -1 (and None) mapped to the unconditional row."""
@@ -272,13 +313,14 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
         return ops.where(labels < 0, self.num_classes, labels)
 
-    def call(self, codes, labels=None, previous=None, positions=None, training=False):
+    def call(self, codes, labels=None, previous=None, positions=None, layout=None, training=False):
         """`codes [B, h, w]` int, `labels [B]` int (-1: unconditional) -> `logits [B, h, w, K]`.
 
         With a slice context: `previous [B, h, w]` the previous slice's codes (-1 or None:
-        none) and `positions [B]` the slice's position bins (-1 or None: unknown).
+        none) and `positions [B]` the slice's position bins (-1 or None: unknown). A layout
+        prior: `layout [B, lh, lw]`, the slice's layout (`keras_vqpix.layout`).
         """
-        condition = self.context(codes, previous, positions)
+        condition = self.context(codes, previous, positions, layout)
         return self.logits_from_embeddings(self.embed(codes), labels, training, condition)
 
     def context_inputs(self, codes, previous=None, positions=None):
@@ -296,8 +338,13 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         )
         return previous, positions
 
-    def context(self, codes, previous=None, positions=None):
-        """The spatial condition `[B, h, w, filters]` of the slice context, or None without one."""
+    def context(self, codes, previous=None, positions=None, layout=None):
+        """The spatial condition `[B, h, w, filters]` of the slice context or the layout (a
+        layout prior: `layout [B, lh, lw]`), or None without either."""
+        if self.layout_levels:
+            if layout is None:
+                raise ValueError(f"A layout prior needs a layout {self.layout_shape()[1:]}")
+            return self.layout_context(layout)
         if not self.has_slice_context:
             return None
         return self.slice_context(*self.context_inputs(codes, previous, positions))
@@ -357,10 +404,14 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         )
 
     def _unpack(self, data):
-        """`(codes, labels, previous, positions)` of a batch `codes`, `(codes, labels)` or
-        `(codes, labels, previous, positions)`; None for what the batch lacks."""
+        """`(codes, labels, previous, positions, layout)` of a batch `codes`, `(codes,
+        labels)`, `(codes, labels, previous, positions)` or `(codes, labels, layout)` (a layout
+        prior); None for what the batch lacks."""
         data = tuple(data) if isinstance(data, (tuple, list)) else (data,)
-        return data + (None,) * (4 - len(data))
+        if self.layout_levels:
+            codes, labels, layout = data
+            return codes, labels, None, None, layout
+        return data + (None,) * (5 - len(data))
 
     def _update_metrics(self, loss):
         # The global batch's loss on every replica (the shares' sum), counted once per replica.
@@ -372,7 +423,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         )
 
     def train_step(self, data):
-        codes, labels, previous, positions = self._unpack(data)
+        codes, labels, previous, positions, layout = self._unpack(data)
         if self.conditional and labels is not None and self.label_dropout > 0:
             labels = ops.cast(labels, "int32")
             labels = ops.where(
@@ -384,7 +435,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             # This replica's share of the global batch's loss: the replicas' gradients, which
             # the optimizer sums, add up to the global batch's. A loss-scale optimizer (float16)
             # scales it further.
-            logits = self(codes, labels, previous, positions, training=True)
+            logits = self(codes, labels, previous, positions, layout, training=True)
             loss = self.code_loss(codes, logits)
             scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, self.trainable_variables)
@@ -416,8 +467,8 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         return tf.slice(draws, begin, [num_rows] if columns is None else [num_rows, columns])
 
     def test_step(self, data):
-        codes, labels, previous, positions = self._unpack(data)
-        logits = self(codes, labels, previous, positions, training=False)
+        codes, labels, previous, positions, layout = self._unpack(data)
+        logits = self(codes, labels, previous, positions, layout, training=False)
         return self._update_metrics(self.code_loss(codes, logits))
 
     def get_config(self):
@@ -439,6 +490,8 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             "previous_slice": self.previous_slice,
             "slice_positions": self.slice_positions,
             "previous_dropout": self.previous_dropout,
+            "layout_levels": self.layout_levels,
+            "layout_upsample": self.layout_upsample,
         }
 
 

@@ -61,6 +61,10 @@ class PixelCNNSteps:
     next row's horizontal terms, as `GatedBlock.call` adds them. Sums of three terms are one
     reduction (see Exactness).
 
+    Layout (a `PixelCNN` with `layout_levels`, the code level of a two-level prior): `start`
+    computes the layout's condition once, whole (the layout is drawn before any code), and the
+    state carries it as it carries a slice context.
+
     Build it inside the `tf.function` that samples (it reads the weights once per call).
 
     Args:
@@ -78,10 +82,15 @@ class PixelCNNSteps:
             context, and `column` returns the n guided logits; every other method takes and
             returns the n maps as without guidance. w = 1 draws from the conditional prior
             itself, w > 1 strengthens what tells the class apart.
+        layout: `[n, h / f, w / f]` int32, a layout prior's layout (`PixelCNN.layout_levels`);
+            ignored by any other prior.
     """
 
-    def __init__(self, prior, labels, width: int, previous=None, positions=None, guidance=None):
+    def __init__(
+        self, prior, labels, width: int, previous=None, positions=None, guidance=None, layout=None
+    ):
         self.prior = prior
+        self.layout = layout
         self.width = int(width)
         self.previous, self.positions = previous, positions
         self.half = prior.kernel_size // 2
@@ -165,6 +174,13 @@ class PixelCNNSteps:
         zero = tf.zeros((1, self.num_drawn, self.width, context_layer.filters), dtype)
         return tf.transpose(tf.concat([rows.stack(), zero], 0), (1, 0, 2, 3))
 
+    def layout_rows(self):
+        """A layout prior's condition `[n, h + 1, w, F]` (and a zero row below), all at once: the
+        layout is given in full before any code is drawn."""
+        condition = self.prior.layout_context(self.layout)
+        zero = tf.zeros_like(condition[:, :1])
+        return tf.concat([condition, zero], axis=1)
+
     @staticmethod
     def _sum(*terms):
         """`terms` added as one reduction when there are more than two (see Exactness)."""
@@ -177,7 +193,11 @@ class PixelCNNSteps:
     # -- Vertical stack: once per row --------------------------------------------------------------
     def start(self):
         """The state before row 0: zero rows above the map (and the slice context, if any)."""
-        context = self.context_rows() if self.prior.has_slice_context else None
+        context = None
+        if self.prior.has_slice_context:
+            context = self.context_rows()
+        elif getattr(self.prior, "layout_levels", 0):
+            context = self.layout_rows()
         terms = self.start_terms(None if context is None else context[:, :1])
         if context is None:
             return self.zero_rows(), terms
