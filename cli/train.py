@@ -33,8 +33,9 @@ from .common import InputError, resolve_data, user_errors
     default="default",
     show_default=True,
     help="Preset: quick (tiny, seconds), default (the real model), patients (the default with a "
-    "prior that reads the previous slice: draws whole synthetic patients) or default-undilated "
-    "(the default with the earlier prior, whose vertical stacks are not dilated).",
+    "prior that reads the previous slice: draws whole synthetic patients), default-undilated "
+    "(the default with the earlier prior, whose vertical stacks are not dilated) or mirror (the "
+    "default prior also trained on mirror images of the training maps, for the same steps).",
 )
 @click.option(
     "--stage",

@@ -94,3 +94,25 @@ def cached_codes(
             records=digest,
         )
     return codes, labels
+
+
+def mirrored_codes(model, codes: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The code maps `[N, h, w]` int32 of the left-right mirror images of `codes`' reconstructions.
+
+    Decoded, mirrored and encoded again by the same VQ-VAE: the codes of a brain as plausible as
+    the original (left and right swapped), which a prior can learn from too. Not the mirrored
+    code maps: a code describes a patch, and its mirror image is another code.
+    """
+    import tensorflow as tf
+
+    codes = np.asarray(codes, np.int32)
+    image_size = codes.shape[1] * model.downsample_factor
+    encode = encode_function(model, image_size)
+    decode = tf.function(
+        model.decode, input_signature=[tf.TensorSpec([None, *codes.shape[1:]], tf.int32)]
+    )
+    mirrored = [
+        encode(tf.reverse(decode(tf.constant(codes[i : i + batch_size])), axis=[2])).numpy()
+        for i in range(0, len(codes), batch_size)
+    ]
+    return np.concatenate(mirrored).astype(np.int32) if mirrored else codes.copy()

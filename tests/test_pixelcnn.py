@@ -350,9 +350,43 @@ def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
     assert default.prior.filters == 48
     assert default.replace(name="patients", **context) == patients
     assert undilated.replace(name="default", **{"prior.dilation_cycle": 4}) == default
+    # The mirror preset: the default prior on the training maps and their mirror images, for
+    # the same steps (twice the maps, half the epochs); never with a slice context.
+    assert default.replace(name="mirror", **{"prior.mirror": True, "prior.epochs": 10}) == (
+        get_config("mirror")
+    )
+    assert not default.prior.mirror
+    with pytest.raises(ValueError, match="mirror applies to a prior without slice context"):
+        patients.replace(**{"prior.mirror": True})
     stacked = PixelCNN.from_run_config(patients.prior, 256, (32, 32))
     assert stacked.previous_slice and stacked.slice_positions == 20
     assert PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32)).receptive_rows == 11
+
+
+class _BlockCodec:
+    """A VQ-VAE stand-in that inverts exactly: code k decodes to a 2x2 block of brightness k / 8."""
+
+    downsample_factor = 2
+
+    def decode(self, codes):
+        blocks = tf.repeat(tf.repeat(tf.cast(codes, tf.float32) / 8.0, 2, axis=1), 2, axis=2)
+        return blocks[..., None]
+
+    def encode(self, images):
+        pooled = tf.nn.avg_pool2d(images, 2, 2, "VALID")[..., 0]
+        return tf.cast(tf.round(pooled * 8.0), tf.int32)
+
+
+def test_mirrored_codes_are_the_codes_of_the_mirrored_reconstructions():
+    # With a codec that inverts exactly, the mirror image of a map's reconstruction encodes to
+    # the map's columns in reverse order (not its rows, not the map itself); any batch size.
+    from keras_vqpix.codes import mirrored_codes
+
+    codes = np.random.default_rng(0).integers(0, 8, (5, 6, 6)).astype(np.int32)  # square, as runs
+    for batch_size in (2, 32):
+        np.testing.assert_array_equal(
+            mirrored_codes(_BlockCodec(), codes, batch_size), codes[:, :, ::-1]
+        )
 
 
 # -- Config and saving ------------------------------------------------------------------------------
