@@ -392,6 +392,33 @@ def test_mirrored_codes_are_the_codes_of_the_mirrored_reconstructions():
 # -- Config and saving ------------------------------------------------------------------------------
 
 
+# Every PixelCNN argument but the layout's, none at its default.
+PRIOR_ARGUMENTS = dict(
+    num_embeddings=8,
+    num_layers=1,
+    filters=8,
+    kernel_size=5,
+    embedding_dim=4,
+    conditional=False,
+    num_classes=3,
+    label_dropout=0.2,
+    dropout=0.1,
+    code_shape=(4, 6),
+    seed=3,
+    position_embedding=True,
+    dilation_cycle=2,
+    previous_slice=True,
+    slice_positions=4,
+    previous_dropout=0.3,
+)
+# A layout prior reads no slice context: those two arguments give way to the layout's.
+LAYOUT_PRIOR_ARGUMENTS = {
+    **{k: v for k, v in PRIOR_ARGUMENTS.items() if k not in ("previous_slice", "slice_positions")},
+    "layout_levels": 3,
+    "layout_upsample": 2,
+}
+
+
 @pytest.mark.parametrize(
     ("cls", "arguments"),
     [
@@ -421,49 +448,9 @@ def test_mirrored_codes_are_the_codes_of_the_mirrored_reconstructions():
             SliceContext,
             dict(num_embeddings=8, filters=4, previous_slice=False, num_positions=3),
         ),
-        (
-            PixelCNN,
-            dict(
-                num_embeddings=8,
-                num_layers=1,
-                filters=8,
-                kernel_size=5,
-                embedding_dim=4,
-                conditional=False,
-                num_classes=3,
-                label_dropout=0.2,
-                dropout=0.1,
-                code_shape=(4, 5),
-                seed=3,
-                position_embedding=True,
-                dilation_cycle=2,
-                previous_slice=True,
-                slice_positions=4,
-                previous_dropout=0.3,
-            ),
-        ),
+        (PixelCNN, PRIOR_ARGUMENTS),
         (LayoutContext, dict(num_levels=5, filters=4, upsample=2)),
-        (
-            PixelCNN,
-            dict(
-                num_embeddings=8,
-                num_layers=1,
-                filters=8,
-                kernel_size=5,
-                embedding_dim=4,
-                conditional=False,
-                num_classes=3,
-                label_dropout=0.2,
-                dropout=0.1,
-                code_shape=(4, 6),
-                seed=3,
-                position_embedding=True,
-                dilation_cycle=2,
-                previous_dropout=0.3,
-                layout_levels=3,
-                layout_upsample=2,
-            ),
-        ),
+        (PixelCNN, LAYOUT_PRIOR_ARGUMENTS),
     ],
     ids=[
         "MaskedConv2D",
