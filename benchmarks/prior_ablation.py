@@ -12,7 +12,9 @@ trained run RUN (its VQ-VAE; `RUN/codes/`, written by `vqpix train`):
   `keras_vqpix.layers.layout_context`). Samples: a layout from the top prior, then the codes
   given it (`PixelCNNSteps(layout=)` with the fast sampler's row loop).
 - `mirror`: the default prior trained on the training maps and the code maps of their
-  left-right mirrored reconstructions (twice the maps, half the epochs: the same steps).
+  left-right mirrored reconstructions (`keras_vqpix.codes.mirrored_codes`; twice the maps, half
+  the epochs: the same steps), as `--config mirror` trains it through `vqpix train`, but with
+  this script's batches.
 
 Both priors have the run's prior architecture and recipe (width, blocks, cosine schedule,
 batch 32, best validation bits per code). Writes `DIR/result.json` (test bits per code, training
@@ -98,6 +100,7 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
     import numpy as np
     import tensorflow as tf
 
+    from keras_vqpix.codes import mirrored_codes
     from keras_vqpix.models.pixelcnn import PixelCNN, bits_per_code
     from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
     from keras_vqpix.run_folder import load_vqvae
@@ -125,14 +128,7 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
     result = {"run": str(run_dir), "variant": variant}
     draw_labels = np.repeat(np.array([0, 1], np.int32), per_class)
     if variant == "mirror":
-        reconstructions = decode_codes(vqvae, codes["train"])
-        encode = tf.function(vqvae.encode)
-        mirrored = np.concatenate(
-            [
-                encode(tf.constant(reconstructions[i : i + 64, :, ::-1])).numpy()
-                for i in range(0, len(reconstructions), 64)
-            ]
-        ).astype(np.int32)
+        mirrored = mirrored_codes(vqvae, codes["train"], config.data.batch_size)
         prior = new_prior(code_shape=(size, size), seed=config.seed)
         prior(tf.zeros((1, size, size), tf.int32), tf.zeros((1,), tf.int32))
         train = (
