@@ -88,6 +88,8 @@ def test_the_steps_compute_a_layout_priors_logits_at_every_position():
     cached = cached_logits(prior, codes, labels, steps=steps)
     np.testing.assert_allclose(cached, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     np.testing.assert_array_equal(steps.position_logits(codes, 3, 5).numpy(), cached[:, 3, 5])
+    with pytest.raises(ValueError, match="needs a layout"):
+        PixelCNNSteps(prior, labels, 6).start()
 
 
 def test_the_steps_keep_the_logits_float32_under_mixed_precision():

@@ -318,7 +318,7 @@ class PixelCNN(DistributedFitMixin, keras.Model):
 
         With a slice context: `previous [B, h, w]` the previous slice's codes (-1 or None:
         none) and `positions [B]` the slice's position bins (-1 or None: unknown). A layout
-        prior: `layout [B, lh, lw]`, the slice's layout (`keras_vqpix.layout`).
+        prior: `layout [B, lh, lw]`, the slice's layout (`LayoutContext`).
         """
         condition = self.context(codes, previous, positions, layout)
         return self.logits_from_embeddings(self.embed(codes), labels, training, condition)

@@ -177,7 +177,7 @@ class PixelCNNSteps:
     def layout_rows(self):
         """A layout prior's condition `[n, h + 1, w, F]` (and a zero row below), all at once: the
         layout is given in full before any code is drawn."""
-        condition = self.prior.layout_context(self.layout)
+        condition = self.prior.context(None, layout=self.layout)  # one-line error without one
         zero = tf.zeros_like(condition[:, :1])
         return tf.concat([condition, zero], axis=1)
 
@@ -192,11 +192,12 @@ class PixelCNNSteps:
 
     # -- Vertical stack: once per row --------------------------------------------------------------
     def start(self):
-        """The state before row 0: zero rows above the map (and the slice context, if any)."""
+        """The state before row 0: zero rows above the map (and the slice context or the layout's
+        condition, if any)."""
         context = None
         if self.prior.has_slice_context:
             context = self.context_rows()
-        elif getattr(self.prior, "layout_levels", 0):
+        elif self.prior.layout_levels:
             context = self.layout_rows()
         terms = self.start_terms(None if context is None else context[:, :1])
         if context is None:
