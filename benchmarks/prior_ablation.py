@@ -103,7 +103,7 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
     from keras_vqpix.codes import mirrored_codes
     from keras_vqpix.models.pixelcnn import PixelCNN, bits_per_code
     from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
-    from keras_vqpix.run_folder import load_vqvae
+    from keras_vqpix.run_folder import RunPaths, load_vqvae
     from keras_vqpix.sampling import (
         SAMPLE_BATCH_SIZE,
         decode_codes,
@@ -113,7 +113,11 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
     from keras_vqpix.synthetic import run_frame, to_frame
 
     vqvae, config, _ = load_vqvae(run_dir)
-    cached = {s: np.load(run_dir / "codes" / f"{s}.npz") for s in ("train", "validation", "test")}
+    files = {s: RunPaths(run_dir).codes / f"{s}.npz" for s in ("train", "validation", "test")}
+    for path in files.values():
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: train the run's prior stage first (vqpix train)")
+    cached = {s: np.load(path) for s, path in files.items()}
     codes = {s: cached[s]["codes"].astype(np.int32) for s in cached}
     labels = {s: cached[s]["labels"].astype(np.int32) for s in cached}
     size, num_embeddings = codes["train"].shape[1], config.vqvae.num_embeddings
