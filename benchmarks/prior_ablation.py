@@ -12,7 +12,7 @@ trained run RUN (its VQ-VAE; `RUN/codes/`, written by `vqpix train`):
   `keras_vqpix.layers.layout_context`). Samples: a layout from the top prior, then the codes
   given it (`PixelCNNSteps(layout=)` with the fast sampler's row loop).
 - `mirror`: the default prior trained on the training maps and the code maps of their
-  left-right mirrored reconstructions (`keras_vqpix.codes.mirrored_codes`; twice the maps, half
+  left-right mirrored reconstructions (`keras_vqpix.codes.with_mirror_images`; twice the maps, half
   the epochs: the same steps), as `--config mirror` trains it through `vqpix train`, but with
   this script's batches.
 
@@ -100,7 +100,7 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
     import numpy as np
     import tensorflow as tf
 
-    from keras_vqpix.codes import mirrored_codes
+    from keras_vqpix.codes import with_mirror_images
     from keras_vqpix.models.pixelcnn import PixelCNN, bits_per_code
     from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
     from keras_vqpix.run_folder import RunPaths, load_vqvae
@@ -132,13 +132,9 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
     result = {"run": str(run_dir), "variant": variant}
     draw_labels = np.repeat(np.array([0, 1], np.int32), per_class)
     if variant == "mirror":
-        mirrored = mirrored_codes(vqvae, codes["train"], config.data.batch_size)
+        train = with_mirror_images(vqvae, codes["train"], labels["train"])[:2]
         prior = new_prior(code_shape=(size, size), seed=config.seed)
         prior(tf.zeros((1, size, size), tf.int32), tf.zeros((1,), tf.int32))
-        train = (
-            np.concatenate([codes["train"], mirrored]),
-            np.concatenate([labels["train"]] * 2),
-        )
         result["seconds"] = _fit(
             prior,
             train,

@@ -116,3 +116,26 @@ def mirrored_codes(model, codes: np.ndarray, batch_size: int = 32) -> np.ndarray
         for i in range(0, len(codes), batch_size)
     ]
     return np.concatenate(mirrored).astype(np.int32) if mirrored else codes.copy()
+
+
+def with_mirror_images(
+    model,
+    codes: np.ndarray,
+    labels: np.ndarray,
+    context: tuple[np.ndarray, np.ndarray] | None = None,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """`(codes, labels, context)` of a training set followed by its mirror images (`mirrored_codes`).
+
+    `context`: `(previous, positions)` of `keras_vqpix.data.stacks.stack_context`; a mirrored
+    map's previous slice is the mirrored previous slice (its index moved by N), so a mirrored
+    patient is a whole stack mirrored, never a mirrored slice after an unmirrored one.
+    """
+    count = len(codes)
+    codes = np.concatenate([np.asarray(codes, np.int32), mirrored_codes(model, codes, batch_size)])
+    labels = np.concatenate([labels, labels])
+    if context is not None:
+        previous, positions = (np.asarray(array, np.int32) for array in context)
+        moved = np.where(previous >= 0, previous + count, -1).astype(np.int32)
+        context = (np.concatenate([previous, moved]), np.concatenate([positions, positions]))
+    return codes, labels, context

@@ -233,8 +233,8 @@ class PriorConfig:
             3% fewer held-out bits per code for the same steps, and samples a classifier tells
             from reconstructions of real slices less well (c2st 0.59-0.61 at full resolution
             against 0.64-0.70), whose class a real-trained classifier also recognises less
-            well at full resolution (docs/models.md, "Prior ablation"). A prior without slice
-            context only.
+            well at full resolution (docs/models.md, "Prior ablation"). With a slice context
+            whole patients are mirrored (`keras_vqpix.codes.with_mirror_images`).
     """
 
     num_layers: int = 9
@@ -305,10 +305,6 @@ class PriorConfig:
         _check(
             0.0 <= self.previous_dropout < 1.0,
             f"previous_dropout must be in [0, 1). Received: previous_dropout={self.previous_dropout}",
-        )
-        _check(
-            not (self.mirror and self.slice_context),
-            "mirror applies to a prior without slice context (previous_slice, slice_positions)",
         )
         _check(
             self.learning_rate > 0,

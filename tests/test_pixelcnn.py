@@ -351,13 +351,11 @@ def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
     assert default.replace(name="patients", **context) == patients
     assert undilated.replace(name="default", **{"prior.dilation_cycle": 4}) == default
     # The mirror preset: the default prior on the training maps and their mirror images, for
-    # the same steps (twice the maps, half the epochs); never with a slice context.
+    # the same steps (twice the maps, half the epochs).
     assert default.replace(name="mirror", **{"prior.mirror": True, "prior.epochs": 10}) == (
         get_config("mirror")
     )
     assert not default.prior.mirror
-    with pytest.raises(ValueError, match="mirror applies to a prior without slice context"):
-        patients.replace(**{"prior.mirror": True})
     stacked = PixelCNN.from_run_config(patients.prior, 256, (32, 32))
     assert stacked.previous_slice and stacked.slice_positions == 20
     assert PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32)).receptive_rows == 11
@@ -387,6 +385,29 @@ def test_mirrored_codes_are_the_codes_of_the_mirrored_reconstructions():
         np.testing.assert_array_equal(
             mirrored_codes(_BlockCodec(), codes, batch_size), codes[:, :, ::-1]
         )
+
+
+def test_mirror_images_of_a_stack_are_a_mirrored_stack():
+    # A mirrored slice's previous slice is the mirrored previous slice, so the training batches
+    # pair a mirrored map with a mirrored neighbour, never with an unmirrored one.
+    from keras_vqpix.codes import with_mirror_images
+    from keras_vqpix.training.prior_training import code_dataset
+
+    codes = np.random.default_rng(1).integers(0, 8, (4, 6, 6)).astype(np.int32)
+    labels = np.array([0, 0, 1, 1], np.int32)
+    context = (np.array([-1, 0, -1, 2], np.int32), np.array([0, 1, 0, 1], np.int32))
+    both, both_labels, (previous, positions) = with_mirror_images(
+        _BlockCodec(), codes, labels, context, batch_size=3
+    )
+    np.testing.assert_array_equal(both, np.concatenate([codes, codes[:, :, ::-1]]))
+    np.testing.assert_array_equal(both_labels, np.tile(labels, 2))
+    np.testing.assert_array_equal(previous, [-1, 0, -1, 2, -1, 4, -1, 6])
+    np.testing.assert_array_equal(positions, np.tile(context[1], 2))
+    batch = next(iter(code_dataset(both, both_labels, 8, context=(previous, positions))))
+    maps, _, before, _ = (tensor.numpy() for tensor in batch)
+    np.testing.assert_array_equal(before[5], maps[4])  # mirrored slice 1 after mirrored slice 0
+    np.testing.assert_array_equal(before[4], -1)
+    assert with_mirror_images(_BlockCodec(), codes, labels)[2] is None
 
 
 # -- Config and saving ------------------------------------------------------------------------------

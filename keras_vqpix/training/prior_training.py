@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_vqpix.codes import cached_codes, mirrored_codes
+from keras_vqpix.codes import cached_codes, with_mirror_images
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import DataSplits
 from keras_vqpix.data.pipeline import batch_by_plan, shard_by_batch, steps_per_epoch
@@ -197,9 +197,9 @@ def train_prior(
     batch_size = config.prior.batch_size
     train_codes, train_labels = codes["train"]
     if config.prior.mirror:  # the training maps and their mirror images (deterministic)
-        mirrored = mirrored_codes(vqvae, train_codes, config.data.batch_size)
-        train_codes = np.concatenate([train_codes, mirrored])
-        train_labels = np.concatenate([train_labels, train_labels])
+        train_codes, train_labels, contexts["train"] = with_mirror_images(
+            vqvae, train_codes, train_labels, contexts["train"], config.data.batch_size
+        )
     # No replica may get an empty slice of a batch (`keras_vqpix.data.pipeline.batch_sizes`).
     replicas = cluster.replicas
     steps = steps_per_epoch(len(train_codes), batch_size, min_batch=replicas)
