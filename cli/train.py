@@ -34,8 +34,8 @@ from .common import InputError, resolve_data, user_errors
     show_default=True,
     help="Preset: quick (tiny, seconds), default (the real model), patients (the default with a "
     "prior that reads the previous slice: draws whole synthetic patients), default-undilated "
-    "(the default with the earlier prior, whose vertical stacks are not dilated) or mirror (the "
-    "default prior also trained on mirror images of the training maps, for the same steps).",
+    "(the default with the earlier prior, whose vertical stacks are not dilated) or "
+    "default-unmirrored (the default prior trained without the mirror images of its maps).",
 )
 @click.option(
     "--stage",

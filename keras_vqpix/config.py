@@ -190,7 +190,7 @@ class PriorConfig:
 
     The default (10 gated layers of 48 channels, 0.60 M parameters for K = 256 and 32x32
     code maps) is sized for CPUs: on 2 idle cores one epoch over ~1300 32x32 code maps takes
-    about 55 s (20 epochs 18 minutes). 48 channels give 4% fewer held-out bits per code than
+    about 55 s (10 epochs over the maps and their mirror images 17 minutes). 48 channels give 4% fewer held-out bits per code than
     32 (0.30 M parameters, the earlier default) for 1.8 times the training time; 64 channels
     (1.0 M) gain 0.6% more for 1.6 times as long again, overfit their ~1300 training maps and
     draw less diverse slices (docs/models.md, "Prior ablation"). Its vertical stacks are
@@ -225,16 +225,16 @@ class PriorConfig:
         learning_rate: float, Adam learning rate (the peak of the schedule).
         final_learning_rate_ratio: float, the learning rate decays along a cosine to this share
             of the peak by the last epoch (1.0: constant, as runs before 0.3.0 trained).
-        epochs: int, training epochs.
+        epochs: int, training epochs (10 of twice the maps with `mirror`: the steps of 20).
         batch_size: int, code maps per batch.
         mirror: bool, also train on the code maps of the left-right mirrored reconstructions
-            of the training maps (`keras_vqpix.codes.mirrored_codes`): twice the maps, so half
-            the epochs take the same steps (the `mirror` preset: 10 epochs). On the demo data
-            3% fewer held-out bits per code for the same steps, and samples a classifier tells
-            from reconstructions of real slices less well (c2st 0.59-0.61 at full resolution
-            against 0.64-0.70), whose class a real-trained classifier also recognises less
-            well at full resolution (docs/models.md, "Prior ablation"). With a slice context
-            whole patients are mirrored (`keras_vqpix.codes.with_mirror_images`).
+            of the training maps (`keras_vqpix.codes.with_mirror_images`; with a slice context,
+            whole patients mirrored): twice the maps, so half the epochs take the same steps.
+            On the demo data, against the prior without it (the `default-unmirrored` preset):
+            3% fewer held-out bits per code, samples a classifier tells from reconstructions
+            of real slices less well (c2st 0.58-0.61 at full resolution against 0.64-0.70)
+            and that train a better AD/NC classifier, whose class a real-trained classifier
+            recognises less well at full resolution (docs/models.md, "Prior ablation").
     """
 
     num_layers: int = 9
@@ -252,9 +252,9 @@ class PriorConfig:
     previous_dropout: float = 0.5
     learning_rate: float = 4e-3
     final_learning_rate_ratio: float = 0.05
-    epochs: int = 20
+    epochs: int = 10
     batch_size: int = 32
-    mirror: bool = False
+    mirror: bool = True
 
     # Fields of the training recipe; every other field is an argument of `PixelCNN`.
     TRAINING_FIELDS = (
@@ -334,6 +334,7 @@ ADDED_FIELDS = {
         "previous_slice": False,
         "slice_positions": 0,
         "final_learning_rate_ratio": 1.0,
+        "mirror": False,
     }
 }
 
@@ -526,16 +527,23 @@ def _patients() -> RunConfig:
     # --slices-per-patient`, `vqpix sample --patient`, the exported `sample_patient`). Its
     # stacks keep 32 channels: 48 would draw a 20-slice patient in 2.0 s instead of 1.6 s (the
     # issue's budget: 2 s), and the preset's figures were measured at 32 (docs/models.md).
+    # Unmirrored: whole mirrored patients gave stacks as alike as before and synthetic patients
+    # no more useful to a classifier (docs/synthetic.md), so the preset keeps its measured recipe.
     return RunConfig(
         name="patients",
-        prior=PriorConfig(filters=PATIENTS_FILTERS, previous_slice=True, slice_positions=20),
+        prior=PriorConfig(
+            filters=PATIENTS_FILTERS,
+            previous_slice=True,
+            slice_positions=20,
+            mirror=False,
+            epochs=20,
+        ),
     )
 
 
-def _mirror() -> RunConfig:
-    # The default prior trained on the training maps and their mirror images, for the same
-    # steps (twice the maps, half the epochs).
-    return RunConfig(name="mirror", prior=PriorConfig(mirror=True, epochs=10))
+def _default_unmirrored() -> RunConfig:
+    # The default prior before it also trained on mirror images (20 epochs: the same steps).
+    return RunConfig(name="default-unmirrored", prior=PriorConfig(mirror=False, epochs=20))
 
 
 def _default_undilated() -> RunConfig:
@@ -548,12 +556,13 @@ PRESETS = {
     "default": _default,
     "patients": _patients,
     "default-undilated": _default_undilated,
-    "mirror": _mirror,
+    "default-unmirrored": _default_unmirrored,
 }
 
 
 def get_config(name: str) -> RunConfig:
-    """Return the named preset (`quick`, `default`, `patients`, `default-undilated` or `mirror`)."""
+    """Return the named preset (`quick`, `default`, `patients`, `default-undilated` or
+    `default-unmirrored`)."""
     if name not in PRESETS:
         raise ValueError(f"Unknown config {name!r}; choose one of {sorted(PRESETS)}.")
     return PRESETS[name]()

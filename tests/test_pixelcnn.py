@@ -347,15 +347,17 @@ def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
     # Each preset differs from the default in the prior's one idea (patients: also the width
     # that keeps a 20-slice patient within 2 s): the VQ-VAE stage of all three is the same run.
     context = {"prior.previous_slice": True, "prior.slice_positions": 20, "prior.filters": 32}
+    context |= {"prior.mirror": False, "prior.epochs": 20}  # as measured (docs/synthetic.md)
     assert default.prior.filters == 48
     assert default.replace(name="patients", **context) == patients
     assert undilated.replace(name="default", **{"prior.dilation_cycle": 4}) == default
-    # The mirror preset: the default prior on the training maps and their mirror images, for
-    # the same steps (twice the maps, half the epochs).
-    assert default.replace(name="mirror", **{"prior.mirror": True, "prior.epochs": 10}) == (
-        get_config("mirror")
+    # The default prior trains on the training maps and their mirror images, for the steps of
+    # the unmirrored prior (twice the maps, half the epochs).
+    unmirrored = {"prior.mirror": False, "prior.epochs": 20}
+    assert default.replace(name="default-unmirrored", **unmirrored) == (
+        get_config("default-unmirrored")
     )
-    assert not default.prior.mirror
+    assert default.prior.mirror and default.prior.epochs == 10
     stacked = PixelCNN.from_run_config(patients.prior, 256, (32, 32))
     assert stacked.previous_slice and stacked.slice_positions == 20
     assert PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32)).receptive_rows == 11
@@ -610,8 +612,8 @@ def test_training_reports_bits_per_code():
 
 # The prior's training recipe of 0.1.0 and 0.2.0: a constant learning rate of 1e-3.
 CONSTANT_RATE = {"prior.learning_rate": 1e-3, "prior.final_learning_rate_ratio": 1.0}
-# The prior those versions wrote: that recipe, 32 channels.
-EARLIER_PRIOR = {**CONSTANT_RATE, "prior.filters": 32}
+# The prior those versions wrote: that recipe, 32 channels, 20 epochs of unmirrored maps.
+EARLIER_PRIOR = {**CONSTANT_RATE, "prior.filters": 32, "prior.mirror": False, "prior.epochs": 20}
 
 
 def read_as_written_before(preset: str, missing: tuple[str, ...]):
@@ -621,7 +623,7 @@ def read_as_written_before(preset: str, missing: tuple[str, ...]):
     from keras_vqpix.config import RunConfig
 
     old = get_config(preset).replace(**EARLIER_PRIOR).to_dict()
-    for name in (*missing, "final_learning_rate_ratio"):
+    for name in (*missing, "final_learning_rate_ratio", "mirror"):
         del old["prior"][name]
     return RunConfig.from_dict(old)
 
