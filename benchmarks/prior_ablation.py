@@ -13,11 +13,12 @@ trained run RUN (its VQ-VAE; `RUN/codes/`, written by `vqpix train`):
   given it (`PixelCNNSteps(layout=)` with the fast sampler's row loop).
 - `mirror`: the default prior trained on the training maps and the code maps of their
   left-right mirrored reconstructions (`keras_vqpix.codes.with_mirror_images`; twice the maps, half
-  the epochs: the same steps), as `--config mirror` trains it through `vqpix train`, but with
+  the epochs: the same steps), as the default config trains it through `vqpix train`, but with
   this script's batches.
 
 Both priors have the run's prior architecture and recipe (width, blocks, cosine schedule,
-batch 32, best validation bits per code). Writes `DIR/result.json` (test bits per code, training
+batch 32, best validation bits per code) and its steps (800 on the default run: 20 epochs of
+the maps alone, 10 of the maps and their mirror images). Writes `DIR/result.json` (test bits per code, training
 seconds), `DIR/synthetic/` (`--per-class` slices per class, seed `--seed`, in the ADNI layout
 of `vqpix generate`) and, with `--real` (e.g. the run's reconstructions, `vqpix generate RUN
 --reconstruct DATA --out REC`), `DIR/compare.json` of `vqpix compare DIR/synthetic --real REC`.
@@ -128,6 +129,9 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
         arguments = prior_config.model_arguments() | kwargs
         return PixelCNN(num_embeddings=arguments.pop("num_embeddings", num_embeddings), **arguments)
 
+    # The run's steps as epochs over the training maps alone (a mirrored run's epochs cover
+    # twice the maps), so every variant trains for the same steps whatever the run's recipe.
+    plain_epochs = prior_config.epochs * (2 if prior_config.mirror else 1)
     out.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run_dir), "variant": variant}
     draw_labels = np.repeat(np.array([0, 1], np.int32), per_class)
@@ -139,7 +143,7 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
             prior,
             train,
             (codes["validation"], labels["validation"]),
-            max(prior_config.epochs // 2, 1),
+            max(plain_epochs // 2, 1),
             prior_config,
             out / "prior.weights.h5",
         )
@@ -175,7 +179,7 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
             prior,
             (codes["train"], labels["train"], layout["train"]),
             (codes["validation"], labels["validation"], layout["validation"]),
-            prior_config.epochs,
+            plain_epochs,
             prior_config,
             out / "prior.weights.h5",
         )
