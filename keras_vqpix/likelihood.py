@@ -64,18 +64,25 @@ _LOG_LIKELIHOODS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # -- Per-code log-likelihoods --------------------------------------------------------------------------
 def _log_likelihood_function(prior):
-    """A traced-once `tf.function(codes [n, h, w], label) -> log p of each code [n, h, w]`."""
+    """A traced-once `tf.function(codes [n, h, w], label, positions [n]) -> log p of each code
+    [n, h, w]` (`positions`: read by a prior with slice positions only; -1: unknown)."""
     cached = _LOG_LIKELIHOODS.get(prior)
     if cached is not None:
         return cached
     prior_ref = weakref.ref(prior)  # the cache must not keep the prior alive
+    reads_positions = getattr(prior, "slice_positions", 0) > 0
 
     @tf.function(
-        input_signature=[tf.TensorSpec([None, None, None], tf.int32), tf.TensorSpec([], tf.int32)]
+        input_signature=[
+            tf.TensorSpec([None, None, None], tf.int32),
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([None], tf.int32),
+        ]
     )
-    def log_likelihoods(codes, label):
+    def log_likelihoods(codes, label, positions):
         labels = tf.fill(tf.shape(codes)[:1], label)
-        logits = prior_ref()(codes, labels, training=False)
+        context = {"positions": positions} if reads_positions else {}
+        logits = prior_ref()(codes, labels, training=False, **context)
         log_probabilities = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
         return tf.gather(log_probabilities, codes, batch_dims=3)
 
@@ -83,33 +90,57 @@ def _log_likelihood_function(prior):
     return log_likelihoods
 
 
-def code_log_likelihoods(prior, codes, label: int, batch_size: int = 64) -> np.ndarray:
+def code_log_likelihoods(
+    prior, codes, label: int, batch_size: int = 64, positions=None
+) -> np.ndarray:
     """`log p(c_ij | c_<ij, label)` of every code, float32 `[n, h, w]` in nats (<= 0).
 
     One forward pass of the prior per batch (`label` -1: unconditional; ignored by an
     unconditional prior). Summed over a map this is the map's exact log-likelihood; its mean
-    over all codes is `-ln 2` times the prior's bits per code.
+    over all codes is `-ln 2` times the prior's bits per code. A prior with slice positions
+    reads each map's position bin from `positions [n]` (`slice_positions`; -1 or None:
+    unknown, which such a prior did not train on), as it trained.
     """
     codes = np.asarray(codes, np.int32)
     if codes.ndim != 3:
         raise ValueError(f"codes must be [n, h, w]. Received: shape {codes.shape}")
     if len(codes) == 0:  # never run a model on zero maps (oneDNN's empty-batch shape bug)
         return np.zeros(codes.shape, np.float32)
+    positions = (
+        np.full(len(codes), -1, np.int32) if positions is None else np.asarray(positions, np.int32)
+    )
+    if positions.shape != (len(codes),):
+        raise ValueError(
+            f"positions must be [n] for {len(codes)} maps. Received: shape {positions.shape}"
+        )
     log_likelihoods = _log_likelihood_function(prior)
     label = tf.constant(label, tf.int32)
     return np.concatenate(
         [
-            log_likelihoods(tf.constant(codes[i : i + batch_size]), label).numpy()
+            log_likelihoods(
+                tf.constant(codes[i : i + batch_size]),
+                label,
+                tf.constant(positions[i : i + batch_size]),
+            ).numpy()
             for i in range(0, len(codes), batch_size)
         ]
     )
 
 
-def log_likelihood_ratios(prior, codes, batch_size: int = 64) -> np.ndarray:
+def slice_positions(prior, records) -> np.ndarray | None:
+    """The position bin of each record in its patient's stack, as a prior with slice positions
+    trained on them (`keras_vqpix.data.stacks.stack_context`); None for any other prior."""
+    from keras_vqpix.data.stacks import stack_context
+
+    bins = getattr(prior, "slice_positions", 0)
+    return stack_context(records, bins)[1] if bins > 0 else None
+
+
+def log_likelihood_ratios(prior, codes, batch_size: int = 64, positions=None) -> np.ndarray:
     """`log p(codes | AD) - log p(codes | NC)` of each map, float64 `[n]` in nats.
 
     Exact: one forward pass of the prior per label, the per-code log-likelihoods summed per
-    map. Positive: the map is likelier under AD.
+    map (`positions`: as `code_log_likelihoods`). Positive: the map is likelier under AD.
     """
     if not getattr(prior, "conditional", False):
         raise ValueError(
@@ -117,7 +148,9 @@ def log_likelihood_ratios(prior, codes, batch_size: int = 64) -> np.ndarray:
             "p(codes | NC) to compare"
         )
     totals = [
-        code_log_likelihoods(prior, codes, label, batch_size).astype(np.float64).sum(axis=(1, 2))
+        code_log_likelihoods(prior, codes, label, batch_size, positions)
+        .astype(np.float64)
+        .sum(axis=(1, 2))
         for label in (AD, NC)
     ]
     return totals[0] - totals[1]
@@ -318,7 +351,7 @@ def classify_run(
     )
     slice_prior, patient_prior = prior_log_odds(train_labels), prior_log_odds(train_patient_labels)
     codes, labels = encode_records(vqvae, records, config)
-    ratios = log_likelihood_ratios(prior, codes, batch_size)
+    ratios = log_likelihood_ratios(prior, codes, batch_size, slice_positions(prior, records))
     patients = [r.patient for r in records]
     figures, tables = classification_scores(labels, patients, ratios, slice_prior, patient_prior)
     result = {
@@ -340,7 +373,9 @@ def classify_run(
         # them by any bias of the ratio; a threshold chosen on the validation patients shows
         # what the ranking is worth as a decision (reported beside, never instead).
         val_codes, val_labels = encode_records(vqvae, splits.validation, config)
-        val_ratios = log_likelihood_ratios(prior, val_codes, batch_size)
+        val_ratios = log_likelihood_ratios(
+            prior, val_codes, batch_size, slice_positions(prior, splits.validation)
+        )
         val_patients = [r.patient for r in splits.validation]
         _, val_patient_labels, val_patient_ratios = per_patient(
             val_patients, val_labels, val_ratios

@@ -68,6 +68,34 @@ def test_the_log_likelihood_ratio_is_the_difference_of_the_per_label_bits(models
     assert ratios == pytest.approx(difference.sum(axis=(1, 2)), rel=1e-5, abs=1e-4)
 
 
+def test_a_prior_with_slice_positions_is_scored_at_each_slice_s_position(
+    quick_run, tiny_adni, models, test_slices
+):
+    # The quick prior reads position bins (as the patients preset's): its likelihoods must be
+    # those it trained with, each slice at its bin in its patient's stack, not "unknown".
+    from keras_vqpix.data.stacks import stack_context
+    from keras_vqpix.likelihood import slice_positions
+
+    _, prior, _ = models
+    records, _, codes, labels = test_slices
+    assert prior.slice_positions > 0
+    positions = slice_positions(prior, records)
+    np.testing.assert_array_equal(positions, stack_context(records, prior.slice_positions)[1])
+    assert (positions >= 0).all() and len(set(positions.tolist())) > 1
+    nats = code_log_likelihoods(prior, codes, 0, positions=positions)
+    assert -nats.mean() / math.log(2.0) == pytest.approx(
+        bits_per_code(prior, codes, np.zeros(len(codes)), positions=positions), rel=1e-5
+    )
+    assert not np.allclose(nats, code_log_likelihoods(prior, codes, 0))  # unknown differs
+    ratios = log_likelihood_ratios(prior, codes, positions=positions)
+    result = classify_run(quick_run, tiny_adni, baseline=None)
+    by_file = {row["file"]: row["log_likelihood_ratio"] for row in result["slices"]}
+    reported = [by_file[row_file] for row_file in (r.path for r in records)]
+    assert reported == pytest.approx(ratios.tolist(), rel=1e-5, abs=1e-4)
+    with pytest.raises(ValueError, match="positions must be"):
+        code_log_likelihoods(prior, codes, 0, positions=positions[:-1])
+
+
 def test_classification_scores_known_answers():
     labels = [0, 0, 1, 1, 0, 1]
     patients = ["a", "a", "b", "b", "c", "d"]
