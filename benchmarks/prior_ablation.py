@@ -12,14 +12,14 @@ trained run RUN (its VQ-VAE; `RUN/codes/`, written by `vqpix train`):
   `keras_vqpix.layers.layout_context`). Samples: a layout from the top prior, then the codes
   given it (`PixelCNNSteps(layout=)` with the fast sampler's row loop).
 - `mirror`: the default prior trained on the training maps and the code maps of their
-  left-right mirrored reconstructions (`keras_vqpix.codes.with_mirror_images`; twice the maps, half
-  the epochs: the same steps), as the default config trains it through `vqpix train`, but with
-  this script's batches.
+  left-right mirrored reconstructions (`keras_vqpix.codes.with_mirror_images`; twice the maps,
+  half the epochs: the same steps), as the default config trains it through `vqpix train`, but
+  with this script's batches.
 
 Both priors have the run's prior architecture and recipe (width, blocks, cosine schedule,
 batch 32, best validation bits per code) and its steps (800 on the default run: 20 epochs of
-the maps alone, 10 of the maps and their mirror images). Writes `DIR/result.json` (test bits per code, training
-seconds), `DIR/synthetic/` (`--per-class` slices per class, seed `--seed`, in the ADNI layout
+the maps alone, 10 of the maps and their mirror images). Writes `DIR/result.json` (test bits
+per code, training seconds), `DIR/synthetic/` (`--per-class` slices per class, seed `--seed`, in the ADNI layout
 of `vqpix generate`) and, with `--real` (e.g. the run's reconstructions, `vqpix generate RUN
 --reconstruct DATA --out REC`), `DIR/compare.json` of `vqpix compare DIR/synthetic --real REC`.
 Takes 30-40 minutes on 2 CPU cores with the default run.
