@@ -573,6 +573,7 @@ def detect_anomalies(
     seed: int = 0,
     temperature: float = 1.0,
     batch_size: int = 32,
+    positions=None,
 ) -> AnomalyMaps:
     """Surprise maps, healed images and residuals of `images [n, H, W, 1]` in [0, 1].
 
@@ -580,7 +581,8 @@ def detect_anomalies(
     class, by default; -1 unconditional), those with `surprise > threshold` (nats) are redrawn
     in raster order conditioned on the kept ones (`resample_codes` with `seed`), and both the
     original and the healed codes are decoded with the same batches, so a slice where nothing
-    was redrawn has `healed` equal to `reconstructions` bit for bit.
+    was redrawn has `healed` equal to `reconstructions` bit for bit. `positions`: each slice's
+    position bin for a prior with slice positions (`slice_positions`; None: unknown).
     """
     if np.isnan(threshold):
         raise ValueError(f"threshold must be a number of nats. Received: threshold={threshold}")
@@ -594,9 +596,9 @@ def detect_anomalies(
             for i in range(0, len(images), batch_size)
         ]
     ).astype(np.int32)
-    surprise = -code_log_likelihoods(prior, codes, label)
+    surprise = -code_log_likelihoods(prior, codes, label, positions=positions)
     redrawn = surprise > threshold
-    healed_codes = resample_codes(prior, codes, redrawn, seed, label, temperature)
+    healed_codes = resample_codes(prior, codes, redrawn, seed, label, temperature, positions)
     return AnomalyMaps(
         images=images[..., 0],
         reconstructions=decode_codes(vqvae, codes, batch_size)[..., 0],
@@ -611,12 +613,17 @@ def detect_anomalies(
 
 
 def calibrate_threshold(
-    prior, healthy_codes, label: int = NC, quantile: float = DEFAULT_HEALTHY_QUANTILE
+    prior,
+    healthy_codes,
+    label: int = NC,
+    quantile: float = DEFAULT_HEALTHY_QUANTILE,
+    positions=None,
 ) -> float:
-    """The surprise (nats) that the share `quantile` of the codes of healthy maps stays below."""
+    """The surprise (nats) that the share `quantile` of the codes of healthy maps stays below
+    (`positions`: as `code_log_likelihoods`)."""
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1). Received: quantile={quantile}")
-    surprise = -code_log_likelihoods(prior, healthy_codes, label)
+    surprise = -code_log_likelihoods(prior, healthy_codes, label, positions=positions)
     return float(np.quantile(surprise, quantile))
 
 
@@ -748,9 +755,11 @@ def anomaly_run(
         )
     size = config.data.image_size
     splits = None  # the run's own splits, when --data gives them
+    positions = None  # loose images have no place in a stack: unknown
     if data_root is not None:
         splits, chosen = evaluation_split(paths.root, data_root, split)
         records = chosen.records
+        positions = slice_positions(prior, records)
         images = load_images(records, size)
         files = [r.path for r in records]
         patients = [r.patient for r in records]
@@ -774,7 +783,12 @@ def anomaly_run(
             from keras_vqpix.codes import encode_records
 
             healthy_codes, _ = encode_records(vqvae, healthy, config)
-            threshold = calibrate_threshold(prior, healthy_codes, label_value)
+            threshold = calibrate_threshold(
+                prior,
+                healthy_codes,
+                label_value,
+                positions=slice_positions(prior, healthy),
+            )
             source = (
                 f"{100 * DEFAULT_HEALTHY_QUANTILE:g}th percentile of the surprise of the codes of "
                 f"{len(healthy)} NC validation slices"
@@ -791,6 +805,7 @@ def anomaly_run(
         threshold=threshold,
         seed=seed,
         temperature=temperature,
+        positions=positions,
     )
     raw_masks = [load_mask(f) for f in files]
     masks = (

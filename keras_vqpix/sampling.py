@@ -822,7 +822,7 @@ def sample_codes(
 
 
 def _resampler(prior, height: int, width: int):
-    """A traced-once `tf.function(codes, redraw, labels, seed, temperature) -> codes`."""
+    """A traced-once `tf.function(codes, redraw, labels, positions, seed, temperature) -> codes`."""
     cached = _RESAMPLERS.get(prior, {}).get((height, width))
     if cached is not None:
         return cached
@@ -833,18 +833,27 @@ def _resampler(prior, height: int, width: int):
             tf.TensorSpec([None, height, width], tf.int32),
             tf.TensorSpec([None, height, width], tf.bool),
             tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([], tf.int32),
             tf.TensorSpec([], tf.float32),
         ],
         autograph=False,
     )
-    def resample(codes, redraw, labels, seed, temperature):
+    def resample(codes, redraw, labels, positions, seed, temperature):
         prior = prior_ref()
         if not isinstance(prior, PixelCNN):
             return sample_rows_reference(
-                prior, codes, labels, seed, temperature, 0, height, redraw=redraw
+                prior,
+                codes,
+                labels,
+                seed,
+                temperature,
+                0,
+                height,
+                redraw=redraw,
+                positions=positions,
             )
-        steps = PixelCNNSteps(prior, labels, width)
+        steps = PixelCNNSteps(prior, labels, width, positions=positions)
         codes, _ = sample_rows_fast(
             steps, codes, steps.start(), seed, temperature, 0, height, redraw=redraw
         )
@@ -855,7 +864,7 @@ def _resampler(prior, height: int, width: int):
 
 
 def resample_codes(
-    prior, codes, redraw, seed: int = 0, labels=None, temperature: float = 1.0
+    prior, codes, redraw, seed: int = 0, labels=None, temperature: float = 1.0, positions=None
 ) -> np.ndarray:
     """`codes [n, h, w]` with the positions marked in `redraw` drawn afresh from `prior`.
 
@@ -878,6 +887,9 @@ def resample_codes(
         codes: int `[n, h, w]`, the code maps.
         redraw: bool `[n, h, w]`, where to draw.
         seed, labels, temperature: as in `sample_codes`; labels one for all or one per map.
+        positions: a prior with slice positions: each map's position bin (one for all or one
+            per map; `resolve_context`), as it was scored; None: unknown (never drawn: a
+            healed map keeps its own slice's place in the stack).
     """
     codes = np.asarray(codes, np.int32)
     redraw = np.asarray(redraw, bool)
@@ -888,13 +900,19 @@ def resample_codes(
         )
     num_maps, height, width = codes.shape
     arguments, _, _, _ = _checked_arguments(
-        prior, num_maps, seed, labels, temperature, (height, width)
+        prior,
+        num_maps,
+        seed,
+        labels,
+        temperature,
+        (height, width),
+        positions=-1 if positions is None else positions,
     )
     if not redraw.any():  # nothing to draw (and never run a model on nothing)
         return codes
     resample = _resampler(prior, height, width)
-    labels, _, _, seed, temperature = arguments
-    return resample(codes, redraw, labels, seed, temperature).numpy()
+    labels, _, positions, seed, temperature = arguments
+    return resample(codes, redraw, labels, positions, seed, temperature).numpy()
 
 
 def codes_graph(

@@ -94,6 +94,11 @@ def test_a_prior_with_slice_positions_is_scored_at_each_slice_s_position(
     assert reported == pytest.approx(ratios.tolist(), rel=1e-5, abs=1e-4)
     with pytest.raises(ValueError, match="positions must be"):
         code_log_likelihoods(prior, codes, 0, positions=positions[:-1])
+    # The anomaly maps score (and heal) at the same positions.
+    vqvae = models[0]
+    images = test_slices[1]
+    maps = detect_anomalies(vqvae, prior, images, label=0, threshold=3.0, positions=positions)
+    np.testing.assert_allclose(maps.surprise, -nats, rtol=1e-5, atol=1e-5)
 
 
 def test_classification_scores_known_answers():

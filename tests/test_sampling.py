@@ -261,6 +261,38 @@ def test_resample_codes_redrawing_everything_draws_the_codes_of_sample_codes(pri
     )
 
 
+def test_resample_codes_of_a_prior_with_slice_positions_heals_at_the_given_positions():
+    # Redrawing everything at the positions sample_codes drew gives its maps; healing with the
+    # position unknown (the default) is another draw, so the positions do reach the sampler.
+    from keras_vqpix.sampling import draw_positions
+
+    keras.utils.set_random_seed(0)
+    prior = PixelCNN(
+        num_embeddings=16,
+        num_layers=2,
+        filters=8,
+        embedding_dim=4,
+        code_shape=(4, 5),
+        slice_positions=4,
+    )
+    prior(
+        tf.zeros((1, 4, 5), tf.int32), tf.zeros((1,), tf.int32), positions=tf.zeros((1,), tf.int32)
+    )
+    for weight in prior.slice_context.weights:  # positions that matter (at init: barely)
+        weight.assign(weight * 50.0)
+    labels = np.array([0, 1, 0], np.int32)
+    drawn = sample_codes(prior, 3, seed=5, labels=labels)
+    start, everything = np.full((3, 4, 5), 7, np.int32), np.ones((3, 4, 5), bool)
+    positions = draw_positions(prior, 3, 5)
+    healed = resample_codes(prior, start, everything, seed=5, labels=labels, positions=positions)
+    assert np.array_equal(healed, drawn)
+    assert not np.array_equal(
+        resample_codes(prior, start, everything, seed=5, labels=labels), drawn
+    )
+    with pytest.raises(ValueError, match="positions"):
+        resample_codes(prior, start, everything, positions=[0, 1])
+
+
 def test_resample_codes_keeps_unmarked_codes_and_conditions_on_them():
     # Each position's logits put all mass on (the code before it in raster order + 1) mod K.
     num_codes = 16
