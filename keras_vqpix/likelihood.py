@@ -99,7 +99,8 @@ def code_log_likelihoods(
     unconditional prior). Summed over a map this is the map's exact log-likelihood; its mean
     over all codes is `-ln 2` times the prior's bits per code. A prior with slice positions
     reads each map's position bin from `positions [n]` (`slice_positions`; -1 or None:
-    unknown, which such a prior did not train on), as it trained.
+    unknown, which such a prior learns only from the share `label_dropout` of its training
+    maps whose position it drops).
     """
     codes = np.asarray(codes, np.int32)
     if codes.ndim != 3:

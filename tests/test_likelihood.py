@@ -72,7 +72,7 @@ def test_a_prior_with_slice_positions_is_scored_at_each_slice_s_position(
     quick_run, tiny_adni, models, test_slices
 ):
     # The quick prior reads position bins (as the patients preset's): its likelihoods must be
-    # those it trained with, each slice at its bin in its patient's stack, not "unknown".
+    # those of its training maps, each slice at its bin in its stack, not "unknown" (dropout).
     from keras_vqpix.data.stacks import stack_context
     from keras_vqpix.likelihood import slice_positions
 
