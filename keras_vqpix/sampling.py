@@ -1079,9 +1079,10 @@ def sample_stacks(
         on_progress: called with `(stacks done, num_stacks)` after each batch (fast) or
             `(slices done, num_slices)` after each slice (reference).
         guidance: None, or w >= 0: classifier-free guidance of every slice (`sample_codes`).
-        first_prior: None, or a per-slice prior (no slice context) over the same codes that
+        first_prior: None, or a per-slice prior (no previous slice) over the same codes that
             draws each stack's slice 0: `sample_codes(first_prior, ...)` with the seed
-            `slice_seed(seed, 0)`, by the same method; `prior` then draws slices 1.. given it.
+            `slice_seed(seed, 0)`, by the same method, at slice 0's position bin if it reads
+            positions (0; -1 for a 1-slice stack); `prior` then draws slices 1.. given it.
             A prior trained on every slice draws a first slice better than the stack prior,
             which saw "no previous slice" on part of its maps only (docs/models.md).
     """
@@ -1103,6 +1104,8 @@ def sample_stacks(
     first_slices = None
     if first_prior is not None:
         check_first_prior(first_prior, prior)
+        # A first prior that reads positions draws slice 0 at its bin (0; a 1-slice stack: -1).
+        first_bins = getattr(first_prior, "slice_positions", 0)
         first_slices = sample_codes(
             first_prior,
             num_stacks,
@@ -1111,6 +1114,7 @@ def sample_stacks(
             temperature,
             method=method,
             guidance=guidance,
+            positions=int(position_bins(num_slices, first_bins)[0]) if first_bins else None,
         )
     if method == "reference":
         bins = position_bins(num_slices, prior.slice_positions)
@@ -1162,9 +1166,9 @@ def sample_stacks(
 def check_first_prior(first_prior, prior, name: str = "first_prior") -> None:
     """Refuse a `first_prior` that cannot draw `prior`'s first slices (`sample_stacks`), in one
     line that starts with `name`."""
-    if getattr(first_prior, "has_slice_context", False):
+    if getattr(first_prior, "previous_slice", False):
         raise ValueError(
-            f"{name} reads a slice context: give a per-slice prior (the default config's)"
+            f"{name} reads a previous slice: give a per-slice prior (the default config's)"
         )
     if tuple(first_prior.code_shape) != tuple(prior.code_shape) or (
         first_prior.num_embeddings != prior.num_embeddings

@@ -182,8 +182,20 @@ def test_a_first_prior_draws_slice_0_and_the_stack_prior_each_later_slice(random
     np.testing.assert_array_equal(
         sample_stacks(stack_prior, 3, 1, 11, labels, 0.9, first_prior=first_prior)[:, 0], fast[:, 0]
     )
-    with pytest.raises(ValueError, match="first_prior reads a slice context"):
+    with pytest.raises(ValueError, match="first_prior reads a previous slice"):
         sample_stacks(stack_prior, 1, 2, first_prior=stack_prior)
+    # A first prior that reads positions (no previous slice) draws slice 0 at bin 0.
+    placed = random_prior(
+        (5, 6), num_embeddings=16, num_layers=2, filters=8, embedding_dim=4, slice_positions=4
+    )
+    for weight in placed.slice_context.weights:  # positions that matter (at init: barely)
+        weight.assign(weight * 50.0)
+    at_start = sample_stacks(stack_prior, 3, 5, 11, labels, 0.9, first_prior=placed)[:, 0]
+    seed_0 = int(slice_seed(11, 0))
+    np.testing.assert_array_equal(
+        at_start, sample_codes(placed, 3, seed_0, labels, 0.9, positions=0)
+    )
+    assert not np.array_equal(at_start, sample_codes(placed, 3, seed_0, labels, 0.9, positions=3))
     other_shape = random_prior((4, 6), num_embeddings=16, num_layers=1, filters=4, embedding_dim=2)
     with pytest.raises(ValueError, match="same VQ-VAE"):
         sample_stacks(stack_prior, 1, 2, first_prior=other_shape)
@@ -288,9 +300,9 @@ def test_generate_draws_first_slices_with_another_runs_per_slice_prior(
     np.testing.assert_array_equal(
         drawn, sample_codes(first_prior, 2, int(slice_seed(4, 0)), np.array(labels, np.int32))
     )
-    # Refused, one line naming the option: a prior with slice context; single slices.
+    # Refused, one line naming the option: a prior that reads a previous slice; single slices.
     bad = generate("bad", "--first-slices", str(quick_run))
-    assert bad.exit_code == 2 and "--first-slices" in bad.output and "slice context" in bad.output
+    assert bad.exit_code == 2 and "--first-slices" in bad.output and "previous slice" in bad.output
     single = CliRunner().invoke(
         main,
         ["generate", str(quick_run), "--out", str(tmp_path / "one"), "--per-class", "4"]
