@@ -1104,8 +1104,9 @@ def sample_stacks(
     first_slices = None
     if first_prior is not None:
         check_first_prior(first_prior, prior)
-        # A first prior that reads positions draws slice 0 at its bin (0; a 1-slice stack: -1).
-        first_bins = getattr(first_prior, "slice_positions", 0)
+        # Slice 0's bin under the first prior's positions: 0 (-1: a 1-slice stack, or a prior
+        # without positions, for which -1 is what `resolve_context` gives anyway).
+        first_bin = position_bins(num_slices, getattr(first_prior, "slice_positions", 0))[0]
         first_slices = sample_codes(
             first_prior,
             num_stacks,
@@ -1114,7 +1115,7 @@ def sample_stacks(
             temperature,
             method=method,
             guidance=guidance,
-            positions=int(position_bins(num_slices, first_bins)[0]) if first_bins else None,
+            positions=int(first_bin),
         )
     if method == "reference":
         bins = position_bins(num_slices, prior.slice_positions)
