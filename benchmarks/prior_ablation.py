@@ -19,10 +19,10 @@ trained run RUN (its VQ-VAE; `RUN/codes/`, written by `vqpix train`):
 Both priors have the run's prior architecture and recipe (width, blocks, cosine schedule,
 batch 32, best validation bits per code) and its steps (800 on the default run: 20 epochs of
 the maps alone, 10 of the maps and their mirror images). Writes `DIR/result.json` (test bits
-per code, training seconds), `DIR/synthetic/` (`--per-class` slices per class, seed `--seed`, in the ADNI layout
-of `vqpix generate`) and, with `--real` (e.g. the run's reconstructions, `vqpix generate RUN
---reconstruct DATA --out REC`), `DIR/compare.json` of `vqpix compare DIR/synthetic --real REC`.
-Takes 30-40 minutes on 2 CPU cores with the default run.
+per code, training seconds), `DIR/synthetic/` (`--per-class` slices per class, seed `--seed`,
+in the ADNI layout of `vqpix generate`) and, with `--real` (e.g. the run's reconstructions,
+`vqpix generate RUN --reconstruct DATA --out REC`), `DIR/compare.json` of `vqpix compare
+DIR/synthetic --real REC`. Takes 30-40 minutes on 2 CPU cores with the default run.
 """
 
 from __future__ import annotations

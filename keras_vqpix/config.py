@@ -193,11 +193,11 @@ class PriorConfig:
     about 55 s (10 epochs over the maps and their mirror images 17 minutes). 48 channels give
     4% fewer held-out bits per code than 32 (0.30 M parameters, the earlier default) for 1.8
     times the training time; 64 channels (1.0 M) gain 0.6% more for 1.6 times as long again,
-    overfit their ~1300 training maps and draw less diverse slices (docs/models.md, "Prior ablation"). Its vertical stacks are
-    dilated 1, 2, 4, 8, 1, 2, 4, 8, 1, 2 (`dilation_cycle=4`): each position sees 34 code
-    rows above and as many columns to each side, the whole brain, for the weights and the
-    training and sampling cost of an undilated prior, which sees 11 rows (the
-    `default-undilated` preset).
+    overfit their ~1300 training maps and draw less diverse slices (docs/models.md, "Prior
+    ablation"). Its vertical stacks are dilated 1, 2, 4, 8, 1, 2, 4, 8, 1, 2
+    (`dilation_cycle=4`): each position sees 34 code rows above and as many columns to each
+    side, the whole brain, for the weights and the training and sampling cost of an undilated
+    prior, which sees 11 rows (the `default-undilated` preset).
 
     Attributes:
         num_layers: int, gated blocks after the first (type A) layer.

@@ -879,9 +879,8 @@ def resample_codes(
     Keeps the seeding contract of the module docstring (map i of `codes` is map i of the
     batch): a redrawn code is the one `sample_codes` draws there for the same seed, label,
     temperature, codes before it (and slice positions, for a prior that reads them), so
-    `redraw` all True gives `sample_codes`' maps. All maps
-    go through one graph call of the fast sampler's steps; a row where no map redraws
-    anything costs only its vertical stack.
+    `redraw` all True gives `sample_codes`' maps. All maps go through one graph call of the
+    fast sampler's steps; a row where no map redraws anything costs only its vertical stack.
 
     Args:
         prior: a `PixelCNN` (or a callable prior, as in `sample_codes_reference`).

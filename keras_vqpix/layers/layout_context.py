@@ -3,10 +3,10 @@
 VQ-VAE-2 (Razavi et al. 2019, https://arxiv.org/abs/1906.00446) draws a coarse top-level map
 first, whose prior sees the whole image and sets its layout, then the fine map conditioned on
 all of it. Here the top level is a coarse *layout* of the slice: its mean brightness on a grid
-(e.g. 16 x 16 cells), quantized to a few levels (`benchmarks/prior_ablation.py`), drawn by a small prior
-of its own; the code-map prior reads the whole layout through this layer. The layout is given
-in full before any code is drawn, so this condition may read every cell (no mask): the code
-prior stays causal in its own codes.
+(e.g. 16 x 16 cells), quantized to a few levels (`benchmarks/prior_ablation.py`), drawn by a
+small prior of its own; the code-map prior reads the whole layout through this layer. The
+layout is given in full before any code is drawn, so this condition may read every cell (no
+mask): the code prior stays causal in its own codes.
 """
 
 from __future__ import annotations
