@@ -184,6 +184,22 @@ def random_prior(shape=(4, 5), **kwargs):
     return prior
 
 
+def placed_prior(shape=(4, 5), num_positions: int = 4):
+    """A small `random_prior` that reads slice positions (no previous slice) and whose position
+    weights are large enough that the position changes what it draws (at init it barely does)."""
+    prior = random_prior(
+        shape,
+        num_embeddings=16,
+        num_layers=2,
+        filters=8,
+        embedding_dim=4,
+        slice_positions=num_positions,
+    )
+    for weight in prior.slice_context.weights:
+        weight.assign(weight * 50.0)
+    return prior
+
+
 ARCHITECTURES = {
     # The default prior (PriorConfig) with K = 256.
     "default": dict(

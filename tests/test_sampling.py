@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from conftest import placed_prior
 
 from keras_vqpix.models.pixelcnn import PixelCNN
 from keras_vqpix.sampling import (
@@ -266,20 +267,7 @@ def test_resample_codes_of_a_prior_with_slice_positions_heals_at_the_given_posit
     # position unknown (the default) is another draw, so the positions do reach the sampler.
     from keras_vqpix.sampling import draw_positions
 
-    keras.utils.set_random_seed(0)
-    prior = PixelCNN(
-        num_embeddings=16,
-        num_layers=2,
-        filters=8,
-        embedding_dim=4,
-        code_shape=(4, 5),
-        slice_positions=4,
-    )
-    prior(
-        tf.zeros((1, 4, 5), tf.int32), tf.zeros((1,), tf.int32), positions=tf.zeros((1,), tf.int32)
-    )
-    for weight in prior.slice_context.weights:  # positions that matter (at init: barely)
-        weight.assign(weight * 50.0)
+    prior = placed_prior((4, 5))
     labels = np.array([0, 1, 0], np.int32)
     drawn = sample_codes(prior, 3, seed=5, labels=labels)
     start, everything = np.full((3, 4, 5), 7, np.int32), np.ones((3, 4, 5), bool)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
-from conftest import ARCHITECTURES, random_prior
+from conftest import ARCHITECTURES, placed_prior, random_prior
 from PIL import Image
 
 from keras_vqpix.data.discover import SliceRecord
@@ -185,11 +185,7 @@ def test_a_first_prior_draws_slice_0_and_the_stack_prior_each_later_slice(random
     with pytest.raises(ValueError, match="first_prior reads a previous slice"):
         sample_stacks(stack_prior, 1, 2, first_prior=stack_prior)
     # A first prior that reads positions (no previous slice) draws slice 0 at bin 0.
-    placed = random_prior(
-        (5, 6), num_embeddings=16, num_layers=2, filters=8, embedding_dim=4, slice_positions=4
-    )
-    for weight in placed.slice_context.weights:  # positions that matter (at init: barely)
-        weight.assign(weight * 50.0)
+    placed = placed_prior((5, 6))
     at_start = sample_stacks(stack_prior, 3, 5, 11, labels, 0.9, first_prior=placed)[:, 0]
     seed_0 = int(slice_seed(11, 0))
     np.testing.assert_array_equal(
