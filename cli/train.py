@@ -33,9 +33,10 @@ from .common import InputError, resolve_data, user_errors
     default="default",
     show_default=True,
     help="Preset: quick (tiny, seconds), default (the real model), patients (the default with a "
-    "prior that reads the previous slice: draws whole synthetic patients), default-undilated "
-    "(the default with the earlier prior, whose vertical stacks are not dilated) or "
-    "default-unmirrored (the default prior trained without the mirror images of its maps).",
+    "prior that also reads the previous slice: draws whole synthetic patients), or an earlier "
+    "default prior, for the ablation: default-positionless (without slice positions), "
+    "default-unmirrored (and without the mirror images of its maps), default-undilated (and "
+    "with vertical stacks not dilated).",
 )
 @click.option(
     "--stage",

@@ -342,25 +342,33 @@ def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
     prior = PixelCNN.from_run_config(default.prior, 256, code_shape=(32, 32))
     assert [block.dilation for block in prior.blocks] == [1, 2, 4, 8, 1, 2, 4, 8, 1, 2]
     assert prior.receptive_rows == 34 >= default.code_size
-    assert not prior.has_slice_context
-    assert undilated.prior.dilation_cycle == 1
-    # Each preset differs from the default in the prior's one idea (patients: also the width
-    # that keeps a 20-slice patient within 2 s): the VQ-VAE stage of all three is the same run.
-    context = {"prior.previous_slice": True, "prior.slice_positions": 20, "prior.filters": 32}
+    # The default prior reads each slice's position in its stack (one bin per demo slice),
+    # not the previous slice: its slices are drawn one by one.
+    assert prior.has_slice_context and prior.slice_positions == 20
+    assert not prior.previous_slice
+    # The patients preset adds the previous slice (and the width that keeps a 20-slice patient
+    # within 2 s): the VQ-VAE stage of every preset is the same run.
+    context = {"prior.previous_slice": True, "prior.filters": 32}
     context |= {"prior.mirror": False, "prior.epochs": 20}  # as measured (docs/synthetic.md)
     assert default.prior.filters == 48
     assert default.replace(name="patients", **context) == patients
-    assert undilated.replace(name="default", **{"prior.dilation_cycle": 4}) == default
-    # The default prior trains on the training maps and their mirror images, for the steps of
-    # the unmirrored prior (twice the maps, half the epochs).
+    # The ablation presets are the earlier defaults, each undoing one more idea: slice
+    # positions, then mirror images (twice the maps, half the epochs: the same steps), then
+    # dilation.
+    positionless = default.replace(name="default-positionless", **{"prior.slice_positions": 0})
+    assert positionless == get_config("default-positionless")
     unmirrored = {"prior.mirror": False, "prior.epochs": 20}
-    assert default.replace(name="default-unmirrored", **unmirrored) == (
+    assert positionless.replace(name="default-unmirrored", **unmirrored) == (
         get_config("default-unmirrored")
     )
+    assert get_config("default-unmirrored").replace(
+        name="default-undilated", **{"prior.dilation_cycle": 1}
+    ) == undilated
     assert default.prior.mirror and default.prior.epochs == 10
     stacked = PixelCNN.from_run_config(patients.prior, 256, (32, 32))
     assert stacked.previous_slice and stacked.slice_positions == 20
     assert PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32)).receptive_rows == 11
+    assert not PixelCNN.from_run_config(undilated.prior, 256, (32, 32)).has_slice_context
 
 
 class _BlockCodec:
@@ -640,5 +648,5 @@ def test_a_config_json_written_before_slice_context_reads_as_the_per_slice_run_i
     config = read_as_written_before(  # as 0.2.0 wrote it
         "patients", ("previous_slice", "slice_positions", "previous_dropout")
     )
-    assert config.prior == get_config("default").replace(**EARLIER_PRIOR).prior
+    assert config.prior == get_config("default-positionless").replace(**EARLIER_PRIOR).prior
     assert not PixelCNN.from_run_config(config.prior, 256, (32, 32)).has_slice_context
