@@ -361,9 +361,12 @@ def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
     assert positionless.replace(name="default-unmirrored", **unmirrored) == (
         get_config("default-unmirrored")
     )
-    assert get_config("default-unmirrored").replace(
-        name="default-undilated", **{"prior.dilation_cycle": 1}
-    ) == undilated
+    assert (
+        get_config("default-unmirrored").replace(
+            name="default-undilated", **{"prior.dilation_cycle": 1}
+        )
+        == undilated
+    )
     assert default.prior.mirror and default.prior.epochs == 10
     stacked = PixelCNN.from_run_config(patients.prior, 256, (32, 32))
     assert stacked.previous_slice and stacked.slice_positions == 20
