@@ -190,7 +190,7 @@ class PriorConfig:
 
     The default (10 gated layers of 48 channels, 0.60 M parameters for K = 256 and 32x32
     code maps) is sized for CPUs: on 2 idle cores one epoch over ~1300 32x32 code maps takes
-    about 55 s (10 epochs over the maps and their mirror images 17 minutes). 48 channels give
+    about 55 s (10 epochs over the maps and their mirror images 18 minutes). 48 channels give
     4% fewer held-out bits per code than 32 (0.30 M parameters, the earlier default) for 1.8
     times the training time; 64 channels (1.0 M) gain 0.6% more for 1.6 times as long again,
     overfit their ~1300 training maps and draw less diverse slices (docs/models.md, "Prior
