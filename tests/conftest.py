@@ -209,6 +209,7 @@ ARCHITECTURES = {
         embedding_dim=32,
         position_embedding=True,
         dilation_cycle=4,
+        slice_positions=20,
     ),
     "quick": dict(
         num_embeddings=16,

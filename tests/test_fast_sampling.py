@@ -79,13 +79,14 @@ def test_the_fast_sampler_draws_the_reference_codes(prior):
         np.testing.assert_array_equal(fast, reference, err_msg=f"{seed}, {labels}, {temperature}")
         # Not a degenerate map: the draws vary over positions and maps.
         assert len(np.unique(reference)) > 3
-    if prior.has_slice_context:  # the next slices of those maps: previous slice and position
-        previous = sample_codes_reference(prior, 4, 5, [0, 1, -1, 1])
-        previous[3] = -1  # none
-        positions = [0, 1, -1, 2]
+    if prior.has_slice_context:  # the slices' positions and, if read, their previous slices
+        context = {"positions": [0, 1, -1, 2]}
+        if prior.previous_slice:  # the next slices of those maps
+            context["previous"] = sample_codes_reference(prior, 4, 5, [0, 1, -1, 1])
+            context["previous"][3] = -1  # none
         arguments = (prior, 4, 9, [1, 0, 1, -1], 0.9)
-        reference = sample_codes_reference(*arguments, previous=previous, positions=positions)
-        fast = sample_codes_fast(*arguments, previous=previous, positions=positions)
+        reference = sample_codes_reference(*arguments, **context)
+        fast = sample_codes_fast(*arguments, **context)
         np.testing.assert_array_equal(fast, reference)
         assert not np.array_equal(fast, sample_codes_fast(*arguments))  # the context is read
     assert (

@@ -40,9 +40,12 @@ def test_the_steps_compute_the_model_logits_at_every_position(name):
     labels = tf.constant([0, 1, -1], tf.int32)
     context = ()
     if prior.has_slice_context:  # a previous slice (map 2: none) and positions (map 1: unknown)
-        previous = rng.integers(0, prior.num_embeddings, (3, 4, 5))
-        previous[2] = -1
-        context = (tf.constant(previous, tf.int32), tf.constant([1, -1, 3], tf.int32))
+        previous = None
+        if prior.previous_slice:
+            previous = rng.integers(0, prior.num_embeddings, (3, 4, 5))
+            previous[2] = -1
+            previous = tf.constant(previous, tf.int32)
+        context = (previous, tf.constant([1, -1, 3], tf.int32))
     expected = prior(codes, labels, *context, training=False).numpy()
     scale = np.abs(expected).max()
     cached = cached_logits(prior, codes, labels, *context)

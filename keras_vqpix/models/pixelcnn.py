@@ -123,7 +123,9 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         # dilation_cycle in its config and must load undilated.
         dilation_cycle: int = 1,
         previous_slice: bool = _DEFAULTS.previous_slice,
-        slice_positions: int = _DEFAULTS.slice_positions,
+        # Not the config's default (20), for the same reason: a prior saved before slice
+        # positions existed must load without them.
+        slice_positions: int = 0,
         previous_dropout: float = _DEFAULTS.previous_dropout,
         layout_levels: int = 0,
         layout_upsample: int = 1,
