@@ -555,17 +555,14 @@ def _default_positionless() -> RunConfig:
 
 def _default_unmirrored() -> RunConfig:
     # ... and before mirror images (20 epochs: the same steps).
-    return RunConfig(
-        name="default-unmirrored", prior=PriorConfig(slice_positions=0, mirror=False, epochs=20)
-    )
+    unmirrored = {"prior.mirror": False, "prior.epochs": 20}
+    return _default_positionless().replace(name="default-unmirrored", **unmirrored)
 
 
 def _default_undilated() -> RunConfig:
     # ... and before dilated vertical stacks (11 code rows of context).
-    return RunConfig(
-        name="default-undilated",
-        prior=PriorConfig(slice_positions=0, mirror=False, epochs=20, dilation_cycle=1),
-    )
+    undilated = {"prior.dilation_cycle": 1}
+    return _default_unmirrored().replace(name="default-undilated", **undilated)
 
 
 PRESETS = {
