@@ -582,6 +582,28 @@ _STACK_TABLE = (
 )
 
 
+# A synthetic train split this much smaller than the real one gets the size note.
+_SIZE_TOLERANCE = 0.9
+
+
+def size_note(metrics: dict) -> str | None:
+    """A warning when the classifiers saw fewer synthetic train slices than real ones, else None.
+
+    The c2st classifier learns "synthetic" from the synthetic train slices and the tstr
+    classifier learns AD/NC from them only, with the same epochs as on the real side: with
+    fewer slices both are weaker tests (measured in docs/models.md, "The size of the synthetic
+    set").
+    """
+    synthetic, real = metrics.get("num_synthetic_train"), metrics.get("num_real_train")
+    if not synthetic or not real or synthetic >= _SIZE_TOLERANCE * real:
+        return None
+    return (
+        f"note: {synthetic} synthetic train slices against {real} real: c2st and tstr are weaker "
+        "tests than with a synthetic train split as large as the real one (vqpix generate "
+        "--per-class)"
+    )
+
+
 def format_comparison(metrics: dict) -> str:
     """A plain-text table: each figure at both scales, mean +- spread over seeds, beside its reference."""
     seeds = len(metrics.get("config", {}).get("seeds", ())) or 1
@@ -593,8 +615,11 @@ def format_comparison(metrics: dict) -> str:
         f"{metrics.get('num_synthetic_train', 0) + metrics.get('num_synthetic_test', 0)} synthetic slices, "
         f"{metrics.get('num_real_test')} real test slices of {metrics.get('real_test_patients')} patients; "
         f"mean +- spread over {seeds} classifier seeds ({metrics.get('seconds')} s)",
-        header,
     ]
+    note = size_note(metrics)
+    if note:
+        lines.append(note)
+    lines.append(header)
 
     def cell(key: str, suffix: str) -> str:
         value = metrics.get(key + suffix)

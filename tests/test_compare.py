@@ -25,6 +25,7 @@ from keras_vqpix.compare import (
     plot_stacks,
     roc_auc,
     set_figures,
+    size_note,
     stack_figures,
 )
 from keras_vqpix.config import CompareConfig
@@ -202,6 +203,16 @@ def test_compare_refuses_shared_patients_and_bad_options(demo_halves):
 
 
 # -- Stacks: adjacent-slice SSIM of patients -------------------------------------------------------
+def test_size_note_names_a_smaller_synthetic_train_split():
+    small = {"num_synthetic_train": 640, "num_real_train": 1600}
+    assert "640 synthetic train slices against 1600 real" in size_note(small)
+    assert size_note(small) in format_comparison(small)
+    for equal in (1600, 1500, 2000):
+        metrics = {"num_synthetic_train": equal, "num_real_train": 1600}
+        assert size_note(metrics) is None and "note:" not in format_comparison(metrics)
+    assert size_note({}) is None  # reports written before the counts
+
+
 def test_consecutive_pairs_skip_gaps_and_repeated_slices():
     patients = np.array(["b", "a", "a", "a", "b", "a", "c", "a"])
     slices = np.array([5, 3, 1, 2, 6, 2, 9, 5])
