@@ -591,8 +591,8 @@ def size_note(metrics: dict) -> str | None:
 
     The c2st classifier learns "synthetic" from the synthetic train slices and the tstr
     classifier learns AD/NC from them only, with the same epochs as on the real side: with
-    fewer slices both are weaker tests (measured in docs/models.md, "The size of the synthetic
-    set").
+    fewer slices both are weaker tests (measured in docs/synthetic.md, "The size of the
+    synthetic set matters").
     """
     synthetic, real = metrics.get("num_synthetic_train"), metrics.get("num_real_train")
     if not synthetic or not real or synthetic >= _SIZE_TOLERANCE * real:

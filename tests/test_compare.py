@@ -202,7 +202,6 @@ def test_compare_refuses_shared_patients_and_bad_options(demo_halves):
     assert result.exit_code == 2 and "multiple of 4" in result.output
 
 
-# -- Stacks: adjacent-slice SSIM of patients -------------------------------------------------------
 def test_size_note_names_a_smaller_synthetic_train_split():
     small = {"num_synthetic_train": 640, "num_real_train": 1600}
     assert "640 synthetic train slices against 1600 real" in size_note(small)
@@ -213,6 +212,7 @@ def test_size_note_names_a_smaller_synthetic_train_split():
     assert size_note({}) is None  # reports written before the counts
 
 
+# -- Stacks: adjacent-slice SSIM of patients -------------------------------------------------------
 def test_consecutive_pairs_skip_gaps_and_repeated_slices():
     patients = np.array(["b", "a", "a", "a", "b", "a", "c", "a"])
     slices = np.array([5, 3, 1, 2, 6, 2, 9, 5])
