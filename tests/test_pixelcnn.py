@@ -370,8 +370,8 @@ def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
     assert default.prior.mirror and default.prior.epochs == 10
     stacked = PixelCNN.from_run_config(patients.prior, 256, (32, 32))
     assert stacked.previous_slice and stacked.slice_positions == 20
-    assert PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32)).receptive_rows == 11
-    assert not PixelCNN.from_run_config(undilated.prior, 256, (32, 32)).has_slice_context
+    undilated_prior = PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32))
+    assert undilated_prior.receptive_rows == 11 and not undilated_prior.has_slice_context
 
 
 class _BlockCodec:
