@@ -4,7 +4,8 @@ Times drawing one synthetic patient (a stack of `--slices` 32x32 code maps) from
 `patients` preset (random weights: the cost does not depend on them), two ways, in alternation:
 
 - **wavefront** (`sample_stacks`, the default): every slice at once, slice z one row behind
-  slice z - 1;
+  slice z - 1; and the same with classifier-free guidance (`guidance=2`, the recipe of the
+  synthetic patients docs: each map run twice);
 - **slice after slice**: `sample_codes` with the fast per-slice sampler, once per slice, each
   given the previous slice (what the wavefront replaces; the same codes);
 - **first slice from a per-slice prior** (`--first-slices`): the default preset's prior draws
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 HEADING = "## Synthetic patients"
+GUIDANCE = 2.0  # the guided patients recipe of docs/synthetic.md
 
 
 def measure(slices: int, repeats: int) -> dict:
@@ -51,6 +53,9 @@ def measure(slices: int, repeats: int) -> dict:
     def wavefront():
         return sample_stacks(prior, 1, slices, seed=1, labels=1)
 
+    def guided():
+        return sample_stacks(prior, 1, slices, seed=1, labels=1, guidance=GUIDANCE)
+
     def slice_after_slice():
         previous, stack = None, []
         for z in range(slices):
@@ -70,8 +75,15 @@ def measure(slices: int, repeats: int) -> dict:
 
     same = np.array_equal(wavefront(), slice_after_slice())  # also the warm-up (tracing)
     first_slice_apart()
+    guided()
     times = alternate(
-        {"wavefront": wavefront, "slices": slice_after_slice, "first": first_slice_apart}, repeats
+        {
+            "wavefront": wavefront,
+            "guided": guided,
+            "slices": slice_after_slice,
+            "first": first_slice_apart,
+        },
+        repeats,
     )
     batch_seconds, _ = timed(lambda: sample_stacks(prior, 16, slices, seed=2))
     return {
@@ -79,6 +91,7 @@ def measure(slices: int, repeats: int) -> dict:
         "code_size": size,
         "same_codes": bool(same),
         "wavefront": times["wavefront"],
+        "guided_time": times["guided"],
         "slices_time": times["slices"],
         "first_time": times["first"],
         "speedup": times["slices"].over(times["wavefront"]),
@@ -96,6 +109,8 @@ def report(result: dict, command: str) -> str:
         f"prior, random weights), `{command}` (load average {load_average()}):\n\n"
         "| method | seconds per patient | row steps |\n|---|---|---|\n"
         f"| wavefront (`sample_stacks`, default) | {result['wavefront'].show(2)} | {h + s - 1} |\n"
+        f"| wavefront with `guidance={GUIDANCE:g}` (each map run twice) "
+        f"| {result['guided_time'].show(2)} | {h + s - 1} |\n"
         f"| slice after slice (fast per-slice sampler) | {result['slices_time'].show(2)} "
         f"| {s * h} |\n"
         f"| wavefront, slice 0 from the default preset's prior (`--first-slices`) "

@@ -4,25 +4,29 @@ Codes are drawn in raster order, `c_ij ~ Categorical(logits_ij(c_<ij, label) / t
 (van den Oord et al. 2016, https://arxiv.org/abs/1606.05328), in graph mode (`tf.function`
 and `tf.while_loop`) with stateless random ops only.
 
-Per-position seeding, the contract every sampler keeps so that they all draw **exactly** the
-same codes for the same seed (a faster sampler only changes how the logits are computed):
+Per-row seeding, the contract every sampler keeps so that they all draw **exactly** the same
+codes for the same seed (a faster sampler only changes how the logits are computed):
 
 1. The user seed `s` (an int32) becomes the stateless seed pair `(s, SEED_SALT)`, int32.
-2. The code at row `r`, column `c` of an `h x w` map has the raster index `p = r * w + c` and
-   the seed `position_seed = stateless_fold_in((s, SEED_SALT), p, alg="philox")`
-   (`tf.random.experimental.stateless_fold_in`).
-3. Map `i` of the batch (0-based) draws its code at `p` with its own seed
-   `stateless_fold_in(position_seed, i, alg="philox")` from its float32 logits `[K]`:
-   `tfp.distributions.Categorical(logits=logits / temperature).sample(seed=that seed)`
-   (`draw_codes`, one map at a time through `tf.map_fn`).
+2. Row `r` of every map has the seed `row_seed = stateless_fold_in((s, SEED_SALT), r,
+   alg="philox")` (`tf.random.experimental.stateless_fold_in`).
+3. Map `i` of the request (0-based) has, for row r, its own seed `stateless_fold_in(row_seed,
+   i, alg="philox")` and from it Gumbel noise `G = -log(-log(U)) [w, K]`, `U =
+   stateless_uniform([w, K], that seed, minval=float32 tiny, maxval=1, alg="philox")`
+   (`row_noise`): what `tfp.distributions.Gumbel(0., 1.).sample([w, K], seed=that seed)`
+   draws (tested).
+4. Its code at column `c` is `argmax_k(logits_k / temperature + G[c, k])` (`draw_codes`) with
+   the float32 logits at `(r, c)`: the Gumbel-max trick (Gumbel 1954; Maddison et al. 2014,
+   https://arxiv.org/abs/1411.0030) draws exactly from `Categorical(logits / temperature)`.
 
-One map per draw matters: TF's CPU kernel behind `Categorical.sample` (`stateless_categorical`)
-inverts each row's CDF with a uniform taken from one Philox stream that it splits by *thread
-shard*, so a batched `[n, K]` draw changes with the number of CPU threads and with n. Drawn
-one map at a time, a code depends only on the seed, its position, its map index and its
-logits: not on the machine, the batch size or how rows are grouped into calls (the progress
-bar runs one row per call). And since the uniform is fixed by the seed, logits that differ by
-float rounding only change a code when the uniform falls within rounding of a CDF boundary.
+Noise per map and row matters: a code depends only on the seed, its position, its map index
+and its logits, not on the machine, the batch size or how rows are grouped into calls (the
+progress bar runs one row per call); and since the noise is fixed by the seed, logits that
+differ by float rounding only change a code when two perturbed logits are within rounding of
+each other. One noise draw per map and row (not per position, nor one `stateless_categorical`
+per map and position, whose batched kernel splits its Philox stream by thread shard) keeps
+the draws of a whole batch one `argmax`: a column of 16 maps is a few ops, not 16 kernel
+calls (`benchmarks/RESULTS.md`).
 
 Two samplers keep the contract, and draw the same codes bit for bit:
 
@@ -31,8 +35,8 @@ Two samplers keep the contract, and draw the same codes bit for bit:
 - the **fast** sampler (`sample_codes_fast`, `sample_rows_fast`, `fast_codes_graph`; the
   default of `sample_codes`) caches the activations of the rows and columns already drawn
   (Ramachandran et al. 2017, https://arxiv.org/abs/1704.06001) and computes per position
-  only the new column of each stack: about one forward pass of arithmetic per map, plus the
-  `h * w` per-map draws.
+  only the new column of each stack: about one forward pass of arithmetic per map, plus one
+  `argmax` per position.
 
 Bit for bit, not just to float rounding: CPU convolutions and matmuls round differently for
 different operand shapes (a 1 x 1 window and a whole map give logits a few ulps apart), so
@@ -68,6 +72,7 @@ from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
 SEED_SALT = 1606  # arXiv 1606.05328
 # Temperatures the samplers take: float32's normal numbers (subnormals are flushed to zero).
 TEMPERATURE_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+_TINY = float(np.finfo(np.float32).tiny)  # the least uniform of the Gumbel noise: -log(-log) finite
 _ROW_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAST_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RESAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -123,34 +128,52 @@ def _guidance_tensor(guidance):
     return tf.constant(1.0 if guidance is None else guidance, tf.float32)
 
 
-def position_seed(seed, index):
-    """Stateless seed `int32[2]` of the code at raster index `index` (= row * w + col) for `seed`."""
+def row_seed(seed, row):
+    """Stateless seed `int32[2]` of row `row` of every map drawn with `seed` (step 2 of the contract)."""
     pair = tf.stack([tf.cast(seed, tf.int32), tf.constant(SEED_SALT, tf.int32)])
-    return tf.random.experimental.stateless_fold_in(pair, tf.cast(index, tf.int32), alg="philox")
+    return tf.random.experimental.stateless_fold_in(pair, tf.cast(row, tf.int32), alg="philox")
 
 
-def map_seeds(at_position, num_maps, first_map=0):
-    """Seeds `int32 [num_maps, 2]` of maps `first_map .. first_map + num_maps - 1` at a
-    position: the seed of map i is `stateless_fold_in(at_position, i, alg="philox")`.
+def map_seeds(at_row, num_maps, first_map=0):
+    """Seeds `int32 [num_maps, 2]` of maps `first_map .. first_map + num_maps - 1` under the seed
+    `at_row`: the seed of map i is `stateless_fold_in(at_row, i, alg="philox")`.
 
     Computed at once: `stateless_fold_in(s, i)` is `[x, i]`, where `x` is drawn from `s` alone
     (tested against `stateless_fold_in` itself). `first_map` lets a large request be drawn in
     batches that draw the codes of one call (`sample_codes(..., batch_size=...)`).
     """
-    first = tf.random.experimental.stateless_fold_in(at_position, 0, alg="philox")[0]
+    first = tf.random.experimental.stateless_fold_in(at_row, 0, alg="philox")[0]
     first_map = tf.cast(first_map, tf.int32)
     indices = tf.range(first_map, first_map + tf.cast(num_maps, tf.int32), dtype=tf.int32)
     return tf.stack([tf.fill([num_maps], first), indices], axis=1)
 
 
+def gumbel_noise(seeds, width: int, num_codes):
+    """Standard Gumbel noise `float32 [n, width, num_codes]`, map i's from its seed `seeds[i]`
+    (`int32 [n, 2]`): `-log(-log(U))`, U uniform in `[float32 tiny, 1)` (finite: 16.7 at most)."""
+
+    def uniform(seed):
+        return tf.random.stateless_uniform(
+            tf.stack([width, num_codes]), seed, minval=_TINY, maxval=1.0, alg="philox"
+        )
+
+    uniforms = tf.map_fn(uniform, seeds, fn_output_signature=tf.float32)
+    return -tf.math.log(-tf.math.log(uniforms))
+
+
+def row_noise(seed, row, num_maps, width: int, num_codes, first_map=0):
+    """The Gumbel noise `float32 [num_maps, width, K]` of row `row` of maps `first_map ..` drawn
+    with `seed` (step 3 of the contract)."""
+    return gumbel_noise(map_seeds(row_seed(seed, row), num_maps, first_map), width, num_codes)
+
+
 def scaled_logits(logits, temperature):
     """`logits / temperature` (float32), kept finite for any temperature > 0.
 
-    `stateless_categorical` treats a non-finite logit as probability zero, and a row with no
-    finite logit draws the out-of-range code K: a tiny temperature (1e-30) that overflows the
-    largest logits to +inf would drop the most likely codes. Such rows are scaled after
-    subtracting their maximum ((logits - max) / temperature: the maximum stays 0, the same
-    distribution); other rows are divided as they are, so their draws do not change.
+    A tiny temperature (1e-30) overflows the largest logits to +inf, and `inf - inf` would make
+    their sum with the noise NaN. Such rows are scaled after subtracting their maximum ((logits
+    - max) / temperature: the maximum stays 0, the same distribution); other rows are divided
+    as they are, so their draws do not change.
     """
     logits = tf.cast(logits, tf.float32)
     temperature = tf.cast(temperature, tf.float32)
@@ -160,34 +183,11 @@ def scaled_logits(logits, temperature):
     return tf.where(finite, scaled, shifted)
 
 
-def draw_codes(logits, seed, index, temperature, first_map=0):
-    """Codes `[n]` int32 of the n maps at raster index `index`, from their `logits [n, K]`.
-
-    Map i (counted from `first_map`) draws from `Categorical(logits[i] / temperature)` with the
-    seed `stateless_fold_in(position_seed(seed, index), i)`: see the module docstring. Each draw
-    is what `tfp.distributions.Categorical(logits=logits[i] / temperature, dtype=tf.int32)
-    .sample(seed=...)` runs, `tf.random.stateless_categorical(logits[i][None], 1, seed)`, one
-    map per kernel call (logits that overflow are scaled as `scaled_logits` says).
-    """
-    logits = scaled_logits(logits, temperature)
-    num_maps = tf.shape(logits)[0]
-    seeds = map_seeds(position_seed(seed, index), num_maps, first_map)
-    return draw_each(num_maps, lambda i: (logits[i], seeds[i]))
-
-
-def draw_each(count, logits_and_seed):
-    """Codes `[count]` int32, draw i from `logits_and_seed(i) -> (scaled logits [K], seed [2])`,
-    one `tf.random.stateless_categorical` call per draw (the module docstring says why)."""
-
-    def draw_one(i, drawn):
-        logits, seed = logits_and_seed(i)
-        code = tf.random.stateless_categorical(logits[None], 1, seed, dtype=tf.int32)
-        return i + 1, drawn.write(i, code[0, 0])
-
-    _, drawn = tf.while_loop(
-        lambda i, _: i < count, draw_one, (tf.constant(0), tf.TensorArray(tf.int32, count))
-    )
-    return drawn.stack()
+def draw_codes(logits, noise, temperature):
+    """Codes `[n]` int32 from the logits `[n, K]` of n maps at one position and their Gumbel noise
+    there `[n, K]` (`row_noise(...)[:, col]`): `argmax(logits / temperature + noise)`, a draw
+    from `Categorical(logits / temperature)` (step 4 of the contract)."""
+    return tf.argmax(scaled_logits(logits, temperature) + noise, axis=-1, output_type=tf.int32)
 
 
 # -- Labels -------------------------------------------------------------------------------------------
@@ -347,7 +347,8 @@ def sample_rows_reference(
             logits = prior(codes, labels, training=False)[:, row, col, :]
         else:
             logits = steps.position_logits(codes, row, col)
-        draws = draw_codes(logits, seed, index, temperature, first_map)
+        noise = row_noise(seed, row, tf.shape(codes)[0], width, tf.shape(logits)[-1], first_map)
+        draws = draw_codes(logits, noise[:, col], temperature)
         if redraw is not None:
             draws = tf.where(redraw[:, row, col], draws, codes[:, row, col])
         here = tf.logical_and(tf.equal(rows, row), tf.equal(cols, col))
@@ -505,22 +506,25 @@ def sample_rows_fast(
             the horizontal one).
 
     Each position costs one `steps.column` (the new column of both stacks, and the head) and
-    one `draw_codes`; each row one `steps.finish_row` (its vertical stack). Returns
+    one `draw_codes`; each row one `row_noise` and one `steps.finish_row` (its vertical stack). Returns
     `(codes, state)`: the codes with those rows filled in (the others unchanged), and the state
     to go on from at `row_end`: rows drawn in one call or over several give the same codes.
     """
     width = codes.shape[2]
+    num_maps = tf.shape(codes)[0]
     rows = tf.range(codes.shape[1])[None, :, None]
 
     def draw_row(row, codes, state):
-        def draw_column(col, row_state, drawn):
-            logits, row_state = steps.column(state, row_state, col)
-            draws = draw_codes(logits, seed, row * width + col, temperature, first_map)
-            if redraw is not None:
-                draws = tf.where(redraw[:, row, col], draws, codes[:, row, col])
-            return col + 1, steps.push_code(row_state, draws, row, col), drawn.write(col, draws)
-
         def drawn_row():
+            noise = row_noise(seed, row, num_maps, width, steps.prior.num_embeddings, first_map)
+
+            def draw_column(col, row_state, drawn):
+                logits, row_state = steps.column(state, row_state, col)
+                draws = draw_codes(logits, noise[:, col], temperature)
+                if redraw is not None:
+                    draws = tf.where(redraw[:, row, col], draws, codes[:, row, col])
+                return col + 1, steps.push_code(row_state, draws, row, col), drawn.write(col, draws)
+
             _, _, drawn = tf.while_loop(
                 lambda col, *_: col < width,
                 draw_column,
@@ -1352,22 +1356,19 @@ def wavefront_stacks_graph(
         state = (vertical, terms, context)
 
         drawing = tf.cast(tf.where(active)[:, 0], tf.int32)  # the maps that draw this row
-        num_drawing = tf.shape(drawing)[0]
+        # Map m draws as `sample_codes` draws stack i of its slice in this row: the noise of
+        # `row_noise(seeds_of[m], row[m], ...)` for map index `stack_of[m]`.
+        drawing_seeds = tf.map_fn(
+            lambda m: tf.random.experimental.stateless_fold_in(
+                row_seed(seeds_of[m], row[m]), stack_of[m], alg="philox"
+            ),
+            drawing,
+        )
+        noise = gumbel_noise(drawing_seeds, width, prior.num_embeddings)  # [drawing, w, K]
 
         def draw_column(col, row_state, drawn):
             logits, row_state = steps.column(state, row_state, col)
-            scaled = scaled_logits(logits, temperature)
-
-            def logits_and_seed(k):
-                # Map m draws as `draw_codes` draws stack i of its slice at this position.
-                m = drawing[k]
-                at_position = position_seed(seeds_of[m], row[m] * width + col)
-                seed = tf.random.experimental.stateless_fold_in(
-                    at_position, stack_of[m], alg="philox"
-                )
-                return scaled[m], seed
-
-            drawn_here = draw_each(num_drawing, logits_and_seed)
+            drawn_here = draw_codes(tf.gather(logits, drawing), noise[:, col], temperature)
             draws = tf.scatter_nd(drawing[:, None], drawn_here, [total])
             return col + 1, steps.push_code(row_state, draws, row, col), drawn.write(col, draws)
 

@@ -13,7 +13,7 @@ from keras_vqpix.sampling import (
     SEED_SALT,
     fast_codes_graph,
     map_seeds,
-    position_seed,
+    row_seed,
     sample_codes,
     sample_codes_fast,
     sample_codes_reference,
@@ -41,16 +41,16 @@ def unconditional_prior():
 
 
 def test_map_seeds_are_fold_in_map_by_map():
-    for seed, index in ((0, 0), (7, 13), (-(2**31), 1023), (2**31 - 1, 5)):
-        at_position = position_seed(seed, index)
+    for seed, row in ((0, 0), (7, 13), (-(2**31), 1023), (2**31 - 1, 5)):
+        at_row = row_seed(seed, row)
         expected = [
-            tf.random.experimental.stateless_fold_in(at_position, i, alg="philox").numpy()
+            tf.random.experimental.stateless_fold_in(at_row, i, alg="philox").numpy()
             for i in range(5)
         ]
-        np.testing.assert_array_equal(map_seeds(at_position, 5).numpy(), expected)
+        np.testing.assert_array_equal(map_seeds(at_row, 5).numpy(), expected)
     fold_in = tf.random.experimental.stateless_fold_in
     np.testing.assert_array_equal(
-        position_seed(3, 17), fold_in(tf.constant([3, SEED_SALT]), 17, alg="philox")
+        row_seed(3, 17), fold_in(tf.constant([3, SEED_SALT]), 17, alg="philox")
     )
 
 

@@ -17,6 +17,7 @@ from keras_vqpix.sampling import (
     draw_codes,
     resample_codes,
     resolve_labels,
+    row_noise,
     sample_codes,
     sample_codes_reference,
     sample_rows_reference,
@@ -49,23 +50,24 @@ def test_the_seeding_contract(prior):
     """An eager, position-by-position implementation of the documented contract draws the same codes.
 
     This is what a faster sampler must reproduce: the logits of (r, c) from the codes drawn so
-    far, divided by the temperature, drawn map by map by `tfp.distributions.Categorical(...)
-    .sample` with the seed `fold_in(fold_in((seed, SEED_SALT), r * w + c), map index)`.
+    far, divided by the temperature, plus the Gumbel noise of map i's row r,
+    `tfp.distributions.Gumbel(0, 1).sample([w, K], seed=fold_in(fold_in((seed, SEED_SALT), r),
+    i))` at column c, and the argmax (the Gumbel-max trick).
     """
     seed, temperature, labels = 7, 0.8, np.array([0, 1, -1], np.int32)
     codes = np.zeros((3, 4, 5), np.int32)
     fold_in = tf.random.experimental.stateless_fold_in
+    standard_gumbel = tfp.distributions.Gumbel(np.float32(0), np.float32(1))
     for r in range(4):
+        row_seed = fold_in(tf.constant([seed, SEED_SALT], tf.int32), r, alg="philox")
+        noise = [
+            standard_gumbel.sample([5, 16], seed=fold_in(row_seed, i, alg="philox")).numpy()
+            for i in range(3)
+        ]
         for c in range(5):
-            logits = prior(codes, labels, training=False)[:, r, c, :]
-            position_seed = fold_in(
-                tf.constant([seed, SEED_SALT], tf.int32), r * 5 + c, alg="philox"
-            )
+            logits = prior(codes, labels, training=False)[:, r, c, :].numpy()
             for i in range(3):
-                distribution = tfp.distributions.Categorical(logits=logits[i] / temperature)
-                codes[i, r, c] = distribution.sample(
-                    seed=fold_in(position_seed, i, alg="philox")
-                ).numpy()
+                codes[i, r, c] = np.argmax(logits[i] / np.float32(temperature) + noise[i][c])
     sampled = sample_codes_reference(prior, 3, seed, labels, temperature)
     np.testing.assert_array_equal(sampled, codes)
     np.testing.assert_array_equal(sample_codes(prior, 3, seed, labels, temperature), codes)
@@ -83,8 +85,8 @@ def test_a_sample_depends_on_its_index_not_on_the_number_drawn(prior):
     many = sample_codes_reference(prior, 6, seed=5, labels=[0, 1, 1, 0, 1, 0])
     few = sample_codes_reference(prior, 2, seed=5, labels=[0, 1])
     np.testing.assert_array_equal(few, many[:2])
-    # With K = 256 a batched [n, K] categorical draw is split into thread shards whose
-    # boundaries move with n (and with the CPU count): maps drawn one by one do not move.
+    # With K = 256 a batched [n, K] `stateless_categorical` is split into thread shards whose
+    # boundaries move with n (and with the CPU count); each map's own noise does not move.
     logits = np.random.default_rng(3).normal(size=(2, 2, 256)).astype(np.float32) * 3
     fixed = FixedPrior(
         lambda codes, labels: tf.broadcast_to(logits, tf.concat([tf.shape(codes), [256]], 0)),
@@ -124,16 +126,16 @@ def test_a_large_request_drawn_in_batches_draws_the_codes_of_one_call(prior, met
 
 
 def test_a_tiny_temperature_draws_the_most_likely_code_never_an_out_of_range_one():
-    """At temperature 1e-30 the largest logits overflow to +inf; `stateless_categorical` would
-    treat them as probability 0 (and a row without a finite logit draws the code K). The draw
-    must be the argmax, as the limit T -> 0 of the distribution says."""
+    """At temperature 1e-30 the largest logits overflow to +inf (and inf - inf is NaN): the draw
+    must still be the argmax, as the limit T -> 0 of the distribution says."""
     logits = tf.constant([[3.0, 1.0, 2.0, -1.0], [0.5, 4.0, 4.0, -2.0], [-5.0, -1.0, -3.0, -9.0]])
     for temperature in (1e-30, 2e-38, 1e-6):
         for seed in range(8):
-            codes = draw_codes(logits, seed, 3, temperature).numpy()
+            noise = row_noise(seed, 3, 3, 1, 4)[:, 0]
+            codes = draw_codes(logits, noise, temperature).numpy()
             assert codes[0] == 0 and codes[1] in (1, 2) and codes[2] == 1, (temperature, codes)
     # A huge temperature gives (nearly) uniform draws, all in range.
-    drawn = np.stack([draw_codes(logits, s, 0, 3e38).numpy() for s in range(40)])
+    drawn = np.stack([draw_codes(logits, row_noise(s, 0, 3, 1, 4)[:, 0], 3e38) for s in range(40)])
     assert drawn.min() >= 0 and drawn.max() < 4 and len(np.unique(drawn[:, 0])) == 4
 
 
