@@ -6,7 +6,8 @@ BASE/vqvae/<version>/                 serving_default: images -> reconstruction,
                                       encode: images -> codes;  decode: codes -> images
 BASE/vqpix_generator/<version>/       sample (= serving_default): num_samples, seed,
                                       temperature, label -> images, codes
-each version also holds config.json (the run's), vqvae.json (and prior.json), README
+each version also holds config.json (the run's), vqvae.json (and prior.json), README, and
+assets.extra/tf_serving_warmup_requests (one small request per signature)
 ```
 
 How it is written: each version is built in a hidden temporary folder inside its model's folder
@@ -45,6 +46,12 @@ version's README and in the `serving` section of its config.json). The check run
 sampler allocates anything (every tensor the sampler makes depends on the checked
 `num_samples`), so an oversized request costs a few microseconds and no memory. A client
 wanting more samples sends several requests with different seeds.
+
+Warm-up: a signature's first call builds its graph (about 2 s for the patients preset's
+`sample_patient`, against milliseconds for a refusal once built). Each version holds TF
+Serving's warm-up file (`assets.extra/tf_serving_warmup_requests`, `PredictionLog` records,
+https://www.tensorflow.org/tfx/serving/saved_model_warmup): one small good request per
+signature, which the server replays when it loads the version, before it takes traffic.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from keras_vqpix.config import SERVING_MAX_SAMPLES, SERVING_MAX_SLICES
@@ -388,6 +396,47 @@ def _serving_base_path(serving_base_path) -> str | None:
 
 
 # -- The files beside each SavedModel ---------------------------------------------------------------
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+
+
+def write_warmup_requests(folder: Path, model_name: str, requests: dict[str, dict]) -> Path:
+    """TF Serving's warm-up file of a version `folder`: one `PredictionLog` per signature.
+
+    `requests`: signature name -> its inputs (name -> NumPy value). The server replays them
+    when it loads the version, so no client request pays for building a signature's graph.
+    """
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    path = folder / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for signature, inputs in requests.items():
+            spec = model_pb2.ModelSpec(name=model_name, signature_name=signature)
+            request = predict_pb2.PredictRequest(model_spec=spec)
+            for name, value in inputs.items():
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+            log = prediction_log_pb2.PredictLog(request=request)
+            writer.write(prediction_log_pb2.PredictionLog(predict_log=log).SerializeToString())
+    return path
+
+
+def _vqvae_warmup(image_shape, code_shape) -> dict[str, dict]:
+    images = {"images": np.zeros((1, *image_shape, 1), np.float32)}
+    codes = {"codes": np.zeros((1, *code_shape), np.int32)}
+    return {"serving_default": images, "encode": images, "decode": codes}
+
+
+def _generator_warmup(prior, max_slices: int) -> dict[str, dict]:
+    label = 0 if prior.conditional else UNCONDITIONAL
+    scalars = {"seed": np.int32(0), "temperature": np.float32(1.0), "label": np.int32(label)}
+    sample = {"num_samples": np.int32(1), **scalars}
+    requests = {"sample": sample, "serving_default": sample}
+    if getattr(prior, "previous_slice", False):
+        # Two slices: a slice with a previous one, the wavefront's whole graph.
+        requests["sample_patient"] = {"num_slices": np.int32(min(2, max_slices)), **scalars}
+    return requests
+
+
 def _write_file(path: Path, text: str) -> None:
     """Write one file of a version (a function of its own so tests can interrupt an export)."""
     path.write_text(text)
@@ -405,6 +454,8 @@ Signatures:
 
 VQ-VAE fingerprint: {vqvae_fingerprint} (epoch {vqvae_epoch}; see vqvae.json)
 Run config: config.json
+Warm-up: assets.extra/tf_serving_warmup_requests (one request per signature, replayed by TF
+Serving when it loads this version)
 """
 
 _GENERATOR_README = """\
@@ -425,6 +476,8 @@ recorded in config.json ("serving": {{"max_samples": {max_samples}}}).
 Prior fingerprint: {prior_fingerprint} (epoch {prior_epoch}; see prior.json)
 VQ-VAE fingerprint: {vqvae_fingerprint} (epoch {vqvae_epoch}; see vqvae.json)
 Run config: config.json
+Warm-up: assets.extra/tf_serving_warmup_requests (one request per signature, replayed by TF
+Serving when it loads this version)
 """
 
 
@@ -607,6 +660,7 @@ def _export_versions(
         # stack); any exception removes both temporary folders.
         folder = stack.enter_context(atomic_directory(model_dirs[VQVAE_NAME] / str(version)))
         vqvae_archive(vqvae, image_shape).write_out(str(folder), verbose=False)
+        write_warmup_requests(folder, VQVAE_NAME, _vqvae_warmup(image_shape, code_shape))
         readme = _VQVAE_README.format(name=VQVAE_NAME, **fields)
         _write_version_files(folder, paths, readme)
         written.append(model_dirs[VQVAE_NAME] / str(version))
@@ -616,6 +670,7 @@ def _export_versions(
             )
             archive = generator_archive(vqvae, prior, code_shape, method, max_samples, max_slices)
             archive.write_out(str(folder), verbose=False)
+            write_warmup_requests(folder, GENERATOR_NAME, _generator_warmup(prior, max_slices))
             labels = (
                 "0 NC, 1 AD, -1 unconditional"
                 if prior.conditional

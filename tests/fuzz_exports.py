@@ -20,7 +20,9 @@ and calls `vqvae` (`serving_default`, `encode`, `decode`) and `vqpix_generator` 
 - empty batches (0 images or code maps), answered by an empty result of the right shape
   (no model runs on them: oneDNN's Conv2D answers an empty batch with a wrong shape).
 
-Before those, the oversized `sample` requests (cap + 1, 10^8, 2^31 - 1 maps) are timed with the
+First each version's warm-up requests are replayed, as TF Serving replays them on loading
+(`assets.extra/tf_serving_warmup_requests`: a signature's first call builds its graph). Before
+the cases, the oversized `sample` requests (cap + 1, 10^8, 2^31 - 1 maps) are timed with the
 process's resident and peak memory around each. Writes one JSON report (`OUT_JSON`).
 """
 
@@ -463,6 +465,34 @@ def run_case(case, functions, info):
     }
 
 
+def replay_warmup(version: Path, functions) -> list[dict]:
+    """Call each request of the version's `assets.extra/tf_serving_warmup_requests` (TF Serving's
+    `PredictionLog` records) on its signature, as the server does when it loads a version."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    rows = []
+    path = version / "assets.extra" / "tf_serving_warmup_requests"
+    for record in tf.data.TFRecordDataset(str(path)):
+        request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
+        signature = request.model_spec.signature_name
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        start = time.perf_counter()
+        try:
+            functions[signature](**inputs)
+            error = ""
+        except Exception as failure:
+            error = type(failure).__name__ + ": " + " ".join(str(failure).split())
+        rows.append(
+            {
+                "model": request.model_spec.name,
+                "signature": signature,
+                "seconds": time.perf_counter() - start,
+                "error": error[:400],
+            }
+        )
+    return rows
+
+
 def oversized(functions, cap, label):
     rows = []
     sample = functions["generator"]["sample"]
@@ -528,13 +558,12 @@ def main(argv=None) -> int:
         info["conditional"],
         info["slice_cap"],
     )
-    # Warm-up: each signature once (its first call builds kernels and allocator pools).
-    for signature in ("serving_default", "encode"):
-        functions["vqvae"][signature](images=tf.constant(generator.images(2)))
-    functions["vqvae"]["decode"](codes=tf.constant(generator.codes(2)))
-    for signature in ("sample", "serving_default"):
-        inputs = generator.sample_inputs(1)
-        functions["generator"][signature](**{k: tf.constant(v) for k, v in inputs.items()})
+    # Warm-up as TF Serving does it: each version's warm-up requests replayed on loading (a
+    # signature's first call builds its graph); the cases below are then timed as served.
+    warmup = {
+        "vqvae": replay_warmup(args.vqvae, functions["vqvae"]),
+        "generator": replay_warmup(args.generator, functions["generator"]),
+    }
     probes = oversized(functions, info["cap"], generator.labels[-1])
     vqvae_cases, generator_cases = generator.vqvae_cases(), generator.generator_cases()
     cases = vqvae_cases + generator_cases + generator.random_cases(args.random)
@@ -542,6 +571,7 @@ def main(argv=None) -> int:
     faulthandler.cancel_dump_traceback_later()
     report = {
         "info": {k: list(v) if isinstance(v, tuple) else v for k, v in info.items()},
+        "warmup": warmup,
         "oversized": probes,
         "results": results,
         "seconds": time.perf_counter() - started,

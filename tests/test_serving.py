@@ -174,6 +174,19 @@ def test_fuzzed_inputs_are_refused_or_answered_never_a_crash_or_hang(fuzz):
     report = fuzz.report()
     results = report["results"]
     assert report["keras_vqpix_imported"] is False
+    # Each version's warm-up file holds one good request per signature, and each is answered.
+    warmup = report["warmup"]
+    assert [(r["model"], r["signature"]) for r in warmup["vqvae"]] == [
+        ("vqvae", "serving_default"),
+        ("vqvae", "encode"),
+        ("vqvae", "decode"),
+    ]
+    assert [(r["model"], r["signature"]) for r in warmup["generator"]] == [
+        ("vqpix_generator", "sample"),
+        ("vqpix_generator", "serving_default"),
+        ("vqpix_generator", "sample_patient"),
+    ]
+    assert not [r for rows in warmup.values() for r in rows if r["error"]], warmup
     failed = [r for r in results if not r["passed"]]
     assert not failed, json.dumps(failed[:10], indent=1)
     # A few hundred inputs over every signature of both models, bad and good.
