@@ -170,10 +170,10 @@ def row_noise(seed, row, num_maps, width: int, num_codes, first_map=0):
 def scaled_logits(logits, temperature):
     """`logits / temperature` (float32), kept finite for any temperature > 0.
 
-    A tiny temperature (1e-30) overflows the largest logits to +inf, and `inf - inf` would make
-    their sum with the noise NaN. Such rows are scaled after subtracting their maximum ((logits
-    - max) / temperature: the maximum stays 0, the same distribution); other rows are divided
-    as they are, so their draws do not change.
+    A tiny temperature (1e-30) overflows the largest logits to +inf, where the noise no longer
+    tells them apart (the argmax would take the first). Such rows are scaled after subtracting
+    their maximum ((logits - max) / temperature: the maximum stays 0, the same distribution);
+    other rows are divided as they are, so their draws do not change.
     """
     logits = tf.cast(logits, tf.float32)
     temperature = tf.cast(temperature, tf.float32)
