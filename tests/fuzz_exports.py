@@ -431,17 +431,20 @@ def check_outputs(case, outputs, info):
     return "; ".join(problems)
 
 
-def run_case(case, functions, info):
-    fn = functions[case.model][case.signature]
+def timed_call(fn, tensors: dict):
+    """`(outputs as NumPy or None, error text or "", seconds)` of one signature call."""
     start = time.perf_counter()
     try:
-        outputs = {
-            k: v.numpy() for k, v in fn(**{k: to_tensor(v) for k, v in case.inputs.items()}).items()
-        }
-        error = ""
+        outputs, error = {k: v.numpy() for k, v in fn(**tensors).items()}, ""
     except Exception as failure:
         outputs, error = None, type(failure).__name__ + ": " + " ".join(str(failure).split())
-    seconds = time.perf_counter() - start
+    return outputs, error, time.perf_counter() - start
+
+
+def run_case(case, functions, info):
+    fn = functions[case.model][case.signature]
+    tensors = {k: to_tensor(v) for k, v in case.inputs.items()}
+    outputs, error, seconds = timed_call(fn, tensors)
     wrong = ""
     if outputs is not None and case.expect in ("ok", "empty"):
         wrong = check_outputs(case, outputs, info)
@@ -476,20 +479,9 @@ def replay_warmup(version: Path, functions) -> list[dict]:
         request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
         signature = request.model_spec.signature_name
         inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
-        start = time.perf_counter()
-        try:
-            functions[signature](**inputs)
-            error = ""
-        except Exception as failure:
-            error = type(failure).__name__ + ": " + " ".join(str(failure).split())
-        rows.append(
-            {
-                "model": request.model_spec.name,
-                "signature": signature,
-                "seconds": time.perf_counter() - start,
-                "error": error[:400],
-            }
-        )
+        _, error, seconds = timed_call(functions[signature], inputs)
+        row = {"model": request.model_spec.name, "signature": signature, "seconds": seconds}
+        rows.append({**row, "error": error[:400]})
     return rows
 
 
@@ -503,16 +495,11 @@ def oversized(functions, cap, label):
             for k, v in inputs.items()
         }
         rss, peak = resident_bytes(), peak_resident_bytes()
-        start = time.perf_counter()
-        try:
-            sample(**tensors)
-            error = ""
-        except Exception as failure:
-            error = type(failure).__name__ + ": " + " ".join(str(failure).split())
+        _, error, seconds = timed_call(sample, tensors)
         rows.append(
             {
                 "num_samples": n,
-                "seconds": time.perf_counter() - start,
+                "seconds": seconds,
                 "error": error[:400],
                 "rss_growth_bytes": resident_bytes() - rss,
                 "peak_growth_bytes": peak_resident_bytes() - peak,

@@ -102,12 +102,26 @@ class PixelCNNSteps:
         label_rows = prior.label_indices(labels, self.num_maps) if prior.conditional else None
         half = self.half
         self.vertical_labels, self.horizontal_bias, self.vertical_kernels = [], [], []
+        self.pointwise = []  # per block: layer name -> (kernel, bias) of its 1x1 convolutions
         self.horizontal_kernels, self.output_kernels, self.output_biases = [], [], []
         for block in prior.blocks:
             dtype = block.compute_dtype
             vertical = block.vertical_conv
             self.vertical_kernels.append(
                 (ops.cast(vertical.kernel, dtype), ops.cast(vertical.bias, dtype), block.dilation)
+            )
+            # The block's 1x1 convolutions, by attribute name, as a matmul's (kernel, bias).
+            names = ["vertical_to_horizontal"]
+            if block.spatial_condition:
+                names += ["vertical_condition", "horizontal_condition"]
+            self.pointwise.append(
+                {
+                    name: (
+                        ops.cast(getattr(block, name).kernel, dtype)[0, 0],
+                        ops.cast(getattr(block, name).bias, dtype),
+                    )
+                    for name in names
+                }
             )
             conv = block.horizontal_conv
             taps = half if block.mask_type == "A" else half + 1
@@ -186,13 +200,13 @@ class PixelCNNSteps:
         return tf.concat([condition, zero], axis=1)
 
     @staticmethod
-    def _pointwise(conv, inputs):
-        """A 1x1 `Conv2D` `conv` of `inputs [..., C]` as one matmul (a CPU convolution of a
-        one-row map costs several times as much)."""
-        dtype = conv.compute_dtype
-        kernel = ops.cast(conv.kernel, dtype)[0, 0]
-        flat = tf.reshape(ops.cast(inputs, dtype), [-1, kernel.shape[0]])
-        outputs = tf.nn.bias_add(tf.matmul(flat, kernel), ops.cast(conv.bias, dtype))
+    def _pointwise(weights, inputs):
+        """A 1x1 convolution of `inputs [..., C]` with `weights` (kernel `[C, D]`, bias `[D]`,
+        from `self.pointwise`) as one matmul (a CPU convolution of a one-row map costs several
+        times as much)."""
+        kernel, bias = weights
+        flat = tf.reshape(ops.cast(inputs, kernel.dtype), [-1, kernel.shape[0]])
+        outputs = tf.nn.bias_add(tf.matmul(flat, kernel), bias)
         return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [kernel.shape[1]]], 0))
 
     @staticmethod
@@ -238,13 +252,15 @@ class PixelCNNSteps:
         )
         terms = [
             self._sum(
-                self._pointwise(block.vertical_to_horizontal, zero_row)[:, 0],
+                self._pointwise(pointwise["vertical_to_horizontal"], zero_row)[:, 0],
                 bias[:, None, :],
                 None
                 if context_first is None
-                else self._pointwise(block.horizontal_condition, self.twice(context_first))[:, 0],
+                else self._pointwise(pointwise["horizontal_condition"], self.twice(context_first))[
+                    :, 0
+                ],
             )
-            for block, bias in zip(self.prior.blocks, self.horizontal_bias, strict=True)
+            for bias, pointwise in zip(self.horizontal_bias, self.pointwise, strict=True)
         ]
         return self._by_column(terms)
 
@@ -265,12 +281,13 @@ class PixelCNNSteps:
             below = self.twice(self.context_row(context, row + 1))
         x = self.prior.embed(self.twice(codes_row), self.twice(row))  # [n, w, E]
         new_rows, terms = [], []
-        for block, above, label, bias, (kernel, conv_bias, dilation) in zip(
+        for block, above, label, bias, (kernel, conv_bias, dilation), pointwise in zip(
             self.prior.blocks,
             rows,
             self.vertical_labels,
             self.horizontal_bias,
             self.vertical_kernels,
+            self.pointwise,
             strict=True,
         ):
             reach = block.vertical_reach
@@ -282,15 +299,15 @@ class PixelCNNSteps:
             vertical_pre = self._sum(
                 tf.nn.bias_add(vertical_conv, conv_bias),  # [n, 1, w, 2p]
                 label,
-                None if here is None else self._pointwise(block.vertical_condition, here),
+                None if here is None else self._pointwise(pointwise["vertical_condition"], here),
             )
             terms.append(
                 self._sum(
-                    self._pointwise(block.vertical_to_horizontal, vertical_pre)[:, 0],
+                    self._pointwise(pointwise["vertical_to_horizontal"], vertical_pre)[:, 0],
                     bias[:, None, :],
                     None
                     if below is None
-                    else self._pointwise(block.horizontal_condition, below)[:, 0],
+                    else self._pointwise(pointwise["horizontal_condition"], below)[:, 0],
                 )
             )
             new_rows.append(window[:, 1:])
