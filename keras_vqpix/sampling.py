@@ -1275,6 +1275,10 @@ def wavefront_stacks_graph(
     int32 `[num_stacks, height, width]`, the stacks' slice 0 drawn elsewhere (`sample_stacks`'
     `first_prior`), and slice 1 starts at step 0.
 
+    The column steps run over all N maps (one op per step whatever the batch); the row steps
+    (`finish_row`, the slice context) over the maps that drew a row or can start one only,
+    gathered and scattered back: at the start and end of a wavefront most maps idle.
+
     Each map runs the fast sampler's steps (`PixelCNNSteps`, with one row per map), its slice
     context is computed row by row as its previous slice's rows are drawn
     (`SliceContext.row`), and its codes are drawn with the seeds `sample_stacks` gives them: a
@@ -1315,7 +1319,6 @@ def wavefront_stacks_graph(
     context_done = tf.zeros([total], tf.int32)  # context rows computed, per map
     has_previous = slice_of > 0
     previous_map = tf.maximum(tf.range(total) - num_stacks, 0)
-    rows_index = tf.range(height)
 
     def drawn_rows(step):
         """Rows of each map drawn before `step`."""
@@ -1326,16 +1329,29 @@ def wavefront_stacks_graph(
         row = tf.minimum(context_done, height - 1)
         previous_done = tf.gather(drawn_rows(step), previous_map)
         ready = (context_done < height) & (~has_previous | (previous_done > context_done))
-        previous_codes = tf.gather(tf.gather(codes, previous_map), row, batch_dims=1)
-        previous_row = tf.where(has_previous[:, None], previous_codes, -1)
-        values, new_cache = context_layer.row(cache, previous_row, positions)
-        cache = tuple(
-            tf.where(ready[:, None, None, None], new, old)
-            for new, old in zip(new_cache, cache, strict=True)
-        )
-        here = (rows_index[None, :] == row[:, None]) & ready[:, None]  # [N, h]
-        here = tf.pad(here, [[0, 0], [0, 1]])[:, :, None, None]
-        context = tf.where(here, values[:, None], context)
+        maps = tf.cast(tf.where(ready)[:, 0], tf.int32)  # the ready maps only, as in step_body
+
+        def computed():
+            row_of = tf.gather(row, maps)
+            previous_codes = tf.gather(
+                tf.gather(codes, tf.gather(previous_map, maps)), row_of, batch_dims=1
+            )
+            previous_row = tf.where(tf.gather(has_previous, maps)[:, None], previous_codes, -1)
+            values, new_cache = context_layer.row(
+                tuple(tf.gather(rows, maps) for rows in cache),
+                previous_row,
+                tf.gather(positions, maps),
+            )
+            new_cache = tuple(
+                tf.tensor_scatter_nd_update(old, maps[:, None], new)
+                for new, old in zip(new_cache, cache, strict=True)
+            )
+            rows = tf.stack([maps, row_of], axis=1)
+            return new_cache, tf.tensor_scatter_nd_update(context, rows, values)
+
+        # No map may be ready (the last steps); a convolution of no maps is not computed
+        # (oneDNN's kernels mishandle an empty batch).
+        cache, context = tf.cond(tf.size(maps) > 0, computed, lambda: (cache, context))
         return cache, context, context_done + tf.cast(ready, tf.int32)
 
     def step_body(step, codes, state, cache, context, context_done):
@@ -1347,7 +1363,7 @@ def wavefront_stacks_graph(
         terms = tf.cond(  # row 0's terms of the maps that start now (once per slice)
             tf.reduce_any(starting),
             lambda: tf.where(
-                steps.twice(starting)[None, None, :, None],
+                steps.twice(starting)[:, None, None, None],
                 steps.start_terms(steps.context_row(context, tf.zeros_like(row))),
                 terms,
             ),
@@ -1378,19 +1394,30 @@ def wavefront_stacks_graph(
             (tf.constant(0), steps.start_row(), tf.TensorArray(tf.int32, width)),
         )
         row_codes = tf.transpose(drawn.stack())  # [N, w]
-        here = (rows_index[None, :] == row[:, None]) & active[:, None]
-        codes = tf.where(here[:, :, None], row_codes[:, None, :], codes)
+        codes = tf.tensor_scatter_nd_update(
+            codes,
+            tf.stack([drawing, tf.gather(row, drawing)], axis=1),
+            tf.gather(row_codes, drawing),
+        )
         # The row slice z - 1 just drew is the context row slice z needs next: row r + 1 for
         # its finish_row now, row 0 for its start at the next step.
         cache, context, context_done = update_context(step + 1, codes, cache, context, context_done)
-        state = (vertical, terms, context)
-        new_vertical, new_terms, _ = steps.finish_row(state, row_codes, row)
-        computed = steps.twice(active)  # the maps the steps compute (twice under guidance)
+        # The vertical stacks of the maps that drew a row (a third of the maps idle at the
+        # start and the end of a wavefront): gathered, moved on, scattered back.
+        computed = steps.computed_rows(drawing)[:, None]  # twice under guidance
+        drawn_state = (
+            tuple(tf.gather_nd(rows, computed) for rows in vertical),
+            tf.gather_nd(terms, computed),
+            tf.gather(context, drawing),
+        )
+        new_vertical, new_terms, _ = steps.finish_row(
+            drawn_state, tf.gather(row_codes, drawing), tf.gather(row, drawing), maps=drawing
+        )
         vertical = tuple(
-            tf.where(computed[:, None, None, None], new, old)
+            tf.tensor_scatter_nd_update(old, computed, new)
             for new, old in zip(new_vertical, vertical, strict=True)
         )
-        terms = tf.where(computed[None, None, :, None], new_terms, terms)
+        terms = tf.tensor_scatter_nd_update(terms, computed, new_terms)
         return step + 1, codes, (vertical, terms), cache, context, context_done
 
     # Context row 0 of the first slices (no previous slice); every later row comes after a

@@ -49,7 +49,7 @@ class PixelCNNSteps:
     `L + 1` blocks, block i dilated by d_i. `state`: a tuple of, per block, its vertical inputs
     of the last `d_i (k//2)` rows `[n, d_i (k//2), w + 2 d_i (k//2), C]` (C = E for the first
     block, p after), and the next row's
-    horizontal bias `[w, L + 1, n, 2p]`. `row_state`: per block, its horizontal inputs of the
+    horizontal bias `[n, w, L + 1, 2p]`. `row_state`: per block, its horizontal inputs of the
     last `k//2` columns, flattened `[n, (k//2) C]`. E.g. the default prior (K = 256, 10 blocks
     of 32 filters, k = 3) keeps per map 10 x 1 x 34 x 32 vertical and 10 x 32 horizontal
     values, and a column step multiplies `[n, 96]` by `[96, 64]` per block.
@@ -102,6 +102,7 @@ class PixelCNNSteps:
         label_rows = prior.label_indices(labels, self.num_maps) if prior.conditional else None
         half = self.half
         self.vertical_labels, self.horizontal_bias, self.vertical_kernels = [], [], []
+        self.bias_per_map = []  # per block: whether its horizontal bias has a row per map
         self.pointwise = []  # per block: layer name -> (kernel, bias) of its 1x1 convolutions
         self.horizontal_kernels, self.output_kernels, self.output_biases = [], [], []
         for block in prior.blocks:
@@ -133,6 +134,7 @@ class PixelCNNSteps:
             if label_rows is not None and block.num_labels:
                 vertical_label = block.vertical_label(label_rows)[:, None, None, :]
                 bias = bias + block.horizontal_label(label_rows)
+            self.bias_per_map.append(vertical_label is not None)
             self.vertical_labels.append(vertical_label)
             self.horizontal_bias.append(bias)
             # horizontal_output and skip read the same gated units: one matmul for both.
@@ -243,7 +245,7 @@ class PixelCNNSteps:
         return tuple(rows)
 
     def start_terms(self, context_first=None):
-        """Row 0's horizontal terms `[w, L + 1, n, 2p]` (`context_first [n, 1, w, F]`: row 0 of
+        """Row 0's horizontal terms `[n, w, L + 1, 2p]` (`context_first [n, 1, w, F]`: row 0 of
         the slice context, or None)."""
         filters = self.prior.blocks[0].filters
         # Row 0's horizontal stack reads the shifted-in zero row through vertical_to_horizontal.
@@ -271,10 +273,32 @@ class PixelCNNSteps:
             return tf.gather(context, [row], axis=1)
         return tf.gather(context, row[:, None], axis=1, batch_dims=1)
 
-    def finish_row(self, state, codes_row, row):
+    def computed_rows(self, maps):
+        """Where the drawn maps `maps [m]` are among the maps the steps compute: twice under
+        guidance (map i's unconditional run is map n + i)."""
+        if self.guidance is None:
+            return maps
+        return tf.concat([maps, maps + self.num_drawn], axis=0)
+
+    def finish_row(self, state, codes_row, row, maps=None):
         """The state after row `row`, `codes_row [n, w]`, was drawn: its vertical stack, for the
-        next row. `row`: a scalar, or one row per map `[n]` (see `PixelCNN.embed`)."""
+        next row. `row`: a scalar, or one row per map `[n]` (see `PixelCNN.embed`).
+
+        `maps`: None, or int32 `[m]`, the drawn maps whose row this is: `state`, `codes_row` and
+        `row` are then those m maps' only (a wavefront's maps that drew at this step; the others'
+        state does not change), each map computed as among all n.
+        """
         rows, context = state[0], (state[2] if len(state) > 2 else None)
+        vertical_labels, horizontal_bias = self.vertical_labels, self.horizontal_bias
+        if maps is not None:
+            computed = self.computed_rows(maps)
+            vertical_labels = [
+                None if label is None else tf.gather(label, computed) for label in vertical_labels
+            ]
+            horizontal_bias = [
+                tf.gather(bias, computed) if per_map else bias
+                for bias, per_map in zip(horizontal_bias, self.bias_per_map, strict=True)
+            ]
         here = below = None
         if context is not None:
             here = self.twice(self.context_row(context, row))  # [n, 1, w, F]
@@ -284,8 +308,8 @@ class PixelCNNSteps:
         for block, above, label, bias, (kernel, conv_bias, dilation), pointwise in zip(
             self.prior.blocks,
             rows,
-            self.vertical_labels,
-            self.horizontal_bias,
+            vertical_labels,
+            horizontal_bias,
             self.vertical_kernels,
             self.pointwise,
             strict=True,
@@ -318,8 +342,9 @@ class PixelCNNSteps:
 
     @staticmethod
     def _by_column(terms):
-        """Per-block `[n, w, 2p]` terms -> `[w, L + 1, n, 2p]`, so a column is one gather."""
-        return ops.transpose(ops.stack(terms), (2, 0, 1, 3))
+        """Per-block `[n, w, 2p]` terms -> `[n, w, L + 1, 2p]`: a column is one gather, and a
+        map's terms one row (a wavefront updates the maps that drew a row only)."""
+        return ops.stack(terms, axis=2)
 
     # -- Horizontal stack and head: once per position ----------------------------------------------
     def start_row(self):
@@ -338,7 +363,9 @@ class PixelCNNSteps:
         `push_code` adds it once drawn.
         """
         horizontal_terms = state[1]
-        terms = tf.unstack(tf.gather(horizontal_terms, col), num=len(self.prior.blocks))
+        terms = tf.unstack(
+            tf.gather(horizontal_terms, col, axis=1), num=len(self.prior.blocks), axis=1
+        )
         new_row_state = [row_state[0]]
         x, skips = None, []
         for i, block in enumerate(self.prior.blocks):
