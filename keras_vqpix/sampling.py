@@ -1276,8 +1276,9 @@ def wavefront_stacks_graph(
     `first_prior`), and slice 1 starts at step 0.
 
     The column steps run over all N maps (one op per step whatever the batch); the row steps
-    (`finish_row`, the slice context) over the maps that drew a row or can start one only,
-    gathered and scattered back: at the start and end of a wavefront most maps idle.
+    over the maps that need them only, gathered and scattered back (at the start and end of a
+    wavefront most maps idle): `finish_row` over the maps that drew a row, the slice context
+    over the maps whose previous slice has drawn the row it needs.
 
     Each map runs the fast sampler's steps (`PixelCNNSteps`, with one row per map), its slice
     context is computed row by row as its previous slice's rows are drawn
@@ -1410,14 +1411,18 @@ def wavefront_stacks_graph(
             tf.gather_nd(terms, computed),
             tf.gather(context, drawing),
         )
-        new_vertical, new_terms, _ = steps.finish_row(
-            drawn_state, tf.gather(row_codes, drawing), tf.gather(row, drawing), maps=drawing
-        )
-        vertical = tuple(
-            tf.tensor_scatter_nd_update(old, computed, new)
-            for new, old in zip(new_vertical, vertical, strict=True)
-        )
-        terms = tf.tensor_scatter_nd_update(terms, computed, new_terms)
+
+        def finished():
+            new_vertical, new_terms, _ = steps.finish_row(
+                drawn_state, tf.gather(row_codes, drawing), tf.gather(row, drawing), maps=drawing
+            )
+            return tuple(
+                tf.tensor_scatter_nd_update(old, computed, new)
+                for new, old in zip(new_vertical, vertical, strict=True)
+            ), tf.tensor_scatter_nd_update(terms, computed, new_terms)
+
+        # Never a step without a drawing map in today's schedules; guarded like the context.
+        vertical, terms = tf.cond(tf.size(drawing) > 0, finished, lambda: (vertical, terms))
         return step + 1, codes, (vertical, terms), cache, context, context_done
 
     # Context row 0 of the first slices (no previous slice); every later row comes after a
