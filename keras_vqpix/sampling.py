@@ -1404,25 +1404,22 @@ def wavefront_stacks_graph(
         # its finish_row now, row 0 for its start at the next step.
         cache, context, context_done = update_context(step + 1, codes, cache, context, context_done)
         # The vertical stacks of the maps that drew a row (a third of the maps idle at the
-        # start and the end of a wavefront): gathered, moved on, scattered back.
-        computed = steps.computed_rows(drawing)[:, None]  # twice under guidance
+        # start and the end of a wavefront): gathered, moved on, scattered back. Every step
+        # has a drawing map (slices start one step apart), so no empty batch here.
+        computed = steps.computed_rows(drawing)  # twice under guidance
         drawn_state = (
-            tuple(tf.gather_nd(rows, computed) for rows in vertical),
-            tf.gather_nd(terms, computed),
+            tuple(tf.gather(rows, computed) for rows in vertical),
+            tf.gather(terms, computed),
             tf.gather(context, drawing),
         )
-
-        def finished():
-            new_vertical, new_terms, _ = steps.finish_row(
-                drawn_state, tf.gather(row_codes, drawing), tf.gather(row, drawing), maps=drawing
-            )
-            return tuple(
-                tf.tensor_scatter_nd_update(old, computed, new)
-                for new, old in zip(new_vertical, vertical, strict=True)
-            ), tf.tensor_scatter_nd_update(terms, computed, new_terms)
-
-        # Never a step without a drawing map in today's schedules; guarded like the context.
-        vertical, terms = tf.cond(tf.size(drawing) > 0, finished, lambda: (vertical, terms))
+        new_vertical, new_terms, _ = steps.finish_row(
+            drawn_state, tf.gather(row_codes, drawing), tf.gather(row, drawing), maps=drawing
+        )
+        vertical = tuple(
+            tf.tensor_scatter_nd_update(old, computed[:, None], new)
+            for new, old in zip(new_vertical, vertical, strict=True)
+        )
+        terms = tf.tensor_scatter_nd_update(terms, computed[:, None], new_terms)
         return step + 1, codes, (vertical, terms), cache, context, context_done
 
     # Context row 0 of the first slices (no previous slice); every later row comes after a

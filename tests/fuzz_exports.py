@@ -480,8 +480,14 @@ def replay_warmup(version: Path, functions) -> list[dict]:
         signature = request.model_spec.signature_name
         inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
         _, error, seconds = timed_call(functions[signature], inputs)
-        row = {"model": request.model_spec.name, "signature": signature, "seconds": seconds}
-        rows.append({**row, "error": error[:400]})
+        rows.append(
+            {
+                "model": request.model_spec.name,
+                "signature": signature,
+                "seconds": seconds,
+                "error": error[:400],
+            }
+        )
     return rows
 
 

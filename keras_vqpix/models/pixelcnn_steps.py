@@ -102,7 +102,6 @@ class PixelCNNSteps:
         label_rows = prior.label_indices(labels, self.num_maps) if prior.conditional else None
         half = self.half
         self.vertical_labels, self.horizontal_bias, self.vertical_kernels = [], [], []
-        self.bias_per_map = []  # per block: whether its horizontal bias has a row per map
         self.pointwise = []  # per block: layer name -> (kernel, bias) of its 1x1 convolutions
         self.horizontal_kernels, self.output_kernels, self.output_biases = [], [], []
         for block in prior.blocks:
@@ -134,7 +133,6 @@ class PixelCNNSteps:
             if label_rows is not None and block.num_labels:
                 vertical_label = block.vertical_label(label_rows)[:, None, None, :]
                 bias = bias + block.horizontal_label(label_rows)
-            self.bias_per_map.append(vertical_label is not None)
             self.vertical_labels.append(vertical_label)
             self.horizontal_bias.append(bias)
             # horizontal_output and skip read the same gated units: one matmul for both.
@@ -290,14 +288,14 @@ class PixelCNNSteps:
         """
         rows, context = state[0], (state[2] if len(state) > 2 else None)
         vertical_labels, horizontal_bias = self.vertical_labels, self.horizontal_bias
-        if maps is not None:
+        if maps is not None:  # a block with label terms has them per map, in both lists
             computed = self.computed_rows(maps)
+            horizontal_bias = [
+                bias if label is None else tf.gather(bias, computed)
+                for bias, label in zip(horizontal_bias, vertical_labels, strict=True)
+            ]
             vertical_labels = [
                 None if label is None else tf.gather(label, computed) for label in vertical_labels
-            ]
-            horizontal_bias = [
-                tf.gather(bias, computed) if per_map else bias
-                for bias, per_map in zip(horizontal_bias, self.bias_per_map, strict=True)
             ]
         here = below = None
         if context is not None:
