@@ -240,6 +240,11 @@ class PriorConfig:
             of real slices less well (c2st 0.58-0.61 at full resolution against 0.64-0.70)
             and that train a better AD/NC classifier, whose class a real-trained classifier
             recognises less well at full resolution (docs/models.md, "Prior ablation").
+        attention_every: int, causal self-attention over the whole code map after every
+            `attention_every`-th gated block's horizontal stack (PixelSNAIL;
+            `keras_vqpix.layers.causal_attention`); 0: none. Not with `previous_slice`.
+        attention_dim: int, channels of the attention's queries, keys and values.
+        attention_heads: int, attention heads (dividing `attention_dim`).
     """
 
     num_layers: int = 9
@@ -260,6 +265,9 @@ class PriorConfig:
     epochs: int = 10
     batch_size: int = 32
     mirror: bool = True
+    attention_every: int = 0
+    attention_dim: int = 32
+    attention_heads: int = 2
 
     # Fields of the training recipe; every other field is an argument of `PixelCNN`.
     TRAINING_FIELDS = (
@@ -323,6 +331,20 @@ class PriorConfig:
         _check(
             self.batch_size >= 1, f"batch_size must be >= 1. Received: batch_size={self.batch_size}"
         )
+        _check(
+            self.attention_every >= 0,
+            f"attention_every must be >= 0. Received: attention_every={self.attention_every}",
+        )
+        _check(
+            self.attention_heads >= 1 and self.attention_dim % self.attention_heads == 0,
+            "attention_heads must be >= 1 and divide attention_dim. Received: "
+            f"attention_dim={self.attention_dim}, attention_heads={self.attention_heads}",
+        )
+        _check(
+            not (self.attention_every and self.previous_slice),
+            "attention_every needs previous_slice off (a stack's wavefront sampler has no "
+            "attention cache)",
+        )
 
     @property
     def slice_context(self) -> bool:
@@ -340,6 +362,7 @@ ADDED_FIELDS = {
         "slice_positions": 0,
         "final_learning_rate_ratio": 1.0,
         "mirror": False,
+        "attention_every": 0,
     }
 }
 

@@ -503,7 +503,8 @@ def sample_rows_fast(
         redraw: None (draw every position), or bool `[n, h, w]`: draw only the positions it
             marks and keep the codes of `codes` elsewhere (`resample_codes`). A row where no
             map redraws anything costs only its `finish_row` (the vertical stack never reads
-            the horizontal one).
+            the horizontal one), but under attention, which reads every earlier position's
+            horizontal stack.
 
     Each position costs one `steps.column` (the new column of both stacks, and the head) and
     one `draw_codes`; each row one `row_noise` and one `steps.finish_row` (its vertical stack). Returns
@@ -525,18 +526,20 @@ def sample_rows_fast(
                     draws = tf.where(redraw[:, row, col], draws, codes[:, row, col])
                 return col + 1, steps.push_code(row_state, draws, row, col), drawn.write(col, draws)
 
-            _, _, drawn = tf.while_loop(
+            _, row_state, drawn = tf.while_loop(
                 lambda col, *_: col < width,
                 draw_column,
-                (tf.constant(0), steps.start_row(), tf.TensorArray(tf.int32, width)),
+                (tf.constant(0), steps.start_row(state), tf.TensorArray(tf.int32, width)),
             )
-            return tf.transpose(drawn.stack())  # [n, w]
+            return tf.transpose(drawn.stack()), steps.end_row(state, row_state)  # [n, w]
 
-        if redraw is None:
-            row_codes = drawn_row()
+        if redraw is None or steps.attentions:
+            row_codes, state = drawn_row()
         else:
-            row_codes = tf.cond(
-                tf.reduce_any(redraw[:, row]), drawn_row, lambda: tf.gather(codes, row, axis=1)
+            row_codes, state = tf.cond(
+                tf.reduce_any(redraw[:, row]),
+                drawn_row,
+                lambda: (tf.gather(codes, row, axis=1), state),
             )
         codes = tf.where(tf.equal(rows, row), row_codes[:, None, :], codes)
         return row + 1, codes, steps.finish_row(state, row_codes, row)

@@ -232,6 +232,19 @@ ARCHITECTURES = {
         dilation_cycle=3,
         position_embedding=True,
     ),
+    # Causal self-attention after blocks 1 and 3 (PixelSNAIL), with slice positions.
+    "attention": dict(
+        num_embeddings=16,
+        num_layers=3,
+        filters=8,
+        embedding_dim=4,
+        dilation_cycle=2,
+        position_embedding=True,
+        slice_positions=4,
+        attention_every=2,
+        attention_dim=8,
+        attention_heads=2,
+    ),
 }
 # The `patients` preset's prior: the default's with slice context, narrower.
 ARCHITECTURES["patients"] = {

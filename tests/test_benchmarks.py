@@ -62,3 +62,16 @@ def test_the_stacks_benchmark_replaces_its_own_section(tmp_path):
     assert text.startswith("# Benchmarks\n\n## Sampling\n\ns\n\n## Synthetic patients\n")
     assert "old" not in text and "| wavefront" in text
     assert "the same codes: yes" in text  # the wavefront draws the slice-after-slice codes
+
+
+def test_the_attention_benchmark_times_both_priors_and_replaces_its_section(tmp_path):
+    from benchmarks import attention
+
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmarks\n\n## Attention in the prior\n\nold\n\n## Serving\n\ns\n")
+    arguments = ["--every", "2", "--samples", "2", "--repeats", "1", "--code-size", "4"]
+    assert attention.main([*arguments, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "old" not in text and text.endswith("## Serving\n\ns\n")
+    assert "| with `attention_every=2` (5 attention layers) |" in text
+    assert "Run by run, attention / default: training step" in text

@@ -693,3 +693,34 @@ def test_c_api_loads_both_exports_like_tf_serving(jobs, reference):
         assert signatures == expected
         assert "serve" in meta.meta_info_def.tags
     np.testing.assert_array_equal(read_c_tensor(work / "c_codes.bin"), reference["sampled"][0])
+
+
+def test_an_attention_prior_exports_a_generator_that_draws_the_codes_of_sample_codes(
+    quick_run, tmp_path
+):
+    """Issue 14: a prior with causal self-attention (`prior.attention_every`; random weights,
+    the quick run's K and code map) is sampled inside the generator SavedModel with its
+    attention caches, code for code as `sample_codes` draws in memory."""
+    import tensorflow as tf
+    from conftest import ARCHITECTURES, random_prior
+
+    from keras_vqpix.export import generator_archive
+    from keras_vqpix.run_folder import load_vqvae
+    from keras_vqpix.sampling import sample_codes
+
+    vqvae, config, _ = load_vqvae(quick_run)
+    code_shape = (config.code_size, config.code_size)
+    architecture = {**ARCHITECTURES["attention"], "num_embeddings": vqvae.num_embeddings}
+    prior = random_prior(code_shape, **architecture)
+    generator_archive(vqvae, prior, code_shape).write_out(str(tmp_path / "1"), verbose=False)
+    sample = tf.saved_model.load(str(tmp_path / "1")).signatures["sample"]
+    for num_samples, seed, label, temperature in ((3, 4, 1, 1.0), (2, 9, -1, 0.8)):
+        codes = sample(
+            num_samples=tf.constant(num_samples),
+            seed=tf.constant(seed),
+            label=tf.constant(label),
+            temperature=tf.constant(temperature),
+        )["codes"].numpy()
+        expected = sample_codes(prior, num_samples, seed, label, temperature)
+        np.testing.assert_array_equal(codes, expected)
+        assert len(np.unique(codes)) > 3

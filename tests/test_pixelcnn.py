@@ -9,6 +9,7 @@ import tensorflow as tf
 from conftest import assert_config_round_trip
 
 from keras_vqpix.config import PriorConfig, get_config
+from keras_vqpix.layers.causal_attention import CausalSelfAttention
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
 from keras_vqpix.layers.layout_context import LayoutContext
 from keras_vqpix.layers.masked_conv import MaskedConv2D, causal_mask
@@ -67,8 +68,10 @@ def random_embedded(height=6, width=6, channels=4, batch=2, seed=0) -> np.ndarra
         {"num_layers": 2, "kernel_size": 5, "conditional": False},
         {"num_layers": 5, "conditional": True, "previous_slice": True, "slice_positions": 3},
         {"num_layers": 5, "layout_levels": 4, "layout_upsample": 2, "code_shape": (6, 6)},
+        # Attention after every block, the first (mask "A") too.
+        {"num_layers": 5, "attention_every": 1, "attention_dim": 8, "code_shape": (6, 6)},
     ],
-    ids=["k3-conditional", "k5-unconditional", "slice-context", "layout"],
+    ids=["k3-conditional", "k5-unconditional", "slice-context", "layout", "attention"],
 )
 def test_every_position_sees_exactly_the_earlier_positions(kwargs):
     # On a 6x6 map the receptive field of (num_layers + 1) * (k // 2) >= 6 covers every earlier
@@ -314,6 +317,16 @@ def test_pixelcnn_and_config_reject_bad_arguments():
     for ratio in (0.0, 1.5):
         with pytest.raises(ValueError, match=rf"Received: final_learning_rate_ratio={ratio}"):
             PriorConfig(final_learning_rate_ratio=ratio)
+    with pytest.raises(ValueError, match=r"needs a code_shape .* Received: code_shape=None"):
+        PixelCNN(num_embeddings=8, attention_every=2)
+    with pytest.raises(ValueError, match=r"previous_slice=True"):
+        PixelCNN(num_embeddings=8, attention_every=2, code_shape=(4, 4), previous_slice=True)
+    with pytest.raises(ValueError, match=r"attention_every needs previous_slice off"):
+        PriorConfig(attention_every=2, previous_slice=True)
+    with pytest.raises(ValueError, match=r"Received: attention_dim=6, attention_heads=4"):
+        PriorConfig(attention_dim=6, attention_heads=4)
+    with pytest.raises(ValueError, match=r"Received: key_dim=6, num_heads=4"):
+        CausalSelfAttention(6, 4)
 
 
 def test_the_priors_learning_rate_follows_a_cosine_to_its_final_share_by_the_last_epoch():
@@ -451,6 +464,13 @@ LAYOUT_PRIOR_ARGUMENTS = {
     "layout_levels": 3,
     "layout_upsample": 2,
 }
+# Attention reads no previous slice (its sampler has no attention cache).
+ATTENTION_PRIOR_ARGUMENTS = {
+    **{k: v for k, v in PRIOR_ARGUMENTS.items() if k != "previous_slice"},
+    "attention_every": 1,
+    "attention_dim": 6,
+    "attention_heads": 3,
+}
 
 
 @pytest.mark.parametrize(
@@ -485,6 +505,8 @@ LAYOUT_PRIOR_ARGUMENTS = {
         (PixelCNN, PRIOR_ARGUMENTS),
         (LayoutContext, dict(num_levels=5, filters=4, upsample=2)),
         (PixelCNN, LAYOUT_PRIOR_ARGUMENTS),
+        (PixelCNN, ATTENTION_PRIOR_ARGUMENTS),
+        (CausalSelfAttention, dict(key_dim=6, num_heads=3)),
     ],
     ids=[
         "MaskedConv2D",
@@ -493,12 +515,15 @@ LAYOUT_PRIOR_ARGUMENTS = {
         "PixelCNN",
         "LayoutContext",
         "PixelCNN-layout",
+        "PixelCNN-attention",
+        "CausalSelfAttention",
     ],
 )
 def test_get_config_round_trips(cls, arguments):
     # A prior reads a slice context or a layout, not both: each PixelCNN case leaves the other's
     # arguments at their defaults.
     exclusive = {"layout_levels", "layout_upsample", "previous_slice", "slice_positions"}
+    exclusive |= {"attention_every", "attention_dim", "attention_heads"}
     assert_config_round_trip(
         cls, arguments, optional_kept=tuple(exclusive - set(arguments)) if cls is PixelCNN else ()
     )

@@ -22,13 +22,13 @@ def cached_logits(prior, codes, labels, previous=None, positions=None, steps=Non
     state = steps.start()
     rows = []
     for r in range(height):
-        row_state, columns = steps.start_row(), []
+        row_state, columns = steps.start_row(state), []
         for c in range(width):
             logits, row_state = steps.column(state, row_state, c)
             row_state = steps.push_code(row_state, codes[:, r, c], r, c)
             columns.append(logits)
         rows.append(tf.stack(columns, axis=1))
-        state = steps.finish_row(state, codes[:, r], r)
+        state = steps.finish_row(steps.end_row(state, row_state), codes[:, r], r)
     return tf.stack(rows, axis=1).numpy()
 
 

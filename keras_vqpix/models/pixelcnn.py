@@ -10,6 +10,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from keras_vqpix.config import PriorConfig
+from keras_vqpix.layers.causal_attention import CausalSelfAttention
 from keras_vqpix.layers.gated_pixelcnn import GatedBlock
 from keras_vqpix.layers.layout_context import LayoutContext
 from keras_vqpix.layers.slice_context import SliceContext
@@ -67,6 +68,14 @@ class PixelCNN(DistributedFitMixin, keras.Model):
     first slices and single slices), and the position by "unknown" with probability
     `label_dropout`. The context reads no code of the map being drawn: causality is unchanged.
 
+    Attention (issue 14): with `attention_every` a > 0, a `CausalSelfAttention` over the whole
+    map (PixelSNAIL, Chen et al. 2018) adds its update to the horizontal stack after blocks
+    a - 1, 2a - 1, ...: the logits at `(i, j)` then read every earlier code directly, by
+    content and position, not only through the chain of convolutions. The horizontal stack at
+    a position depends on the codes before it only, so the attention may read the position
+    itself: causality is unchanged (tested at every position). It needs a `code_shape` (it
+    learns an embedding per position) and no `previous_slice`.
+
     Loss: sparse categorical cross-entropy of the codes under the logits (nats per code);
     metrics `loss` and `bits_per_code` (= loss / ln 2), both per code position.
 
@@ -94,6 +103,9 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             (`layout [B, h / f, w / f]` in `[0, L)`, `LayoutContext`), given in full before
             any code is drawn (the bottom level of a two-level hierarchy, as in VQ-VAE-2).
         layout_upsample: int >= 1, f, code positions per layout cell along each axis.
+        attention_every: int >= 0, attention after every `attention_every`-th block; 0: none.
+        attention_dim: int, channels of the attention's queries, keys and values.
+        attention_heads: int, attention heads (dividing `attention_dim`).
 
     Defaults are those of `keras_vqpix.config.PriorConfig` (the one place they are written), but
     `position_embedding`: False here, as it needs a `code_shape`. `PixelCNN.from_run_config`
@@ -129,6 +141,11 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         previous_dropout: float = _DEFAULTS.previous_dropout,
         layout_levels: int = 0,
         layout_upsample: int = 1,
+        # Not the config's default, for the same reason: a prior saved before attention
+        # existed must load without it.
+        attention_every: int = 0,
+        attention_dim: int = _DEFAULTS.attention_dim,
+        attention_heads: int = _DEFAULTS.attention_heads,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -159,6 +176,15 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             (
                 0.0 <= previous_dropout < 1.0,
                 f"previous_dropout must be in [0, 1). Received: previous_dropout={previous_dropout}",
+            ),
+            (
+                attention_every >= 0,
+                f"attention_every must be >= 0. Received: attention_every={attention_every}",
+            ),
+            (
+                not attention_every or (code_shape is not None and not previous_slice),
+                "attention_every needs a code_shape (h, w) and previous_slice off. Received: "
+                f"code_shape={code_shape}, previous_slice={previous_slice}",
             ),
         )
         for ok, message in checks:
@@ -203,6 +229,9 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         self.previous_dropout = float(previous_dropout)
         self.layout_levels = int(layout_levels)
         self.layout_upsample = int(layout_upsample)
+        self.attention_every = int(attention_every)
+        self.attention_dim = int(attention_dim)
+        self.attention_heads = int(attention_heads)
         policy = self.dtype_policy
         self.layout_context = (
             LayoutContext(
@@ -242,6 +271,15 @@ class PixelCNN(DistributedFitMixin, keras.Model):
                 name=f"gated_{i}",
                 dtype=policy,
             )
+            for i in range(num_layers + 1)
+        ]
+        # Block i is followed by attention when (i + 1) is a multiple of attention_every.
+        self.attentions = [
+            CausalSelfAttention(
+                self.attention_dim, self.attention_heads, name=f"attention_{i}", dtype=policy
+            )
+            if self.attention_every and (i + 1) % self.attention_every == 0
+            else None
             for i in range(num_layers + 1)
         ]
         self.head_hidden = layers.Conv2D(filters, 1, name="head_hidden", dtype=policy)
@@ -296,9 +334,11 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         if self.layout_levels:
             self.layout_context.build(self.layout_shape(batch))
             condition = (*codes_shape[:3], self.filters)
-        for block in self.blocks:
+        for block, attention in zip(self.blocks, self.attentions, strict=True):
             block.build(features, features, (batch,) if self.conditional else None, condition)
             features = (*codes_shape[:3], self.filters)
+            if attention is not None:
+                attention.build(features)
         self.head_hidden.build(features)
         self.head_logits.build(features)
         self.built = True
@@ -381,9 +421,11 @@ class PixelCNN(DistributedFitMixin, keras.Model):
         )
         vertical = horizontal = embedded
         skips = None
-        for block in self.blocks:
+        for block, attention in zip(self.blocks, self.attentions, strict=True):
             vertical, horizontal, skip = block(vertical, horizontal, label_rows, condition)
             skips = skip if skips is None else skips + skip
+            if attention is not None:  # the vertical stack never reads it: causal
+                horizontal = horizontal + attention(horizontal)
         # The head reads the skip sum and the last horizontal stack (so every weight is used).
         hidden = ops.relu(self.head_hidden(ops.relu(skips + horizontal)))
         return self.head_logits(self.head_dropout(hidden, training=training))
@@ -494,6 +536,9 @@ class PixelCNN(DistributedFitMixin, keras.Model):
             "previous_dropout": self.previous_dropout,
             "layout_levels": self.layout_levels,
             "layout_upsample": self.layout_upsample,
+            "attention_every": self.attention_every,
+            "attention_dim": self.attention_dim,
+            "attention_heads": self.attention_heads,
         }
 
 

@@ -61,6 +61,14 @@ class PixelCNNSteps:
     next row's horizontal terms, as `GatedBlock.call` adds them. Sums of three terms are one
     reduction (see Exactness).
 
+    Attention (a `PixelCNN` with `attention_every`): the state ends with the keys and values of
+    every attention layer at the positions drawn so far (`CausalSelfAttention.start_cache`),
+    which `column` reads and extends, one position at a time in raster order. A row then runs
+    `row_state = start_row(state)` (the row state carries the caches along the row), its
+    columns, and `finish_row(end_row(state, row_state), ...)` (the caches back into the state);
+    without attention `start_row` and `end_row` leave the state alone, so samplers run this one
+    sequence for every prior.
+
     Layout (a `PixelCNN` with `layout_levels`, the code level of a two-level prior): `start`
     computes the layout's condition once, whole (the layout is drawn before any code), and the
     state carries it as it carries a slice context.
@@ -99,6 +107,8 @@ class PixelCNNSteps:
         if self.guidance is not None:  # each map twice: with its label, and unconditional
             labels = tf.concat([labels, tf.fill(tf.shape(labels), -1)], axis=0)
         self.num_maps = tf.shape(labels)[0]  # the maps the steps compute
+        self.attentions = [a for a in getattr(prior, "attentions", []) if a is not None]
+        self.has_context = prior.has_slice_context or bool(prior.layout_levels)
         label_rows = prior.label_indices(labels, self.num_maps) if prior.conditional else None
         half = self.half
         self.vertical_labels, self.horizontal_bias, self.vertical_kernels = [], [], []
@@ -228,9 +238,14 @@ class PixelCNNSteps:
         elif self.prior.layout_levels:
             context = self.layout_rows()
         terms = self.start_terms(None if context is None else context[:, :1])
-        if context is None:
-            return self.zero_rows(), terms
-        return self.zero_rows(), terms, context
+        state = (self.zero_rows(), terms) + (() if context is None else (context,))
+        if self.attentions:
+            caches = tuple(
+                attention.start_cache(self.num_maps, attention.compute_dtype)
+                for attention in self.attentions
+            )
+            state += (caches,)
+        return state
 
     def zero_rows(self):
         """Each block's vertical inputs above row 0: the zero padding of its convolution."""
@@ -286,7 +301,7 @@ class PixelCNNSteps:
         `row` are then those m maps' only (a wavefront's maps that drew at this step; the others'
         state does not change), each map computed as among all n.
         """
-        rows, context = state[0], (state[2] if len(state) > 2 else None)
+        rows, context = state[0], (state[2] if self.has_context else None)
         vertical_labels, horizontal_bias = self.vertical_labels, self.horizontal_bias
         if maps is not None:  # a block with label terms has them per map, in both lists
             computed = self.computed_rows(maps)
@@ -334,9 +349,8 @@ class PixelCNNSteps:
             )
             new_rows.append(window[:, 1:])
             x = gate(vertical_pre)[:, 0]
-        if context is None:
-            return tuple(new_rows), self._by_column(terms)
-        return tuple(new_rows), self._by_column(terms), context
+        # The slice context (or layout) and the attention caches go on unchanged.
+        return (tuple(new_rows), self._by_column(terms), *state[2:])
 
     @staticmethod
     def _by_column(terms):
@@ -345,14 +359,26 @@ class PixelCNNSteps:
         return ops.stack(terms, axis=2)
 
     # -- Horizontal stack and head: once per position ----------------------------------------------
-    def start_row(self):
-        """The row state before column 0: zero columns left of the map."""
+    def start_row(self, state=None):
+        """The row state before column 0: zero columns left of the map (and, with attention,
+        the caches of `state`, the state after the rows above)."""
         n, half = self.num_maps, self.half
         columns = []
         for i, block in enumerate(self.prior.blocks):
             channels = self.prior.embedding_dim if i == 0 else block.filters
             columns.append(tf.zeros((n, half * channels), block.compute_dtype))
+        if self.attentions:
+            if state is None:
+                raise ValueError("A prior with attention starts a row from its state")
+            columns.append(state[-1])
         return tuple(columns)
+
+    def end_row(self, state, row_state):
+        """`state` with the attention caches of the row just drawn (`row_state`, after its last
+        column); `state` itself without attention."""
+        if not self.attentions:
+            return state
+        return (*state[:-1], row_state[-1])
 
     def column(self, state, row_state, col):
         """`(logits [n, K] float32, row state)` at column `col` of the row being drawn.
@@ -365,6 +391,8 @@ class PixelCNNSteps:
             tf.gather(horizontal_terms, col, axis=1), num=len(self.prior.blocks), axis=1
         )
         new_row_state = [row_state[0]]
+        caches = list(row_state[-1]) if self.attentions else []
+        attended = 0
         x, skips = None, []
         for i, block in enumerate(self.prior.blocks):
             if block.mask_type == "A":
@@ -379,6 +407,11 @@ class PixelCNNSteps:
             out, skip = ops.split(outputs, 2, axis=-1)
             x = out if block.mask_type == "A" else x + out
             skips.append(skip)
+            attention = self.prior.attentions[i] if self.attentions else None
+            if attention is not None:
+                update, caches[attended] = attention.step(x, caches[attended])
+                x = x + update
+                attended += 1
         # One sum, in a fixed order (a chain of adds is what graph optimizers reassociate).
         total = tf.reduce_sum(tf.stack([*skips, x]), axis=0)
         kernel, bias = self.head_hidden
@@ -388,6 +421,8 @@ class PixelCNNSteps:
         if self.guidance is not None:
             conditional, unconditional = tf.split(logits, 2, axis=0)
             logits = unconditional + self.guidance * (conditional - unconditional)
+        if self.attentions:
+            new_row_state.append(tuple(caches))
         return logits, tuple(new_row_state)
 
     def push_code(self, row_state, codes, row, col):
@@ -407,16 +442,22 @@ class PixelCNNSteps:
         with the operations the cached sampler runs.
         """
         codes = ops.cast(codes, "int32")
-        state = self.start()
-        _, state = tf.while_loop(
-            lambda r, _: r < row,
-            lambda r, state: (r + 1, self.finish_row(state, codes[:, r], r)),
-            (tf.constant(0), state),
-        )
 
-        def body(c, row_state):
-            _, row_state = self.column(state, row_state, c)
-            return c + 1, self.push_code(row_state, codes[:, row, c], row, c)
+        def columns(state, r, end):
+            """The row state after columns `0 .. end - 1` of row `r`."""
 
-        _, row_state = tf.while_loop(lambda c, _: c < col, body, (tf.constant(0), self.start_row()))
-        return self.column(state, row_state, col)[0]
+            def body(c, row_state):
+                _, row_state = self.column(state, row_state, c)
+                return c + 1, self.push_code(row_state, codes[:, r, c], r, c)
+
+            return tf.while_loop(
+                lambda c, _: c < end, body, (tf.constant(0), self.start_row(state))
+            )[1]
+
+        def finish(r, state):
+            if self.attentions:  # the attention reads the columns of every row above too
+                state = self.end_row(state, columns(state, r, self.width))
+            return r + 1, self.finish_row(state, codes[:, r], r)
+
+        _, state = tf.while_loop(lambda r, _: r < row, finish, (tf.constant(0), self.start()))
+        return self.column(state, columns(state, row, col), col)[0]
