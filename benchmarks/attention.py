@@ -28,7 +28,13 @@ from pathlib import Path
 HEADING = "## Attention in the prior"
 
 
-def measure(every: int, samples: int, repeats: int, code_size: int | None = None) -> dict:
+def measure(
+    every: int,
+    samples: int,
+    repeats: int,
+    code_size: int | None = None,
+    num_layers: int | None = None,
+) -> dict:
     import dataclasses
 
     import keras
@@ -41,6 +47,8 @@ def measure(every: int, samples: int, repeats: int, code_size: int | None = None
     from keras_vqpix.sampling import resolve_labels, sample_codes_fast
 
     config = get_config("default")
+    if num_layers is not None:  # a smaller prior (the smoke test)
+        config = config.replace(**{"prior.num_layers": num_layers})
     size = code_size or config.code_size
     batch = config.prior.batch_size
     rng = np.random.default_rng(0)
@@ -129,22 +137,19 @@ def report(result: dict, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.load import replace_section
+    from benchmarks.load import print_section
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__)
     parser.add_argument("--every", type=int, default=5, help="prior.attention_every (default 5)")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--code-size", type=int, default=None, help="default: the config's")
+    parser.add_argument("--layers", type=int, default=None, help="prior.num_layers (default 9)")
     parser.add_argument("--out", type=Path, default=None, help="a RESULTS.md to update")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks.attention", *(argv or sys.argv[1:])])
-    result = measure(args.every, args.samples, args.repeats, args.code_size)
-    section = report(result, command)
-    print(section)
-    if args.out is not None:
-        text = args.out.read_text() if args.out.is_file() else "# Benchmarks\n"
-        args.out.write_text(replace_section(text, section, HEADING))
+    result = measure(args.every, args.samples, args.repeats, args.code_size, args.layers)
+    print_section(report(result, command), HEADING, args.out)
     return 0
 
 

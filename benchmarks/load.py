@@ -360,6 +360,15 @@ def replace_section(text: str, section: str, heading: str = HEADING) -> str:
     return text[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
 
 
+def print_section(section: str, heading: str, out: Path | None) -> None:
+    """Print the Markdown `section` and, with `out`, write it into that file in place of its
+    `heading` section (a new file starts as `# Benchmarks`)."""
+    print(section)
+    if out is not None:
+        text = out.read_text() if out.is_file() else "# Benchmarks\n"
+        out.write_text(replace_section(text, section, heading))
+
+
 def section_of(text: str, heading: str = HEADING) -> str:
     """The `heading` section of the Markdown `text` (up to the next `## `), or ''."""
     start = text.find(heading + "\n")

@@ -122,7 +122,7 @@ def report(result: dict, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.load import replace_section
+    from benchmarks.load import print_section
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stacks", description=__doc__)
     parser.add_argument("--slices", type=int, default=20)
@@ -130,11 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="a RESULTS.md to update")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks.stacks", *(argv or sys.argv[1:])])
-    section = report(measure(args.slices, args.repeats), command)
-    print(section)
-    if args.out is not None:
-        text = args.out.read_text() if args.out.is_file() else "# Benchmarks\n"
-        args.out.write_text(replace_section(text, section, HEADING))
+    print_section(report(measure(args.slices, args.repeats), command), HEADING, args.out)
     return 0
 
 

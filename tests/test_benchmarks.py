@@ -69,9 +69,10 @@ def test_the_attention_benchmark_times_both_priors_and_replaces_its_section(tmp_
 
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmarks\n\n## Attention in the prior\n\nold\n\n## Serving\n\ns\n")
-    arguments = ["--every", "2", "--samples", "2", "--repeats", "1", "--code-size", "4"]
+    arguments = ["--every", "1", "--samples", "2", "--repeats", "1", "--code-size", "4"]
+    arguments += ["--layers", "1"]  # 2 gated blocks, each followed by attention
     assert attention.main([*arguments, "--out", str(out)]) == 0
     text = out.read_text()
     assert "old" not in text and text.endswith("## Serving\n\ns\n")
-    assert "| with `attention_every=2` (5 attention layers) |" in text
+    assert "| with `attention_every=1` (2 attention layers) |" in text
     assert "Run by run, attention / default: training step" in text
