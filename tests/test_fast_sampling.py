@@ -69,9 +69,10 @@ def dilated_prior():
 
 @pytest.fixture(scope="module")
 def attention_prior():
-    """Causal self-attention after blocks 1 and 3 (`attention_every=2`), random weights, 5x7
-    maps; the attention's output weights large, so that what it reads moves the draws."""
-    prior = random_prior((5, 7), **ARCHITECTURES["attention"])
+    """Causal self-attention after blocks 1 and 3 (`attention_every=2`), random weights, 4x6
+    maps (the reference's cost grows with the square of the positions under attention); the
+    attention's output weights large, so that what it reads moves the draws."""
+    prior = random_prior((4, 6), **ARCHITECTURES["attention"])
     for attention in prior.attentions:
         if attention is not None:
             attention.output_kernel.assign(3.0 * attention.output_kernel)
@@ -127,7 +128,7 @@ def test_one_graph_call_or_row_by_row_with_progress_agree(small_prior):
     np.testing.assert_array_equal(at_once.numpy(), by_row)
 
 
-@pytest.mark.parametrize("name", ["small_prior", "dilated_prior", "attention_prior"])
+@pytest.mark.parametrize("name", ["small_prior", "dilated_prior"])
 def test_the_fast_sampler_in_a_saved_model_signature(tmp_path, request, name):
     """A dynamic number of samples, one label for all, as `vqpix export`'s generator takes them."""
     small_prior = request.getfixturevalue(name)
@@ -218,16 +219,16 @@ def test_an_attention_prior_draws_the_same_codes_guided_and_redrawn(attention_pr
     np.testing.assert_array_equal(
         fast, sample_codes_reference(attention_prior, 3, 4, labels, guidance=2.0)
     )
-    redraw = np.zeros((3, 5, 7), bool)
+    redraw = np.zeros((3, 4, 6), bool)
     redraw[:, 3:] = True  # rows 0-2 kept, but attended to
     redraw[1, 1, 2] = True
     codes, redraw = tf.constant(fast), tf.constant(redraw)
     labels, positions = tf.constant(labels, tf.int32), tf.fill([3], -1)
-    resample = sampling._resampler(attention_prior, 5, 7)
+    resample = sampling._resampler(attention_prior, 4, 6)
     redrawn = resample(codes, redraw, labels, positions, tf.constant(6), tf.constant(1.0)).numpy()
     reference = sampling.sample_rows_reference
     expected = tf.function(
-        lambda: reference(attention_prior, codes, labels, 6, 1.0, 0, 5, redraw=redraw),
+        lambda: reference(attention_prior, codes, labels, 6, 1.0, 0, 4, redraw=redraw),
         autograph=False,
     )().numpy()
     redraw = redraw.numpy()
