@@ -35,8 +35,6 @@ def measure(
     code_size: int | None = None,
     num_layers: int | None = None,
 ) -> dict:
-    import dataclasses
-
     import keras
     import numpy as np
     import tensorflow as tf
@@ -63,7 +61,7 @@ def measure(
     priors, steps, forwards, samplers = {}, {}, {}, {}
     for name, prior_config in (
         ("default", config.prior),
-        ("attention", dataclasses.replace(config.prior, attention_every=every)),
+        ("attention", config.replace(**{"prior.attention_every": every}).prior),
     ):
         keras.utils.set_random_seed(0)
         prior = PixelCNN.from_run_config(

@@ -336,8 +336,10 @@ class PriorConfig:
             f"attention_every must be >= 0. Received: attention_every={self.attention_every}",
         )
         _check(
-            self.attention_heads >= 1 and self.attention_dim % self.attention_heads == 0,
-            "attention_heads must be >= 1 and divide attention_dim. Received: "
+            self.attention_dim >= 1
+            and self.attention_heads >= 1
+            and self.attention_dim % self.attention_heads == 0,
+            "attention_dim must be >= 1 and attention_heads >= 1 divide it. Received: "
             f"attention_dim={self.attention_dim}, attention_heads={self.attention_heads}",
         )
         _check(

@@ -325,6 +325,8 @@ def test_pixelcnn_and_config_reject_bad_arguments():
         PriorConfig(attention_every=2, previous_slice=True)
     with pytest.raises(ValueError, match=r"Received: attention_dim=6, attention_heads=4"):
         PriorConfig(attention_dim=6, attention_heads=4)
+    with pytest.raises(ValueError, match=r"Received: attention_dim=0, attention_heads=1"):
+        PriorConfig(attention_dim=0, attention_heads=1)
     with pytest.raises(ValueError, match=r"Received: key_dim=6, num_heads=4"):
         CausalSelfAttention(6, 4)
 

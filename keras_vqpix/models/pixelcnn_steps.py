@@ -107,7 +107,7 @@ class PixelCNNSteps:
         if self.guidance is not None:  # each map twice: with its label, and unconditional
             labels = tf.concat([labels, tf.fill(tf.shape(labels), -1)], axis=0)
         self.num_maps = tf.shape(labels)[0]  # the maps the steps compute
-        self.attentions = [a for a in getattr(prior, "attentions", []) if a is not None]
+        self.attentions = [a for a in prior.attentions if a is not None]
         self.has_context = prior.has_slice_context or bool(prior.layout_levels)
         label_rows = prior.label_indices(labels, self.num_maps) if prior.conditional else None
         half = self.half
@@ -391,8 +391,8 @@ class PixelCNNSteps:
             tf.gather(horizontal_terms, col, axis=1), num=len(self.prior.blocks), axis=1
         )
         new_row_state = [row_state[0]]
-        caches = list(row_state[-1]) if self.attentions else []
-        attended = 0
+        caches = iter(row_state[-1] if self.attentions else ())  # one per attention, in order
+        new_caches = []
         x, skips = None, []
         for i, block in enumerate(self.prior.blocks):
             if block.mask_type == "A":
@@ -407,11 +407,11 @@ class PixelCNNSteps:
             out, skip = ops.split(outputs, 2, axis=-1)
             x = out if block.mask_type == "A" else x + out
             skips.append(skip)
-            attention = self.prior.attentions[i] if self.attentions else None
+            attention = self.prior.attentions[i]
             if attention is not None:
-                update, caches[attended] = attention.step(x, caches[attended])
+                update, cache = attention.step(x, next(caches))
+                new_caches.append(cache)
                 x = x + update
-                attended += 1
         # One sum, in a fixed order (a chain of adds is what graph optimizers reassociate).
         total = tf.reduce_sum(tf.stack([*skips, x]), axis=0)
         kernel, bias = self.head_hidden
@@ -422,7 +422,7 @@ class PixelCNNSteps:
             conditional, unconditional = tf.split(logits, 2, axis=0)
             logits = unconditional + self.guidance * (conditional - unconditional)
         if self.attentions:
-            new_row_state.append(tuple(caches))
+            new_row_state.append(tuple(new_caches))
         return logits, tuple(new_row_state)
 
     def push_code(self, row_state, codes, row, col):
