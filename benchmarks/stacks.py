@@ -26,7 +26,9 @@ HEADING = "## Synthetic patients"
 GUIDANCE = 2.0  # the guided patients recipe of docs/synthetic.md
 
 
-def measure(slices: int, repeats: int) -> dict:
+def measure(
+    slices: int, repeats: int, code_size: int | None = None, num_layers: int | None = None
+) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -37,9 +39,12 @@ def measure(slices: int, repeats: int) -> dict:
     from keras_vqpix.models.pixelcnn import PixelCNN
     from keras_vqpix.sampling import sample_codes, sample_stacks, slice_seed
 
-    config = get_config("patients")
+    config, first_config = get_config("patients"), get_config("default")
+    if num_layers is not None:  # smaller priors (the smoke test)
+        config = config.replace(**{"prior.num_layers": num_layers})
+        first_config = first_config.replace(**{"prior.num_layers": num_layers})
     keras.utils.set_random_seed(0)
-    size = config.code_size
+    size = code_size or config.code_size
 
     def built(prior_config):
         model = PixelCNN.from_run_config(prior_config, config.vqvae.num_embeddings, (size, size), 0)
@@ -48,7 +53,7 @@ def measure(slices: int, repeats: int) -> dict:
 
     prior = built(config.prior)
     bins = position_bins(slices, prior.slice_positions)
-    first_prior = built(get_config("default").prior)
+    first_prior = built(first_config.prior)
 
     def wavefront():
         return sample_stacks(prior, 1, slices, seed=1, labels=1)
@@ -89,6 +94,7 @@ def measure(slices: int, repeats: int) -> dict:
     return {
         "slices": slices,
         "code_size": size,
+        "num_layers": num_layers,
         "same_codes": bool(same),
         "wavefront": times["wavefront"],
         "guided_time": times["guided"],
@@ -103,10 +109,12 @@ def report(result: dict, command: str) -> str:
     from benchmarks.timing import load_average
 
     s, h = result["slices"], result["code_size"]
+    layers = result["num_layers"]
+    smaller = "" if layers is None else f" with `num_layers={layers}`"
     return (
         f"{HEADING}\n\n"
         f"One synthetic patient of {s} slices ({h}x{h} code maps, the `patients` preset's "
-        f"prior, random weights), `{command}` (load average {load_average()}):\n\n"
+        f"prior{smaller}, random weights), `{command}` (load average {load_average()}):\n\n"
         "| method | seconds per patient | row steps |\n|---|---|---|\n"
         f"| wavefront (`sample_stacks`, default) | {result['wavefront'].show(2)} | {h + s - 1} |\n"
         f"| wavefront with `guidance={GUIDANCE:g}` (each map run twice) "
@@ -127,10 +135,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stacks", description=__doc__)
     parser.add_argument("--slices", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--code-size", type=int, default=None, help="default: the config's")
+    parser.add_argument("--layers", type=int, default=None, help="prior.num_layers (default 9)")
     parser.add_argument("--out", type=Path, default=None, help="a RESULTS.md to update")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks.stacks", *(argv or sys.argv[1:])])
-    print_section(report(measure(args.slices, args.repeats), command), HEADING, args.out)
+    print_section(
+        report(measure(args.slices, args.repeats, args.code_size, args.layers), command),
+        HEADING,
+        args.out,
+    )
     return 0
 
 

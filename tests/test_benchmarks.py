@@ -57,10 +57,11 @@ def test_the_stacks_benchmark_replaces_its_own_section(tmp_path):
 
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmarks\n\n## Sampling\n\ns\n\n## Synthetic patients\n\nold\n")
-    assert stacks.main(["--slices", "2", "--repeats", "1", "--out", str(out)]) == 0
+    arguments = ["--slices", "2", "--repeats", "1", "--code-size", "6", "--layers", "1"]
+    assert stacks.main([*arguments, "--out", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\n## Sampling\n\ns\n\n## Synthetic patients\n")
-    assert "old" not in text and "| wavefront" in text
+    assert "old" not in text and "| wavefront" in text and "with `num_layers=1`" in text
     assert "the same codes: yes" in text  # the wavefront draws the slice-after-slice codes
 
 
