@@ -245,6 +245,14 @@ class PriorConfig:
             `keras_vqpix.layers.causal_attention`); 0: none. Not with `previous_slice`.
         attention_dim: int, channels of the attention's queries, keys and values.
         attention_heads: int, attention heads (dividing `attention_dim`).
+        pose_copies: int, also train on this many copies of the training maps (and of their
+            mirror images), each patient's reconstructions moved to a new small random head
+            pose and encoded again (`keras_vqpix.codes.with_pose_copies`); the epochs' steps
+            grow with the maps. 0: none.
+        pose_rotation: float, standard deviation of a pose's in-plane rotation, in degrees.
+        pose_shift: float, standard deviation of a pose's shift in x and y, a share of the
+            image side.
+        pose_scale: float, standard deviation of a pose's relative scale.
     """
 
     num_layers: int = 9
@@ -268,6 +276,10 @@ class PriorConfig:
     attention_every: int = 0
     attention_dim: int = 32
     attention_heads: int = 2
+    pose_copies: int = 0
+    pose_rotation: float = 2.0
+    pose_shift: float = 0.006
+    pose_scale: float = 0.02
 
     # Fields of the training recipe; every other field is an argument of `PixelCNN`.
     TRAINING_FIELDS = (
@@ -276,6 +288,10 @@ class PriorConfig:
         "epochs",
         "batch_size",
         "mirror",
+        "pose_copies",
+        "pose_rotation",
+        "pose_shift",
+        "pose_scale",
     )
 
     def model_arguments(self) -> dict[str, Any]:
@@ -343,6 +359,15 @@ class PriorConfig:
             f"attention_dim={self.attention_dim}, attention_heads={self.attention_heads}",
         )
         _check(
+            self.pose_copies >= 0,
+            f"pose_copies must be >= 0. Received: pose_copies={self.pose_copies}",
+        )
+        _check(
+            min(self.pose_rotation, self.pose_shift, self.pose_scale) >= 0,
+            "pose_rotation, pose_shift and pose_scale must be >= 0. Received: "
+            f"{self.pose_rotation}, {self.pose_shift}, {self.pose_scale}",
+        )
+        _check(
             not (self.attention_every and self.previous_slice),
             "attention_every needs previous_slice off (a stack's wavefront sampler has no "
             "attention cache)",
@@ -365,6 +390,7 @@ ADDED_FIELDS = {
         "final_learning_rate_ratio": 1.0,
         "mirror": False,
         "attention_every": 0,
+        "pose_copies": 0,
     }
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -327,6 +329,10 @@ def test_pixelcnn_and_config_reject_bad_arguments():
         PriorConfig(attention_dim=6, attention_heads=4)
     with pytest.raises(ValueError, match=r"Received: attention_dim=0, attention_heads=1"):
         PriorConfig(attention_dim=0, attention_heads=1)
+    with pytest.raises(ValueError, match=r"pose_copies must be >= 0"):
+        PriorConfig(pose_copies=-1)
+    with pytest.raises(ValueError, match=r"pose_rotation, pose_shift and pose_scale"):
+        PriorConfig(pose_shift=-0.01)
     with pytest.raises(ValueError, match=r"Received: key_dim=6, num_heads=4"):
         CausalSelfAttention(6, 4)
 
@@ -436,6 +442,60 @@ def test_mirror_images_of_a_stack_are_a_mirrored_stack():
     np.testing.assert_array_equal(before[5], maps[4])  # mirrored slice 1 after mirrored slice 0
     np.testing.assert_array_equal(before[4], -1)
     assert with_mirror_images(_BlockCodec(), codes, labels)[2] is None
+
+
+def test_transformed_codes_move_each_map_by_its_own_transform():
+    # With the exact codec, a shift by one code (2 pixels) moves the map one column (the border
+    # column repeated where nothing moves in) and a quarter turn about the centre turns it.
+    from keras_vqpix.codes import transformed_codes
+
+    codes = np.random.default_rng(2).integers(0, 8, (3, 6, 6)).astype(np.int32)
+    identity = [1, 0, 0, 0, 1, 0, 0, 0]
+    shift_right = [1, 0, -2, 0, 1, 0, 0, 0]  # output x reads input x - 2
+    quarter_turn = [0, 1, 0, -1, 0, 11, 0, 0]  # output (x, y) reads input (y, 11 - x)
+    moved = transformed_codes(
+        _BlockCodec(), codes, np.array([identity, shift_right, quarter_turn], np.float32), 2
+    )
+    np.testing.assert_array_equal(moved[0], codes[0])
+    np.testing.assert_array_equal(moved[1][:, 1:], codes[1][:, :-1])
+    np.testing.assert_array_equal(moved[1][:, 0], codes[1][:, 0])
+    np.testing.assert_array_equal(moved[2], np.rot90(codes[2], k=-1))
+
+
+def test_pose_copies_move_each_patient_as_one_head_and_keep_its_stack():
+    from keras_vqpix.codes import pose_transforms, with_mirror_images, with_pose_copies
+
+    config = get_config("default").prior
+    groups = np.array(["a", "a", "b", "b"])
+    rng = np.random.default_rng(0)
+    poses = pose_transforms(groups, 12, rng, 2.0, 0.006, 0.02)
+    np.testing.assert_array_equal(poses[0], poses[1])  # one pose per patient
+    assert not np.allclose(poses[1], poses[2])
+    assert np.allclose(poses[:, [0, 4]], 1, atol=0.2) and not np.allclose(poses[:, 0], 1)
+    still = pose_transforms(groups, 12, rng, 0.0, 0.0, 0.0, mirrored=True)
+    np.testing.assert_array_equal(still[0], [-1, 0, 11, 0, 1, 0, 0, 0])  # a mirror image
+
+    codes = np.random.default_rng(3).integers(0, 8, (4, 6, 6)).astype(np.int32)
+    labels = np.array([0, 0, 1, 1], np.int32)
+    context = (np.array([-1, 0, -1, 2], np.int32), np.array([0, 1, 0, 1], np.int32))
+    mirrored = with_mirror_images(_BlockCodec(), codes, labels, context)
+    # Standing still, every copy is the training set again, mirror images included.
+    still_config = dataclasses.replace(
+        config, pose_copies=2, pose_rotation=0, pose_shift=0, pose_scale=0
+    )
+    copies, copy_labels, (previous, positions) = with_pose_copies(
+        _BlockCodec(), *mirrored[:2], np.tile(groups, 2), mirrored[2], still_config, 0, True, 3
+    )
+    np.testing.assert_array_equal(copies, np.tile(mirrored[0], (3, 1, 1)))
+    np.testing.assert_array_equal(copy_labels, np.tile(labels, 6))
+    np.testing.assert_array_equal(previous[8:16], [-1, 8, -1, 10, -1, 12, -1, 14])
+    np.testing.assert_array_equal(positions, np.tile(context[1], 6))
+    # Moved, a copy differs from its original, the same way for the same seed.
+    moving = dataclasses.replace(config, pose_copies=1, pose_rotation=20, pose_shift=0.1)
+    moved = with_pose_copies(_BlockCodec(), codes, labels, groups, None, moving, 0)
+    assert moved[2] is None and (moved[0][4:] != codes).mean() > 0.3
+    again = with_pose_copies(_BlockCodec(), codes, labels, groups, None, moving, 0)
+    np.testing.assert_array_equal(moved[0], again[0])
 
 
 # -- Config and saving ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_vqpix.codes import cached_codes, with_mirror_images
+from keras_vqpix.codes import cached_codes, with_mirror_images, with_pose_copies
 from keras_vqpix.config import RunConfig
 from keras_vqpix.data.discover import DataSplits
 from keras_vqpix.data.pipeline import batch_by_plan, shard_by_batch, steps_per_epoch
@@ -199,6 +199,19 @@ def train_prior(
     if config.prior.mirror:  # the training maps and their mirror images (deterministic)
         train_codes, train_labels, contexts["train"] = with_mirror_images(
             vqvae, train_codes, train_labels, contexts["train"], config.data.batch_size
+        )
+    if config.prior.pose_copies:  # and copies of all of them in new head poses (seeded)
+        patients = np.array([record.patient for record in splits.train])
+        train_codes, train_labels, contexts["train"] = with_pose_copies(
+            vqvae,
+            train_codes,
+            train_labels,
+            np.tile(patients, 2) if config.prior.mirror else patients,
+            contexts["train"],
+            config.prior,
+            config.seed,
+            mirrored=config.prior.mirror,
+            batch_size=config.data.batch_size,
         )
     # No replica may get an empty slice of a batch (`keras_vqpix.data.pipeline.batch_sizes`).
     replicas = cluster.replicas
