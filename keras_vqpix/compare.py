@@ -7,7 +7,9 @@ on them): the figures are the mean and spread over the seeds.
 - `c2st_auc`: a classifier two-sample test (Lopez-Paz & Oquab 2017,
   https://arxiv.org/abs/1610.06545): trained to tell the real train slices from the
   synthetic train slices, tested on the real test slices vs the synthetic test slices
-  (never seen); 0.5 means the two cannot be told apart, 1.0 at once.
+  (never seen); 0.5 means the two cannot be told apart, 1.0 at once. `c2st_auc_nc`,
+  `c2st_auc_ad`: the same classifier's AUC on the test slices of one class (real NC vs
+  synthetic NC, real AD vs synthetic AD): which class's synthetic slices give themselves away.
 - `trtr_auc`: AD vs NC, trained on real train, tested on real test: the reference figure.
 - `fidelity_auc`: that real-trained classifier on every synthetic slice, labelled by the class
   it was generated for: do synthetic slices carry the real AD/NC difference?
@@ -66,7 +68,15 @@ from keras_vqpix.data.discover import (
 from keras_vqpix.metrics import roc_auc, roc_curve
 
 SCALES = {"": 1, "_down4": 4}
-AUC_NAMES = ("c2st_auc", "trtr_auc", "fidelity_auc", "tstr_auc", "augmented_auc")
+CLASS_NAMES = ("nc", "ad")  # label 0, label 1: the `c2st_auc_<class>` keys
+AUC_NAMES = (
+    "c2st_auc",
+    *(f"c2st_auc_{name}" for name in CLASS_NAMES),
+    "trtr_auc",
+    "fidelity_auc",
+    "tstr_auc",
+    "augmented_auc",
+)
 SEEDED_NAMES = (
     *AUC_NAMES,
     *(f"{name}_patient" for name in AUC_NAMES),
@@ -330,7 +340,12 @@ def judge_once(
     model = train_slice_classifier(c2st_images, c2st_labels, config, seed)
     test = _join(real_test, synthetic_test)
     test_labels = np.concatenate([np.zeros(len(real_test)), np.ones(len(synthetic_test))])
-    record("c2st_auc", test_labels, _scores(model, test.images), test.patients)
+    scores = _scores(model, test.images)
+    record("c2st_auc", test_labels, scores, test.patients)
+    # The same classifier's AUC within each class: whose synthetic slices give themselves away.
+    for label, name in enumerate(CLASS_NAMES):
+        rows = test.labels == label
+        _aucs(f"c2st_auc_{name}", figures, test_labels[rows], scores[rows], test.patients[rows])
     return figures
 
 
@@ -563,6 +578,8 @@ def _stack_fmt(value: float | None) -> str:
 # -- Reports ---------------------------------------------------------------------------------------
 _TABLE = (
     ("c2st_auc", "real vs synthetic AUC (0.5 = indistinguishable)", None),
+    ("c2st_auc_nc", "  within NC slices", None),
+    ("c2st_auc_ad", "  within AD slices", None),
     ("trtr_auc", "AD/NC: train real, test real (reference)", None),
     ("fidelity_auc", "AD/NC: real-trained classifier on synthetic", "trtr_auc"),
     ("tstr_auc", "AD/NC: train synthetic, test real", "trtr_auc"),

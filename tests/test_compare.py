@@ -171,6 +171,24 @@ def test_noisy_slices_are_told_apart(ellipse_sets):
     assert figures["fd"] > figures["fd_real"], (figures["fd"], figures["fd_real"])
 
 
+def test_noise_on_one_class_shows_in_that_class_c2st_only(ellipse_sets):
+    real_train, real_test = ellipse_sets
+    rng = np.random.default_rng(1)
+
+    def noisy_nc(images: SliceSet) -> SliceSet:
+        noise = rng.normal(0, 0.1, images.images.shape) * (images.labels == 0)[:, None, None, None]
+        pixels = np.clip(images.images + noise, 0, 1).astype(np.float32)
+        return SliceSet(pixels, images.labels, images.patients)
+
+    # Synthetic NC slices are noisy copies, synthetic AD slices the real ones unchanged.
+    figures = judge_once(
+        real_train, real_test, noisy_nc(real_train), noisy_nc(real_test), BUDGET, 0
+    )
+    assert figures["c2st_auc_nc"] > 0.9, figures["c2st_auc_nc"]
+    assert abs(figures["c2st_auc_ad"] - 0.5) < 0.05, figures["c2st_auc_ad"]  # the same images
+    assert figures["c2st_auc_ad"] < figures["c2st_auc"] < figures["c2st_auc_nc"], figures
+
+
 def test_swapped_labels_score_well_below_half(ellipse_sets):
     real_train, real_test = ellipse_sets
 
