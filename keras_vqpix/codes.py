@@ -96,6 +96,28 @@ def cached_codes(
     return codes, labels
 
 
+def _reencoded(model, codes: np.ndarray, move, batch_size: int) -> np.ndarray:
+    """`codes`' reconstructions, each batch moved by `move(images, first)` (`first`: the batch's
+    first map), encoded again by the same VQ-VAE: `[N, h, w]` int32."""
+    import tensorflow as tf
+
+    codes = np.asarray(codes, np.int32)
+    encode = encode_function(model, codes.shape[1] * model.downsample_factor)
+    decode = tf.function(
+        model.decode, input_signature=[tf.TensorSpec([None, *codes.shape[1:]], tf.int32)]
+    )
+    out = [
+        encode(move(decode(tf.constant(codes[first : first + batch_size])), first)).numpy()
+        for first in range(0, len(codes), batch_size)
+    ]
+    return np.concatenate(out).astype(np.int32) if out else codes.copy()
+
+
+def _moved_previous(previous: np.ndarray, offset: int) -> np.ndarray:
+    """A copy's `previous` indices: each slice's previous slice `offset` maps later (-1 kept)."""
+    return np.where(previous >= 0, previous + offset, -1).astype(np.int32)
+
+
 def mirrored_codes(model, codes: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """The code maps `[N, h, w]` int32 of the left-right mirror images of `codes`' reconstructions.
 
@@ -105,17 +127,7 @@ def mirrored_codes(model, codes: np.ndarray, batch_size: int = 32) -> np.ndarray
     """
     import tensorflow as tf
 
-    codes = np.asarray(codes, np.int32)
-    image_size = codes.shape[1] * model.downsample_factor
-    encode = encode_function(model, image_size)
-    decode = tf.function(
-        model.decode, input_signature=[tf.TensorSpec([None, *codes.shape[1:]], tf.int32)]
-    )
-    mirrored = [
-        encode(tf.reverse(decode(tf.constant(codes[i : i + batch_size])), axis=[2])).numpy()
-        for i in range(0, len(codes), batch_size)
-    ]
-    return np.concatenate(mirrored).astype(np.int32) if mirrored else codes.copy()
+    return _reencoded(model, codes, lambda images, _: tf.reverse(images, axis=[2]), batch_size)
 
 
 def with_mirror_images(
@@ -136,7 +148,7 @@ def with_mirror_images(
     labels = np.concatenate([labels, labels])
     if context is not None:
         previous, positions = (np.asarray(array, np.int32) for array in context)
-        moved = np.where(previous >= 0, previous + count, -1).astype(np.int32)
+        moved = _moved_previous(previous, count)
         context = (np.concatenate([previous, moved]), np.concatenate([positions, positions]))
     return codes, labels, context
 
@@ -189,16 +201,10 @@ def transformed_codes(
     """
     import tensorflow as tf
 
-    codes = np.asarray(codes, np.int32)
-    image_size = codes.shape[1] * model.downsample_factor
-    encode = encode_function(model, image_size)
-    decode = tf.function(
-        model.decode, input_signature=[tf.TensorSpec([None, *codes.shape[1:]], tf.int32)]
-    )
+    image_size = np.shape(codes)[1] * model.downsample_factor
 
-    def moved(first: int) -> np.ndarray:
-        images = decode(tf.constant(codes[first : first + batch_size]))
-        images = tf.raw_ops.ImageProjectiveTransformV3(
+    def move(images, first: int):
+        return tf.raw_ops.ImageProjectiveTransformV3(
             images=images,
             transforms=tf.constant(transforms[first : first + batch_size], tf.float32),
             output_shape=tf.constant([image_size, image_size], tf.int32),
@@ -206,10 +212,8 @@ def transformed_codes(
             interpolation="BILINEAR",
             fill_mode="NEAREST",
         )
-        return encode(images).numpy()
 
-    out = [moved(first) for first in range(0, len(codes), batch_size)]
-    return np.concatenate(out).astype(np.int32) if out else codes.copy()
+    return _reencoded(model, codes, move, batch_size)
 
 
 def with_pose_copies(
@@ -260,8 +264,7 @@ def with_pose_copies(
         out_labels.append(labels)
         if context is not None:
             previous, positions = (np.asarray(array, np.int32) for array in context)
-            moved = np.where(previous >= 0, previous + count * (copy + 1), -1)
-            out_context.append((moved.astype(np.int32), positions))
+            out_context.append((_moved_previous(previous, count * (copy + 1)), positions))
     joined = None
     if context is not None:
         joined = tuple(np.concatenate([part[i] for part in out_context]) for i in range(2))
