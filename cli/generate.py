@@ -68,6 +68,13 @@ from .common import SizeType, first_slices_option, guidance_option, user_errors
     help="Instead of sampling, write the VQ-VAE reconstruction of every slice of DATA "
     "(same layout, patients prefixed rec-).",
 )
+@click.option(
+    "--noise/--no-noise",
+    default=True,
+    show_default=True,
+    help="Draw MRI acquisition noise (Rician, levels fitted to the run's training slices) on "
+    "the decoded slices; --no-noise writes the decoder's noise-free means.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.pass_context
 def generate(
@@ -83,6 +90,7 @@ def generate(
     temperature,
     size,
     reconstruct_data,
+    noise,
     overwrite,
 ) -> None:
     """Write a synthetic data set drawn from the run RUN into --out, in the ADNI layout.
@@ -129,6 +137,8 @@ def generate(
         words += ["--seed", str(seed), "--temperature", f"{temperature:g}"]
     if size is not None:
         words += ["--size", f"{size[0]}x{size[1]}"]
+    if not noise:
+        words += ["--no-noise"]
     command = shlex.join(words)
     with click.progressbar(length=1, label="Generating slices", file=None) as bar:
         done = 0
@@ -149,6 +159,7 @@ def generate(
                     overwrite=overwrite,
                     command=command,
                     on_progress=progress,
+                    noise=noise,
                 )
             else:
                 summary = generate_dataset(
@@ -165,5 +176,6 @@ def generate(
                     overwrite=overwrite,
                     command=command,
                     on_progress=progress,
+                    noise=noise,
                 )
     click.echo(summary.format())

@@ -14,6 +14,8 @@ RUN/checkpoints/vqvae/     last complete epochs (model + optimizer), for resumin
 RUN/logs/vqvae/            TensorBoard
 RUN/plots/*.png            curves, reconstructions, codebook usage, samples
 RUN/codes/*.npz            cached code maps of each split (with the VQ-VAE fingerprint)
+RUN/noise.json             acquisition-noise levels of the training slices, fitted for `vqpix
+                           generate` on first use (with the VQ-VAE fingerprint they belong to)
 RUN/skipped_files.txt      data files that cannot be read, left out (only when there are any)
 RUN/.lock                  held by the `vqpix train` working in the folder
 RUN/prior.keras            best PixelCNN prior by validation bits per code
@@ -69,6 +71,7 @@ class RunPaths:
     plots = property(lambda self: self.root / "plots")
     codes = property(lambda self: self.root / "codes")
     skipped_files = property(lambda self: self.root / "skipped_files.txt")
+    noise = property(lambda self: self.root / "noise.json")
     prior_model = property(lambda self: self.root / "prior.keras")
     prior_meta = property(lambda self: self.root / "prior.json")
     prior_history = property(lambda self: self.root / "prior_history.csv")

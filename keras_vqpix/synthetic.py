@@ -27,17 +27,25 @@ then isolates the prior, `vqpix compare RECONSTRUCTIONS --real DATA` the decoder
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from keras_vqpix.data.discover import CLASS_NAMES, SliceRecord, discover_folder, slice_frame
+from keras_vqpix.data.discover import (
+    CLASS_NAMES,
+    SliceRecord,
+    discover_folder,
+    slice_frame,
+    spread_records,
+)
 
 BATCH_SIZE = 64
 JPEG_QUALITY = 95
@@ -50,6 +58,8 @@ MANIFEST_COLUMNS = (
     "map_index",
     "temperature",
     "source",
+    "noise_brain",
+    "noise_background",
 )
 
 
@@ -110,8 +120,8 @@ def padding_box(frame: tuple[int, int], image_size: int) -> tuple[int, int, int,
     return top, left, new_height, new_width
 
 
-def to_frame(images: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
-    """Square images `[n, S, S, 1]` in [0, 1] -> 8-bit slices `[n, height, width]` of `frame`.
+def to_frame_float(images: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
+    """Square images `[n, S, S, 1]` in [0, 1] -> slices `[n, height, width]` of `frame`, float.
 
     The inverse of the input pipeline's `resize_with_pad`: crop the padding, then resize
     (bilinear, antialiased) to the frame.
@@ -121,7 +131,17 @@ def to_frame(images: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
     top, left, height, width = padding_box(frame, images.shape[1])
     cropped = images[:, top : top + height, left : left + width]
     resized = tf.image.resize(cropped, (frame[1], frame[0]), antialias=True).numpy()
-    return np.round(np.clip(resized[..., 0], 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.clip(resized[..., 0], 0.0, 1.0)
+
+
+def to_pixels(slices: np.ndarray) -> np.ndarray:
+    """Slices in [0, 1] -> 8 bits."""
+    return np.round(np.clip(slices, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def to_frame(images: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
+    """`to_frame_float`, in 8 bits."""
+    return to_pixels(to_frame_float(images, frame))
 
 
 def _jpeg(pixels: np.ndarray) -> bytes:
@@ -162,6 +182,107 @@ def _counts(rows: list[dict]) -> dict[str, dict[str, int]]:
     }
 
 
+# -- Acquisition noise -----------------------------------------------------------------------------
+# The run's training slices the noise levels are fitted on, at most (spread over the patients).
+NOISE_FIT_SLICES = 512
+
+
+def _real_slice(path: str, frame: tuple[int, int]) -> np.ndarray:
+    """One data file as `[height, width]` float in [0, 1], decoded as training decodes it."""
+    import tensorflow as tf
+
+    from keras_vqpix.data.decode import decode_grayscale
+
+    image = decode_grayscale(tf.io.read_file(path))
+    if tuple(image.shape[1::-1]) != tuple(frame):
+        image = tf.image.resize(image, (frame[1], frame[0]), antialias=True)
+    return image.numpy()[..., 0]
+
+
+def run_noise_levels(
+    run_dir: str | os.PathLike,
+    *,
+    batch_size: int = BATCH_SIZE,
+    log: Callable[[str], None] | None = None,
+):
+    """The run's `keras_vqpix.noise.NoiseLevels`, fitted on its training slices on first use.
+
+    Up to `NOISE_FIT_SLICES` training slices (spread over the patients) and their VQ-VAE round
+    trips, in the run's frame and stored as `generate_dataset` stores slices; cached in
+    `RUN/noise.json` with the VQ-VAE fingerprint, the frame and the fit's version (refitted
+    when any changed). A run folder that cannot be written to is fitted each time.
+    """
+    import tensorflow as tf
+
+    from keras_vqpix.data.pipeline import make_dataset
+    from keras_vqpix.io import atomic_write_text
+    from keras_vqpix.noise import FIT_VERSION, NoiseLevels, fit_noise_level
+    from keras_vqpix.run_folder import RunFolderError, RunPaths, load_splits, load_vqvae, read_json
+
+    paths = RunPaths(Path(run_dir))
+    frame = run_frame(paths.root)
+    if not paths.vqvae_meta.is_file():
+        raise RunFolderError(f"{paths.root} has no trained VQ-VAE yet")
+    key = {
+        "vqvae_fingerprint": read_json(paths.vqvae_meta).get("fingerprint"),
+        "frame": list(frame),
+        "fit_version": FIT_VERSION,
+    }
+    if paths.noise.is_file():
+        cached = read_json(paths.noise)
+        if all(cached.get(k) == v for k, v in key.items()):
+            return NoiseLevels.from_json(json.dumps(cached["levels"]))
+    vqvae, config, vqvae_meta = load_vqvae(paths.root)
+    key["vqvae_fingerprint"] = vqvae_meta.get("fingerprint")
+    data = Path(read_json(paths.split).get("data", ""))
+    if not data.is_dir():
+        raise RunFolderError(
+            f"the noise levels of {paths.root} are fitted on its training slices in {data}, "
+            "which is missing; restore it, or pass --no-noise"
+        )
+    records = spread_records(load_splits(data, config, paths).train, NOISE_FIT_SLICES)
+    started = time.time()
+    reconstruct = tf.function(lambda images: vqvae(images, training=False)["reconstruction"])
+    brain, background = [], []
+    start = 0
+    for images, _ in make_dataset(records, config.data.image_size, batch_size, cache=""):
+        means = to_frame_float(reconstruct(images).numpy(), frame)
+        for record, mean in zip(records[start : start + len(means)], means, strict=True):
+            pair = fit_noise_level(_real_slice(record.path, frame), mean, jpeg_quality=JPEG_QUALITY)
+            brain.append(pair[0])
+            background.append(pair[1])
+        start += len(means)
+    levels = NoiseLevels(tuple(brain), tuple(background), tuple(r.label for r in records))
+    # A read-only run keeps no cache: the fit is deterministic, so fitting again is the same.
+    with contextlib.suppress(OSError):
+        atomic_write_text(
+            paths.noise,
+            json.dumps({**key, "levels": json.loads(levels.to_json())}, indent=2) + "\n",
+        )
+    if log is not None:
+        log(
+            f"Fitted the noise levels of {len(records)} training slices ({time.time() - started:.0f} s)"
+        )
+    return levels
+
+
+def _noise_columns(brain: float | None = None, background: float | None = None) -> dict:
+    if brain is None:
+        return {"noise_brain": "", "noise_background": ""}
+    return {"noise_brain": f"{brain:.6f}", "noise_background": f"{background:.6f}"}
+
+
+def _noise_record(paths, levels) -> dict | None:
+    if levels is None:
+        return None
+    return {
+        "levels": str(paths.noise.resolve()),
+        "model": "Rician, one (brain, background) sigma pair per patient drawn from the run's "
+        "training slices of its class (keras_vqpix.noise)",
+        "per_class": {CLASS_NAMES[int(k)]: v for k, v in levels.summary().items()},
+    }
+
+
 def _run_record(paths, vqvae_meta: dict, prior_meta: dict | None, config) -> dict:
     record = {
         "run": str(paths.root.resolve()),
@@ -193,6 +314,7 @@ def generate_dataset(
     slices_per_patient: int = 1,
     guidance: float | None = None,
     first_slices_from: str | os.PathLike | None = None,
+    noise: bool = True,
 ) -> GenerateSummary:
     """Sample a labelled data set from the run's conditional prior into `out_dir` (module docstring).
 
@@ -216,8 +338,12 @@ def generate_dataset(
             w > 1 strengthens the class, for twice the arithmetic).
         first_slices_from: None, or a run of the same VQ-VAE whose per-slice prior draws each
             patient's first slice (`keras_vqpix.sampling.sample_stacks`' `first_prior`).
+        noise: draw acquisition noise on the decoded slices (`keras_vqpix.noise`), one level
+            per patient from the run's training slices of its class (`run_noise_levels`);
+            False writes the decoder's noise-free means.
     """
     from keras_vqpix.io import atomic_directory, check_output_folder
+    from keras_vqpix.noise import add_noise
     from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
     from keras_vqpix.sampling import (
         check_guidance,
@@ -276,6 +402,7 @@ def generate_dataset(
         if stack == 1:
             raise ValueError("--first-slices applies to whole patients: give --slices-per-patient")
         first_prior, first_meta = load_first_prior(first_slices_from, paths.root, vqvae_meta, prior)
+    levels = run_noise_levels(paths.root, batch_size=batch_size) if noise else None
     patients = per_class // stack
     labels = np.repeat(np.arange(len(CLASS_NAMES), dtype=np.int32), patients)
     number = np.tile(np.arange(patients), len(CLASS_NAMES))
@@ -306,7 +433,13 @@ def generate_dataset(
                     guidance=guidance,
                     first_prior=first_prior,
                 )
-            slices = to_frame(decode_codes(vqvae, codes.reshape(-1, *codes.shape[2:])), frame)
+            slices = to_frame_float(decode_codes(vqvae, codes.reshape(-1, *codes.shape[2:])), frame)
+            brain = background = np.full(len(labels[chunk]), None)
+            if levels is not None:  # one level per patient, the same on all its slices
+                brain, background = levels.draw(labels[chunk], draw_seed)
+                slices = add_noise(
+                    slices, np.repeat(brain, stack), np.repeat(background, stack), draw_seed
+                )
             names = []
             for index, (label, k, split) in enumerate(
                 zip(labels[chunk], number[chunk], splits[chunk], strict=True)
@@ -325,9 +458,10 @@ def generate_dataset(
                             "map_index": index,
                             "temperature": temperature,
                             "source": "",
+                            **_noise_columns(brain[index], background[index]),
                         }
                     )
-            _write_slices(tmp, names, slices)
+            _write_slices(tmp, names, to_pixels(slices))
             if on_progress is not None:
                 done = min(start + batch_size, len(labels)) * stack
                 on_progress(done, len(labels) * stack)
@@ -346,7 +480,9 @@ def generate_dataset(
                 "slices_per_patient": stack,
                 "guidance": guidance,
                 "first_slices_from": None if first_slices_from is None else str(first_slices_from),
+                "noise": noise,
             },
+            "noise": _noise_record(paths, levels),
             "frame": list(frame),
             "patients": (
                 "each synthetic slice is its own patient (slices are drawn one at a time)"
@@ -377,16 +513,20 @@ def reconstruct_dataset(
     batch_size: int = BATCH_SIZE,
     command: str = "",
     on_progress: Callable[[int, int], None] | None = None,
+    noise: bool = True,
 ) -> GenerateSummary:
     """Write the VQ-VAE round trip (encode, quantise, decode) of every slice of `data_root`.
 
     Same layout, splits and classes as `data_root`; file `<patient>_<slice>.jpeg` becomes
-    `rec-<patient>_<slice>.jpeg`, in the frame of `generate_dataset`. Arguments as there.
+    `rec-<patient>_<slice>.jpeg`, in the frame of `generate_dataset`. Arguments as there; with
+    `noise` each source patient gets a level drawn as a sampled patient's (seed 0), so samples
+    and reconstructions carry the same noise model and their comparison judges the prior alone.
     """
     import tensorflow as tf
 
     from keras_vqpix.data.pipeline import make_dataset
     from keras_vqpix.io import atomic_directory, check_output_folder
+    from keras_vqpix.noise import add_noise
     from keras_vqpix.run_folder import RunPaths, load_vqvae
 
     if batch_size < 1:
@@ -403,15 +543,26 @@ def reconstruct_dataset(
     frame = tuple(size) if size is not None else run_frame(paths.root)
     vqvae, config, vqvae_meta = load_vqvae(paths.root)
     reconstruct = tf.function(lambda images: vqvae(images, training=False)["reconstruction"])
+    levels = run_noise_levels(paths.root, batch_size=batch_size) if noise else None
+    patient_levels = {}
+    if levels is not None:
+        patients = sorted({(r.patient, r.label) for _, r in records})
+        brain, background = levels.draw(np.array([label for _, label in patients]), 0)
+        patient_levels = {
+            patient: (b, g) for (patient, _), b, g in zip(patients, brain, background, strict=True)
+        }
     rows: list[dict] = []
     with atomic_directory(out_dir, overwrite=out_dir.exists()) as tmp:
         dataset = make_dataset(
             [r for _, r in records], config.data.image_size, batch_size, cache=""
         )
         start = 0
-        for images, _ in dataset:
+        for batch, (images, _) in enumerate(dataset):
             chunk = records[start : start + len(images)]
-            slices = to_frame(reconstruct(images).numpy(), frame)
+            slices = to_frame_float(reconstruct(images).numpy(), frame)
+            if levels is not None:
+                pairs = np.array([patient_levels[r.patient] for _, r in chunk])
+                slices = add_noise(slices, pairs[:, 0], pairs[:, 1], batch_seed(0, batch))
             names = []
             for split, record in chunk:
                 name = CLASS_NAMES[record.label]
@@ -427,9 +578,10 @@ def reconstruct_dataset(
                         "map_index": "",
                         "temperature": "",
                         "source": os.path.relpath(record.path, data_root),
+                        **_noise_columns(*patient_levels.get(record.patient, (None, None))),
                     }
                 )
-            _write_slices(tmp, names, slices)
+            _write_slices(tmp, names, to_pixels(slices))
             start += len(chunk)
             if on_progress is not None:
                 on_progress(start, len(records))
@@ -439,7 +591,8 @@ def reconstruct_dataset(
             **_run_record(paths, vqvae_meta, None, config),
             "data": str(data_root.resolve()),
             "command": command,
-            "options": {"size": list(frame), "batch_size": batch_size},
+            "options": {"size": list(frame), "batch_size": batch_size, "noise": noise},
+            "noise": _noise_record(paths, levels),
             "frame": list(frame),
             "patients": "each reconstruction keeps its source's patient and slice, prefixed rec-",
             "counts": _counts(rows),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from PIL import Image
 
 from keras_vqpix.data.discover import discover_folder, discover_splits
 from keras_vqpix.data.pipeline import resize_with_pad
-from keras_vqpix.synthetic import padding_box, run_frame, to_frame
+from keras_vqpix.run_folder import RunPaths, load_splits, read_config
+from keras_vqpix.synthetic import NOISE_FIT_SLICES, padding_box, run_frame, to_frame
 from keras_vqpix_cli.main import main
 
 
@@ -131,3 +133,61 @@ def test_run_frame_of_a_run_trained_before_frames_were_recorded(quick_run, tmp_p
     with pytest.raises(ValueError, match="--size"):
         run_frame(run)
     assert np.array_equal(padding_box((256, 240), 32), (1, 0, 30, 32))
+
+
+def _pixels(root: Path) -> dict[str, np.ndarray]:
+    return {
+        str(p.relative_to(root)): np.asarray(Image.open(p), np.float32) / 255.0
+        for p in sorted(root.rglob("*.jpeg"))
+    }
+
+
+def test_generate_draws_the_runs_noise_levels(quick_run, tiny_adni, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run)
+    (run / "noise.json").unlink(missing_ok=True)
+    args = ["generate", str(run), "--per-class", "4", "--slices-per-patient", "2", "--seed", "1"]
+
+    def generate(out: str, *extra: str) -> Path:
+        result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / out), *extra])
+        assert result.exit_code == 0, result.output
+        return tmp_path / out
+
+    plain = generate("plain", "--no-noise")
+    assert not (run / "noise.json").exists()  # noise-free: nothing fitted
+    record = json.loads((plain / "generator.json").read_text())
+    assert record["noise"] is None and record["command"].endswith("--no-noise")
+    generate("fitted")
+    fitted = json.loads((run / "noise.json").read_text())  # fitted on first use, on train
+    vqvae_meta = json.loads((run / "vqvae.json").read_text())
+    assert fitted["vqvae_fingerprint"] == vqvae_meta["fingerprint"]
+    paths = RunPaths(run)
+    train = load_splits(tiny_adni, read_config(paths), paths).train
+    assert len(fitted["levels"]["brain"]) == min(len(train), NOISE_FIT_SLICES)
+
+    # Known levels in the cache: the slices carry them, one level per patient.
+    size = len(fitted["levels"]["labels"])
+    known = {**fitted, "levels": {**fitted["levels"], "brain": [0.05] * size}}
+    known["levels"]["background"] = [0.02] * size
+    (run / "noise.json").write_text(json.dumps(known))
+    loud = generate("loud")
+    rows = list(csv.DictReader((loud / "manifest.csv").read_text().splitlines()))
+    assert {(r["noise_brain"], r["noise_background"]) for r in rows} == {("0.050000", "0.020000")}
+    means, noisy = _pixels(plain), _pixels(loud)
+    assert means.keys() == noisy.keys()
+    for name, mean in means.items():
+        # The brain's noise (the tiny run's slices are brain-bright nearly everywhere; the
+        # surround's Rayleigh is test_noise's), through 8 bits and JPEG.
+        bright = mean > 0.3
+        assert bright.mean() > 0.2, name
+        assert np.std(noisy[name][bright] - mean[bright]) == pytest.approx(0.05, rel=0.2)
+    assert _files(generate("loud_again")) == _files(loud)  # seeded
+
+    rec = tmp_path / "rec"
+    result = CliRunner().invoke(
+        main, ["generate", str(run), "--reconstruct", str(tiny_adni), "--out", str(rec)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((rec / "manifest.csv").read_text().splitlines()))
+    assert {r["noise_brain"] for r in rows} == {"0.050000"}
+    assert json.loads((rec / "generator.json").read_text())["options"]["noise"] is True

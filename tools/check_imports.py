@@ -33,12 +33,13 @@ LAYERS = (
     ("data: decode", ("keras_vqpix.data.decode",)),
     ("data", ("keras_vqpix.data", "keras_vqpix.data.*")),
     (
-        "layers and metrics",
+        "layers, metrics and the acquisition-noise model",
         (
             "keras_vqpix.layers",
             "keras_vqpix.layers.*",
             "keras_vqpix.metrics",
             "keras_vqpix.similarity",
+            "keras_vqpix.noise",
         ),
     ),
     ("models", ("keras_vqpix.models", "keras_vqpix.models.*")),
@@ -60,7 +61,7 @@ LAYERS = (
     ("cli", ("keras_vqpix_cli", "keras_vqpix_cli.*")),
 )
 # Modules documented as importing no TensorFlow (tools that only list files start fast).
-NUMPY_ONLY = ("keras_vqpix.data.discover",)
+NUMPY_ONLY = ("keras_vqpix.data.discover", "keras_vqpix.noise")
 
 
 def module_files() -> dict[str, Path]:

@@ -1,0 +1,205 @@
+"""MRI acquisition noise on decoded slices: its level fitted to real slices, drawn Rician.
+
+A VQ-VAE decoder returns the mean of a slice given its codes, smooth and free of the scanner's
+noise, and a classifier spots that at once, even after a 4x downsampling: a magnitude MR
+image's noise is Rician (Gudbjartsson & Patz 1995, "The Rician distribution of noisy MRI
+data"), `|signal + n|` with complex Gaussian `n` of spread sigma, which lifts the dark tissue
+and the background as well as roughening the bright tissue. This module draws that noise onto
+decoded slices, so that `vqpix generate` writes slices with the noise of the data:
+
+- `fit_noise_level(real, mean)`: one real slice and its decoded mean (the VQ-VAE round trip)
+  give a `(brain, background)` sigma pair. Brain: the sigma that gives the mean, once noise is
+  drawn on it and the slice is stored as JPEG, the real slice's high-frequency spread in the
+  brain (`highpass_spread`: a robust spread, so the decoder's missed edges count little),
+  found by bisection on the stored slice (storage swallows part of faint noise).
+  Background: the Rayleigh maximum-likelihood sigma of the real slice's dark surround.
+- `NoiseLevels`: the pairs of a run's training slices with their classes (`RUN/noise.json`);
+  `NoiseLevels.draw` picks one pair per synthetic patient from the training slices of its
+  class, so the levels keep the data's spread (scanners, patients).
+- `add_noise`: Rician noise of a per-pixel sigma, the brain's inside the brain, the
+  background's outside, blended over the first `BRAIN_LEVEL` of intensity.
+
+Everything is seeded (numpy `SeedSequence`); the same seed gives the same noise.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+# Bumped whenever the fit changes, so that levels cached by an older fit are refitted.
+FIT_VERSION = 1
+# Intensities in [0, 1]: pixels of the decoded mean above BRAIN_LEVEL are brain for the fit
+# and get the brain's sigma; below BACKGROUND_LEVEL, surround; sigma blends in between.
+BRAIN_LEVEL = 0.1
+BACKGROUND_LEVEL = 0.01
+# A 5-point Laplacian residual of white noise of spread s has spread s * sqrt(1 + 4/16).
+_LAPLACIAN_GAIN = float(np.sqrt(1.25))
+# The spread is the mean absolute residual of the quietest _KEPT of the pixels (edges and
+# missed structure are in the rest); for Gaussian noise of standard deviation s that mean is
+# s * _KEPT_MEAN. A mean, not a median: 8-bit residuals take few values, and a median of them
+# moves in steps of a fifth at faint noise.
+_KEPT = 0.8
+_KEPT_EDGE = 1.2815516  # the standard normal's 90th percentile: |z| below it holds 80%
+_KEPT_MEAN = float(np.sqrt(2 / np.pi) * -np.expm1(-(_KEPT_EDGE**2) / 2) / _KEPT)
+# The brain's sigma is found to within 2 ** -_BISECTION_STEPS of its bracket.
+_BRACKET_STEPS = 6
+_BISECTION_STEPS = 7
+
+
+def highpass_spread(image: np.ndarray, mask: np.ndarray) -> float:
+    """Robust spread of the 5-point Laplacian residual of `image` `[H, W]` inside `mask`.
+
+    Scaled so that white Gaussian noise of standard deviation s gives s; a trimmed mean (the
+    quietest 80%), so edges and missed structure count little. 0 when the mask has no
+    interior pixel.
+    """
+    image = np.asarray(image, np.float32)
+    inner = np.asarray(mask, bool)[1:-1, 1:-1]
+    if not inner.any():
+        return 0.0
+    neighbours = image[:-2, 1:-1] + image[2:, 1:-1] + image[1:-1, :-2] + image[1:-1, 2:]
+    residual = np.sort(np.abs(image[1:-1, 1:-1] - 0.25 * neighbours)[inner])
+    kept = residual[: max(1, int(round(_KEPT * len(residual))))]
+    return float(kept.mean() / _KEPT_MEAN / _LAPLACIAN_GAIN)
+
+
+def _sigma_map(mean: np.ndarray, brain: np.ndarray, background: np.ndarray) -> np.ndarray:
+    share = np.clip(mean / BRAIN_LEVEL, 0.0, 1.0)
+    brain = np.asarray(brain, np.float32).reshape((-1,) + (1,) * (mean.ndim - 1))
+    background = np.asarray(background, np.float32).reshape(brain.shape)
+    return background + (brain - background) * share
+
+
+def add_noise(mean: np.ndarray, brain: np.ndarray, background: np.ndarray, seed: int) -> np.ndarray:
+    """Rician noise on decoded slices `mean` `[N, H, W]` in [0, 1], clipped to [0, 1].
+
+    Args:
+        mean: the decoded slices (float).
+        brain, background: `[N]` sigmas of each slice inside the brain and in its surround.
+        seed: the noise's seed; the same seed and inputs give the same slices.
+    """
+    mean = np.asarray(mean, np.float32)
+    sigma = _sigma_map(mean, brain, background)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 7])))
+    real, imaginary = rng.standard_normal((2,) + mean.shape, dtype=np.float32) * sigma
+    return np.clip(np.sqrt((mean + real) ** 2 + imaginary**2), 0.0, 1.0)
+
+
+def _stored(image: np.ndarray, jpeg_quality: int | None) -> np.ndarray:
+    """`image` as written to disk: 8 bits, and a JPEG round trip when `jpeg_quality` is set."""
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if jpeg_quality is not None:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=jpeg_quality)
+        pixels = np.asarray(Image.open(buffer))
+    return pixels.astype(np.float32) / 255.0
+
+
+def fit_noise_level(
+    real: np.ndarray, mean: np.ndarray, *, jpeg_quality: int | None = None, seed: int = 0
+) -> tuple[float, float]:
+    """`(brain, background)` sigmas that make `mean` `[H, W]` look as noisy as `real` `[H, W]`.
+
+    Both in [0, 1], the same frame. See the module docstring; `jpeg_quality` is the quality the
+    noisy slices will be stored at (None: 8-bit PNG-like storage).
+    """
+    real = np.asarray(real, np.float32)
+    mean = np.asarray(mean, np.float32)
+    if real.shape != mean.shape or real.ndim != 2:
+        raise ValueError(
+            f"real and mean must be [H, W] of one shape. Received: {real.shape} and {mean.shape}"
+        )
+    surround = mean < BACKGROUND_LEVEL
+    background = float(np.sqrt(np.mean(real[surround] ** 2) / 2.0)) if surround.any() else 0.0
+    brain_mask = mean > BRAIN_LEVEL
+    target = highpass_spread(real, brain_mask) ** 2
+    base = highpass_spread(_stored(mean, jpeg_quality), brain_mask) ** 2
+    if target <= base:
+        return 0.0, background
+
+    def spread(sigma: float) -> float:  # the same noise draw at every sigma: monotone in sigma
+        noisy = add_noise(mean[None], [sigma], [background], seed)[0]
+        return highpass_spread(_stored(noisy, jpeg_quality), brain_mask) ** 2
+
+    # Bracket, then bisect: storage (JPEG, 8 bits) swallows part of faint noise, so the
+    # spread is not linear in sigma near the quantisation step.
+    low, high = 0.0, 2.0 * float(np.sqrt(target - base))
+    for _ in range(_BRACKET_STEPS):
+        if spread(high) >= target:
+            break
+        low, high = high, 2.0 * high
+    for _ in range(_BISECTION_STEPS):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if spread(middle) < target else (low, middle)
+    return 0.5 * (low + high), background
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """Fitted `(brain, background)` sigmas of real training slices, with their labels.
+
+    Attributes:
+        brain, background: sigma of each slice inside the brain and in its surround.
+        labels: each slice's class (0 NC, 1 AD).
+    """
+
+    brain: tuple[float, ...]
+    background: tuple[float, ...]
+    labels: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.brain) == len(self.background) == len(self.labels) > 0:
+            raise ValueError(
+                "NoiseLevels needs one brain sigma, background sigma and label per slice, and at "
+                f"least one slice. Received: {len(self.brain)}, {len(self.background)}, "
+                f"{len(self.labels)}"
+            )
+
+    def draw(self, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(brain, background)` `[n]` sigmas, each a training slice's of the class in `labels`.
+
+        A class with no fitted slice draws from all of them.
+        """
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 11])))
+        own = np.asarray(self.labels)
+        picks = np.empty(len(labels), np.int64)
+        for index, label in enumerate(np.asarray(labels)):
+            pool = np.flatnonzero(own == label)
+            pool = pool if len(pool) else np.arange(len(own))
+            picks[index] = pool[rng.integers(len(pool))]
+        return (
+            np.asarray(self.brain, np.float32)[picks],
+            np.asarray(self.background, np.float32)[picks],
+        )
+
+    def summary(self) -> dict:
+        """Median sigmas of each class, for records and logs."""
+        own = np.asarray(self.labels)
+        return {
+            str(label): {
+                "slices": int((own == label).sum()),
+                "brain_median": float(np.median(np.asarray(self.brain)[own == label])),
+                "background_median": float(np.median(np.asarray(self.background)[own == label])),
+            }
+            for label in sorted(set(self.labels))
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"brain": self.brain, "background": self.background, "labels": self.labels}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> NoiseLevels:
+        values = json.loads(text)
+        return cls(
+            tuple(float(v) for v in values["brain"]),
+            tuple(float(v) for v in values["background"]),
+            tuple(int(v) for v in values["labels"]),
+        )
