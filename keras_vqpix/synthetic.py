@@ -18,6 +18,10 @@ then isolates the prior, `vqpix compare RECONSTRUCTIONS --real DATA` the decoder
   previous slice (`keras_vqpix.sampling.sample_stacks`), and train/test split by patient.
   Reconstructions keep their source's patient and slice with the prefix `rec-`. Neither can be mistaken for an ADNI id
   (`002_S_0295`) or a demo id.
+- Noise: by default the decoded slices get MRI acquisition noise (`keras_vqpix.noise`:
+  Rician, one level per patient drawn from the run's training slices of its class, fitted on
+  first use by `run_noise_levels` and cached in `RUN/noise.json`); `noise=False`
+  (`--no-noise`) writes the decoder's noise-free means.
 - Reproducible: map `j` of batch `b` is drawn with the batch seed `batch_seed(seed, b)`; the
   same run, seed, temperature and counts give the same bytes. `manifest.csv` records every
   file's split, label, seed, map index and temperature (or source for reconstructions),
@@ -32,7 +36,6 @@ import csv
 import io
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,7 @@ from keras_vqpix.data.discover import (
     slice_frame,
     spread_records,
 )
+from keras_vqpix.noise import FIT_VERSION, NoiseLevels, add_noise, fit_noise_level
 
 BATCH_SIZE = 64
 JPEG_QUALITY = 95
@@ -203,8 +207,7 @@ def run_noise_levels(
     run_dir: str | os.PathLike,
     *,
     batch_size: int = BATCH_SIZE,
-    log: Callable[[str], None] | None = None,
-):
+) -> NoiseLevels:
     """The run's `keras_vqpix.noise.NoiseLevels`, fitted on its training slices on first use.
 
     Up to `NOISE_FIT_SLICES` training slices (spread over the patients) and their VQ-VAE round
@@ -216,7 +219,6 @@ def run_noise_levels(
 
     from keras_vqpix.data.pipeline import make_dataset
     from keras_vqpix.io import atomic_write_text
-    from keras_vqpix.noise import FIT_VERSION, NoiseLevels, fit_noise_level
     from keras_vqpix.run_folder import RunFolderError, RunPaths, load_splits, load_vqvae, read_json
 
     paths = RunPaths(Path(run_dir))
@@ -241,7 +243,6 @@ def run_noise_levels(
             "which is missing; restore it, or pass --no-noise"
         )
     records = spread_records(load_splits(data, config, paths).train, NOISE_FIT_SLICES)
-    started = time.time()
     reconstruct = tf.function(lambda images: vqvae(images, training=False)["reconstruction"])
     brain, background = [], []
     start = 0
@@ -258,10 +259,6 @@ def run_noise_levels(
         atomic_write_text(
             paths.noise,
             json.dumps({**key, "levels": json.loads(levels.to_json())}, indent=2) + "\n",
-        )
-    if log is not None:
-        log(
-            f"Fitted the noise levels of {len(records)} training slices ({time.time() - started:.0f} s)"
         )
     return levels
 
@@ -343,7 +340,6 @@ def generate_dataset(
             False writes the decoder's noise-free means.
     """
     from keras_vqpix.io import atomic_directory, check_output_folder
-    from keras_vqpix.noise import add_noise
     from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
     from keras_vqpix.sampling import (
         check_guidance,
@@ -526,7 +522,6 @@ def reconstruct_dataset(
 
     from keras_vqpix.data.pipeline import make_dataset
     from keras_vqpix.io import atomic_directory, check_output_folder
-    from keras_vqpix.noise import add_noise
     from keras_vqpix.run_folder import RunPaths, load_vqvae
 
     if batch_size < 1:
