@@ -12,7 +12,8 @@ decoded slices, so that `vqpix generate` writes slices with the noise of the dat
   drawn on it and the slice is stored as JPEG, the real slice's high-frequency spread in the
   brain (`highpass_spread`: a robust spread, so the decoder's missed edges count little),
   found by bisection on the stored slice (storage swallows part of faint noise).
-  Background: the Rayleigh maximum-likelihood sigma of the real slice's dark surround.
+  Background: the sigma that gives the stored slice's dark surround the real one's mean
+  level (JPEG keeps a region's mean, not the spread of its noise), found the same way.
 - `NoiseLevels`: the pairs of a run's training slices with their classes (`RUN/noise.json`);
   `NoiseLevels.draw` picks one pair per synthetic patient from the training slices of its
   class, so the levels keep the data's spread (scanners, patients).
@@ -26,18 +27,20 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 # Bumped whenever the fit changes, so that levels cached by an older fit are refitted.
-FIT_VERSION = 1
+FIT_VERSION = 2
 # Intensities in [0, 1]: pixels of the decoded mean above BRAIN_LEVEL are brain for the fit
 # and get the brain's sigma; below BACKGROUND_LEVEL, surround; sigma blends in between.
 BRAIN_LEVEL = 0.1
 BACKGROUND_LEVEL = 0.01
 # A 5-point Laplacian residual of white noise of spread s has spread s * sqrt(1 + 4/16).
 _LAPLACIAN_GAIN = float(np.sqrt(1.25))
+_RAYLEIGH_MEAN = float(np.sqrt(np.pi / 2))  # a Rayleigh variable's mean per sigma
 # The spread is the mean absolute residual of the quietest _KEPT of the pixels (edges and
 # missed structure are in the rest); for Gaussian noise of standard deviation s that mean is
 # s * _KEPT_MEAN. A mean, not a median: 8-bit residuals take few values, and a median of them
@@ -89,55 +92,89 @@ def add_noise(mean: np.ndarray, brain: np.ndarray, background: np.ndarray, seed:
     return np.clip(np.sqrt((mean + real) ** 2 + imaginary**2), 0.0, 1.0)
 
 
-def _stored(image: np.ndarray, jpeg_quality: int | None) -> np.ndarray:
-    """`image` as written to disk: 8 bits, and a JPEG round trip when `jpeg_quality` is set."""
-    pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-    if jpeg_quality is not None:
-        from PIL import Image
+def stored_as_jpeg(quality: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """A slice `[H, W]` in [0, 1] -> the slice as written (8 bits, JPEG at `quality` unless
+    None) and read back by Pillow: `fit_noise_level`'s default `store`."""
 
-        buffer = io.BytesIO()
-        Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=jpeg_quality)
-        pixels = np.asarray(Image.open(buffer))
-    return pixels.astype(np.float32) / 255.0
+    def store(image: np.ndarray) -> np.ndarray:
+        pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+        if quality is not None:
+            from PIL import Image
+
+            buffer = io.BytesIO()
+            Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=quality)
+            pixels = np.asarray(Image.open(buffer))
+        return pixels.astype(np.float32) / 255.0
+
+    return store
 
 
 def fit_noise_level(
-    real: np.ndarray, mean: np.ndarray, *, jpeg_quality: int | None = None, seed: int = 0
+    real: np.ndarray,
+    mean: np.ndarray,
+    *,
+    store: Callable[[np.ndarray], np.ndarray] | None = None,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """`(brain, background)` sigmas that make `mean` `[H, W]` look as noisy as `real` `[H, W]`.
 
-    Both in [0, 1], the same frame. See the module docstring; `jpeg_quality` is the quality the
-    noisy slices will be stored at (None: 8-bit PNG-like storage).
+    Both in [0, 1], the same frame, `real` as read from its file. See the module docstring.
+    `store` maps a noisy slice to the slice as it will be written and read back (default
+    `stored_as_jpeg(None)`: 8 bits); read it back as `real` was read (JPEG decoders differ by
+    a few levels, as much as the faint noise of a background).
     """
+    store = store or stored_as_jpeg(None)
     real = np.asarray(real, np.float32)
     mean = np.asarray(mean, np.float32)
     if real.shape != mean.shape or real.ndim != 2:
         raise ValueError(
             f"real and mean must be [H, W] of one shape. Received: {real.shape} and {mean.shape}"
         )
-    surround = mean < BACKGROUND_LEVEL
-    background = float(np.sqrt(np.mean(real[surround] ** 2) / 2.0)) if surround.any() else 0.0
-    brain_mask = mean > BRAIN_LEVEL
+    surround, brain_mask = mean < BACKGROUND_LEVEL, mean > BRAIN_LEVEL
+    stored_mean = store(mean)
     target = highpass_spread(real, brain_mask) ** 2
-    base = highpass_spread(_stored(mean, jpeg_quality), brain_mask) ** 2
+    base = highpass_spread(stored_mean, brain_mask) ** 2
+    brain_guess = float(np.sqrt(max(target - base, 0.0)))
+
+    def stored(brain: float, background: float) -> np.ndarray:
+        # The same noise draw at every level: the measures below grow monotonically with it.
+        return store(add_noise(mean[None], [brain], [background], seed)[0])
+
+    background = 0.0
+    if surround.any():
+        # The surround's mean, which JPEG keeps (its square it does not: it smooths the noise).
+        level = float(real[surround].mean())
+        if level > float(stored_mean[surround].mean()):
+            background = _solve(
+                lambda sigma: float(stored(brain_guess, sigma)[surround].mean()),
+                level,
+                level / _RAYLEIGH_MEAN,
+            )
     if target <= base:
         return 0.0, background
+    brain = _solve(
+        lambda sigma: highpass_spread(stored(sigma, background), brain_mask) ** 2,
+        target,
+        brain_guess,
+    )
+    return brain, background
 
-    def spread(sigma: float) -> float:  # the same noise draw at every sigma: monotone in sigma
-        noisy = add_noise(mean[None], [sigma], [background], seed)[0]
-        return highpass_spread(_stored(noisy, jpeg_quality), brain_mask) ** 2
 
-    # Bracket, then bisect: storage (JPEG, 8 bits) swallows part of faint noise, so the
-    # spread is not linear in sigma near the quantisation step.
-    low, high = 0.0, 2.0 * float(np.sqrt(target - base))
+def _solve(measure: Callable[[float], float], target: float, guess: float) -> float:
+    """The level at which `measure`, increasing in it, reaches `target`: bracket, then bisect.
+
+    Storage (JPEG, 8 bits) swallows part of faint noise, so no measure is linear in the level
+    near the quantisation step.
+    """
+    low, high = 0.0, max(2.0 * guess, 1e-4)
     for _ in range(_BRACKET_STEPS):
-        if spread(high) >= target:
+        if measure(high) >= target:
             break
         low, high = high, 2.0 * high
     for _ in range(_BISECTION_STEPS):
         middle = 0.5 * (low + high)
-        low, high = (middle, high) if spread(middle) < target else (low, middle)
-    return 0.5 * (low + high), background
+        low, high = (middle, high) if measure(middle) < target else (low, middle)
+    return 0.5 * (low + high)
 
 
 @dataclass(frozen=True)

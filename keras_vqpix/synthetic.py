@@ -203,6 +203,15 @@ def _real_slice(path: str, frame: tuple[int, int]) -> np.ndarray:
     return image.numpy()[..., 0]
 
 
+def _written_and_read(image: np.ndarray) -> np.ndarray:
+    """A slice `[H, W]` as `generate_dataset` writes it, read back as training and compare read."""
+    import tensorflow as tf
+
+    from keras_vqpix.data.decode import decode_grayscale
+
+    return decode_grayscale(tf.constant(_jpeg(to_pixels(image)))).numpy()[..., 0]
+
+
 def run_noise_levels(
     run_dir: str | os.PathLike,
     *,
@@ -249,7 +258,7 @@ def run_noise_levels(
     for images, _ in make_dataset(records, config.data.image_size, batch_size, cache=""):
         means = to_frame_float(reconstruct(images).numpy(), frame)
         for record, mean in zip(records[start : start + len(means)], means, strict=True):
-            pair = fit_noise_level(_real_slice(record.path, frame), mean, jpeg_quality=JPEG_QUALITY)
+            pair = fit_noise_level(_real_slice(record.path, frame), mean, store=_written_and_read)
             brain.append(pair[0])
             background.append(pair[1])
         start += len(means)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from keras_vqpix.noise import NoiseLevels, _stored, add_noise, fit_noise_level, highpass_spread
+from keras_vqpix.noise import (
+    NoiseLevels,
+    add_noise,
+    fit_noise_level,
+    highpass_spread,
+    stored_as_jpeg,
+)
 
 
 def _phantom() -> np.ndarray:
@@ -45,7 +51,7 @@ def test_add_noise_is_rician_and_seeded():
 @pytest.mark.parametrize("sigma", [0.01, 0.02, 0.04])
 def test_fit_noise_level_recovers_a_known_level(sigma):
     mean = _phantom()
-    real = _stored(add_noise(mean[None], [sigma], [sigma / 4], seed=1)[0], None)
+    real = stored_as_jpeg(None)(add_noise(mean[None], [sigma], [sigma / 4], seed=1)[0])
     brain, background = fit_noise_level(real, mean)
     assert brain == pytest.approx(sigma, rel=0.1)
     assert background == pytest.approx(sigma / 4, rel=0.15)
@@ -56,14 +62,16 @@ def test_fit_noise_level_matches_the_stored_slices_spread():
     mean = _phantom()
     brain_mask = mean > 0.1
     for sigma in (0.01, 0.03):
-        real = _stored(add_noise(mean[None], [sigma], [sigma / 4], seed=2)[0], 92)
-        brain, background = fit_noise_level(real, mean, jpeg_quality=95, seed=5)
-        again = _stored(add_noise(mean[None], [brain], [background], seed=9)[0], 95)
+        real = stored_as_jpeg(92)(add_noise(mean[None], [sigma], [sigma / 4], seed=2)[0])
+        brain, background = fit_noise_level(real, mean, store=stored_as_jpeg(95), seed=5)
+        again = stored_as_jpeg(95)(add_noise(mean[None], [brain], [background], seed=9)[0])
         assert highpass_spread(again, brain_mask) == pytest.approx(
             highpass_spread(real, brain_mask), rel=0.06
         )
+        surround = mean == 0
+        assert again[surround].mean() == pytest.approx(real[surround].mean(), rel=0.1)
     # A noise-free slice needs no noise.
-    assert fit_noise_level(_stored(mean, None), mean)[0] == 0.0
+    assert fit_noise_level(stored_as_jpeg(None)(mean), mean)[0] == 0.0
     with pytest.raises(ValueError, match="one shape"):
         fit_noise_level(mean, mean[:-1])
 
