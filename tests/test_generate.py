@@ -190,3 +190,14 @@ def test_generate_draws_the_runs_noise_levels(quick_run, tiny_adni, tmp_path):
     rows = list(csv.DictReader((rec / "manifest.csv").read_text().splitlines()))
     assert {r["noise_brain"] for r in rows} == {"0.050000"}
     assert json.loads((rec / "generator.json").read_text())["options"]["noise"] is True
+
+    # Levels to fit and no training slices to fit them on: one line naming the way out.
+    (run / "noise.json").unlink()
+    split = json.loads((run / "split.json").read_text())
+    (run / "split.json").write_text(json.dumps({**split, "data": str(tmp_path / "gone")}))
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "no_data")])
+    assert result.exit_code == 2 and "--no-noise" in result.output, result.output
+    assert not (tmp_path / "no_data").exists()
+    assert (
+        CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x"), "--no-noise"]).exit_code == 0
+    )
