@@ -20,7 +20,7 @@ Both priors have the run's prior architecture and recipe (width, blocks, cosine 
 batch 32, best validation bits per code) and its steps (800 on the default run: 20 epochs of
 the maps alone, 10 of the maps and their mirror images). Writes `DIR/result.json` (test bits
 per code, training seconds), `DIR/synthetic/` (`--per-class` slices per class, seed `--seed`,
-in the ADNI layout of `vqpix generate`) and, with `--real` (e.g. the run's reconstructions,
+in the ADNI layout of `vqpix generate`, with its acquisition noise unless `--no-noise`) and, with `--real` (e.g. the run's reconstructions,
 `vqpix generate RUN --reconstruct DATA --out REC`), `DIR/compare.json` of `vqpix compare
 DIR/synthetic --real REC`. Takes 30-40 minutes on 2 CPU cores with the default run.
 """
@@ -96,7 +96,9 @@ def layouts(brightness, codes, cells: int = LAYOUT_CELLS, levels: int = LAYOUT_L
     return np.minimum(np.floor(blocks * levels), levels - 1).astype(np.int32)
 
 
-def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real) -> dict:
+def run(
+    run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real, *, noise: bool = True
+) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -104,6 +106,7 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
     from keras_vqpix.codes import with_mirror_images
     from keras_vqpix.models.pixelcnn import PixelCNN, bits_per_code
     from keras_vqpix.models.pixelcnn_steps import PixelCNNSteps
+    from keras_vqpix.noise import add_noise
     from keras_vqpix.run_folder import RunPaths, load_vqvae
     from keras_vqpix.sampling import (
         SAMPLE_BATCH_SIZE,
@@ -111,7 +114,7 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
         sample_codes,
         sample_rows_fast,
     )
-    from keras_vqpix.synthetic import run_frame, to_frame
+    from keras_vqpix.synthetic import run_frame, run_noise_levels, to_frame_float, to_pixels
 
     vqvae, config, _ = load_vqvae(run_dir)
     files = {s: RunPaths(run_dir).codes / f"{s}.npz" for s in ("train", "validation", "test")}
@@ -219,13 +222,11 @@ def run(run_dir: Path, variant: str, out: Path, per_class: int, seed: int, real)
         )
     else:
         raise ValueError(f"VARIANT must be 'layout' or 'mirror'. Received: {variant!r}")
-    _write_dataset(
-        out / "synthetic",
-        to_frame(decode_codes(vqvae, drawn), run_frame(run_dir)),
-        draw_labels,
-        per_class,
-        seed,
-    )
+    slices = to_frame_float(decode_codes(vqvae, drawn), run_frame(run_dir))
+    if noise:  # as `vqpix generate` draws it: each slice its own patient
+        brain, background = run_noise_levels(run_dir).draw(draw_labels, seed)
+        slices = add_noise(slices, brain, background, seed)
+    _write_dataset(out / "synthetic", to_pixels(slices), draw_labels, per_class, seed)
     if real is not None:
         from keras_vqpix.compare import compare_datasets
 
@@ -261,8 +262,16 @@ def main(argv=None) -> int:
     parser.add_argument("--real", type=Path, default=None, help="judge the samples against it")
     parser.add_argument("--per-class", type=int, default=400)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--no-noise",
+        dest="noise",
+        action="store_false",
+        help="write the decoder's noise-free means (as `vqpix generate --no-noise`)",
+    )
     args = parser.parse_args(argv)
-    result = run(args.run, args.variant, args.out, args.per_class, args.seed, args.real)
+    result = run(
+        args.run, args.variant, args.out, args.per_class, args.seed, args.real, noise=args.noise
+    )
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 
