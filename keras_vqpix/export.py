@@ -5,7 +5,8 @@ BASE/models.config                    TF Serving `model_config_list` naming both
 BASE/vqvae/<version>/                 serving_default: images -> reconstruction, codes
                                       encode: images -> codes;  decode: codes -> images
 BASE/vqpix_generator/<version>/       sample (= serving_default): num_samples, seed,
-                                      temperature, label -> images, codes
+                                      temperature, label -> images, codes (and noisy_images:
+                                      with acquisition noise, levels in noise_square.json)
 each version also holds config.json (the run's), vqvae.json (and prior.json), README, and
 assets.extra/tf_serving_warmup_requests (one small request per signature)
 ```
@@ -70,6 +71,7 @@ import tensorflow as tf
 
 from keras_vqpix.config import SERVING_MAX_SAMPLES, SERVING_MAX_SLICES
 from keras_vqpix.io import atomic_directory, atomic_write_text
+from keras_vqpix.noise import BRAIN_LEVEL, NoiseLevels
 from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae, read_config
 from keras_vqpix.sampling import (
     DEFAULT_METHOD,
@@ -221,6 +223,53 @@ def vqvae_archive(vqvae, image_shape: tuple[int, int]):
     return archive
 
 
+# Second components of the stateless seeds of the noise (the request's seed is the first), apart
+# from the sampler's.
+_NOISE_LEVEL_STREAM = 0x4E4F4931
+_NOISE_DRAW_STREAM = 0x4E4F4932
+
+
+def acquisition_noise_graph(levels: NoiseLevels):
+    """`noise(images, labels, seed)`: `keras_vqpix.noise.add_noise` in the graph.
+
+    `images` `[n, H, W, 1]` in [0, 1]; `labels` `[n]` (0 NC, 1 AD, -1 any class), or `[1]` (one
+    level for all n images: one patient); `seed` the request's int32 seed. Each image (or the
+    one patient) gets the (brain, background) pair of a training slice of its class,
+    drawn with a stateless seed, and Rician noise of that level: the same model as
+    `add_noise`, another random stream (TF's stateless draws, not NumPy's).
+    """
+    own = np.asarray(levels.labels)
+    pools = [np.flatnonzero(own == label) for label in (0, 1)] + [np.arange(len(own))]
+    pools = [pool if len(pool) else pools[-1] for pool in pools]
+    table = np.zeros((3, max(len(p) for p in pools)), np.int32)
+    for row, pool in enumerate(pools):
+        table[row, : len(pool)] = pool
+    table = tf.constant(table)
+    counts = tf.constant([len(p) for p in pools], tf.int32)
+    brain = tf.constant(np.asarray(levels.brain, np.float32))
+    background = tf.constant(np.asarray(levels.background, np.float32))
+
+    def noise(images, labels, seed):
+        row = tf.where(labels < 0, 2, labels)
+        count = tf.gather(counts, row)
+        draw = tf.random.stateless_uniform(
+            tf.shape(row), tf.stack([seed, _NOISE_LEVEL_STREAM]), dtype=tf.float32
+        )
+        pick = tf.minimum(tf.cast(draw * tf.cast(count, tf.float32), tf.int32), count - 1)
+        index = tf.gather_nd(table, tf.stack([row, pick], axis=1))
+        level_brain = tf.gather(brain, index)[:, None, None, None]
+        level_background = tf.gather(background, index)[:, None, None, None]
+        share = tf.clip_by_value(images / BRAIN_LEVEL, 0.0, 1.0)
+        sigma = level_background + (level_brain - level_background) * share
+        parts = tf.random.stateless_normal(
+            tf.concat([[2], tf.shape(images)], axis=0), tf.stack([seed, _NOISE_DRAW_STREAM])
+        )
+        noisy = tf.sqrt(tf.square(images + sigma * parts[0]) + tf.square(sigma * parts[1]))
+        return tf.clip_by_value(noisy, 0.0, 1.0)
+
+    return noise
+
+
 def generator_archive(
     vqvae,
     prior,
@@ -228,6 +277,7 @@ def generator_archive(
     method: str = DEFAULT_METHOD,
     max_samples: int = SERVING_MAX_SAMPLES,
     max_slices: int = SERVING_MAX_SLICES,
+    noise_levels: NoiseLevels | None = None,
 ):
     """A `keras.export.ExportArchive` of the generator: `sample` (also `serving_default`), and
     `sample_patient` for a prior that reads the previous slice.
@@ -238,7 +288,10 @@ def generator_archive(
     request, baked into the graph. `sample_patient` draws one whole patient, a stack of
     `num_slices` consecutive slices (`keras_vqpix.sampling.stacks_graph`: the stack of
     `sample_stacks` for the same seed, label and temperature), `num_slices` capped by
-    `max_slices`.
+    `max_slices`. With `noise_levels` (fitted at the model's resolution,
+    `keras_vqpix.synthetic.run_noise_levels(square=True)`) both also return `noisy_images`:
+    the images with acquisition noise drawn in the graph (`acquisition_noise_graph`), one
+    level per sample (per patient for `sample_patient`) from the training slices of its class.
     """
     sampler(method)  # an unknown method is refused here, not when the graph is traced
     import keras
@@ -246,6 +299,7 @@ def generator_archive(
     max_samples = check_max_samples(max_samples)
     max_slices = check_max_samples(max_slices, "--max-slices")
     code_height, code_width = code_shape
+    noise = None if noise_levels is None else acquisition_noise_graph(noise_levels)
     specs = [
         tf.TensorSpec([], tf.int32, name="num_samples"),
         tf.TensorSpec([], tf.int32, name="seed"),
@@ -261,7 +315,10 @@ def generator_archive(
         codes = codes_graph(
             prior, num_samples, seed, labels, temperature, code_height, code_width, method=method
         )
-        return {"images": vqvae.decode(codes), "codes": codes}
+        images = vqvae.decode(codes)
+        if noise is None:
+            return {"images": images, "codes": codes}
+        return {"images": images, "codes": codes, "noisy_images": noise(images, labels, seed)}
 
     archive = keras.export.ExportArchive()
     # The decoder's side of the VQ-VAE only: the encoder's weights have no use here.
@@ -291,7 +348,12 @@ def generator_archive(
             codes = stacks_graph(
                 prior, 1, num_slices, seed, label, temperature, code_height, code_width, method
             )[0]
-            return {"images": vqvae.decode(codes), "codes": codes}
+            images = vqvae.decode(codes)
+            if noise is None:
+                return {"images": images, "codes": codes}
+            # One patient: one level for all its slices.
+            noisy = noise(images, tf.reshape(label, [1]), seed)
+            return {"images": images, "codes": codes, "noisy_images": noisy}
 
         archive.add_endpoint("sample_patient", sample_patient, input_signature=patient_specs)
     return archive
@@ -466,7 +528,7 @@ Signatures (serving_default is the same as sample):
   sample  num_samples int32 scalar, 1 .. {max_samples} (this export's cap per request),
           seed int32 scalar, temperature float32 scalar > 0, label int32 scalar ({labels})
           -> images float32 [num_samples, {height}, {width}, 1] in [0, 1],
-             codes int32 [num_samples, {h}, {w}]
+             codes int32 [num_samples, {h}, {w}]{noisy}
 {patient}The whole ancestral sampling loop runs in the graph ({method} sampler); the same seed, label
 and temperature give the same codes as `keras_vqpix.sampling.sample_codes`.
 num_samples above {max_samples} is refused at once (InvalidArgument, nothing allocated): ask for
@@ -481,12 +543,30 @@ Serving when it loads this version)
 """
 
 
+_NOISY_README = """,
+             noisy_images float32 (the shape of images): images with MRI acquisition noise
+             (Rician; levels of the run's training slices, noise_square.json), drawn from seed
+             (sample_patient too: one level per patient)"""
+
 _PATIENT_README = """\
   sample_patient  num_slices int32 scalar, 1 .. {max_slices} (this export's cap), seed, temperature,
           label as above -> one synthetic patient: images float32 [num_slices, {height}, {width}, 1],
           codes int32 [num_slices, {h}, {w}], slice z drawn given slice z - 1 (the stack of
           `keras_vqpix.sampling.sample_stacks`; cap set by `vqpix export --max-slices`)
 """
+
+
+def _square_noise_levels(paths: RunPaths, on_note) -> NoiseLevels | None:
+    """The run's noise levels at the model's resolution, or None (and a note) without them."""
+    from keras_vqpix.run_folder import RunFolderError
+    from keras_vqpix.synthetic import run_noise_levels
+
+    try:
+        return run_noise_levels(paths.root, square=True)
+    except RunFolderError as error:
+        if on_note is not None:
+            on_note(f"the generator is exported without noisy_images: {error}")
+        return None
 
 
 def _write_version_files(
@@ -668,7 +748,10 @@ def _export_versions(
             folder = stack.enter_context(
                 atomic_directory(model_dirs[GENERATOR_NAME] / str(version))
             )
-            archive = generator_archive(vqvae, prior, code_shape, method, max_samples, max_slices)
+            noise_levels = _square_noise_levels(paths, on_note)
+            archive = generator_archive(
+                vqvae, prior, code_shape, method, max_samples, max_slices, noise_levels
+            )
             archive.write_out(str(folder), verbose=False)
             write_warmup_requests(folder, GENERATOR_NAME, _generator_warmup(prior, max_slices))
             labels = (
@@ -686,6 +769,7 @@ def _export_versions(
                 )
             readme = _GENERATOR_README.format(
                 name=GENERATOR_NAME,
+                noisy=_NOISY_README if noise_levels is not None else "",
                 labels=labels,
                 method=method,
                 max_samples=max_samples,
@@ -698,5 +782,7 @@ def _export_versions(
             if patient:
                 serving["max_slices"] = max_slices
             _write_version_files(folder, paths, readme, serving)
+            if noise_levels is not None:
+                (folder / "noise_square.json").write_text(noise_levels.to_json() + "\n")
             written.append(model_dirs[GENERATOR_NAME] / str(version))
     return written

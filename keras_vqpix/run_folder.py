@@ -16,6 +16,7 @@ RUN/plots/*.png            curves, reconstructions, codebook usage, samples
 RUN/codes/*.npz            cached code maps of each split (with the VQ-VAE fingerprint)
 RUN/noise.json             acquisition-noise levels of the training slices, fitted for `vqpix
                            generate` on first use (with the VQ-VAE fingerprint they belong to)
+RUN/noise_square.json      the same at the model's resolution, for `vqpix export`
 RUN/skipped_files.txt      data files that cannot be read, left out (only when there are any)
 RUN/.lock                  held by the `vqpix train` working in the folder
 RUN/prior.keras            best PixelCNN prior by validation bits per code
@@ -72,6 +73,7 @@ class RunPaths:
     codes = property(lambda self: self.root / "codes")
     skipped_files = property(lambda self: self.root / "skipped_files.txt")
     noise = property(lambda self: self.root / "noise.json")
+    noise_square = property(lambda self: self.root / "noise_square.json")
     prior_model = property(lambda self: self.root / "prior.keras")
     prior_meta = property(lambda self: self.root / "prior.json")
     prior_history = property(lambda self: self.root / "prior_history.csv")

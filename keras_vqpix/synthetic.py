@@ -216,31 +216,44 @@ def run_noise_levels(
     run_dir: str | os.PathLike,
     *,
     batch_size: int = BATCH_SIZE,
+    square: bool = False,
 ) -> NoiseLevels:
     """The run's `keras_vqpix.noise.NoiseLevels`, fitted on its training slices on first use.
 
     Up to `NOISE_FIT_SLICES` training slices (spread over the patients) and their VQ-VAE round
-    trips, in the run's frame and stored as `generate_dataset` stores slices; cached in
-    `RUN/noise.json` with the VQ-VAE fingerprint, the frame and the fit's version (refitted
-    when any changed). A run folder that cannot be written to is fitted each time.
+    trips, in the run's frame and stored as `generate_dataset` stores slices; with `square`,
+    instead as the model sees them, the padded squares of the input pipeline, stored as float
+    (the exported generator's `noisy_images`). Cached in `RUN/noise.json` (`RUN/noise_square.json`)
+    with the VQ-VAE fingerprint, the resolution and the fit's version (refitted when any
+    changed). A run folder that cannot be written to is fitted each time.
     """
     import tensorflow as tf
 
     from keras_vqpix.data.pipeline import make_dataset
     from keras_vqpix.io import atomic_write_text
-    from keras_vqpix.run_folder import RunFolderError, RunPaths, load_splits, load_vqvae, read_json
+    from keras_vqpix.run_folder import (
+        RunFolderError,
+        RunPaths,
+        load_splits,
+        load_vqvae,
+        read_config,
+        read_json,
+    )
 
     paths = RunPaths(Path(run_dir))
-    frame = run_frame(paths.root)
     if not paths.vqvae_meta.is_file():
         raise RunFolderError(f"{paths.root} has no trained VQ-VAE yet")
+    cache = paths.noise_square if square else paths.noise
     key = {
         "vqvae_fingerprint": read_json(paths.vqvae_meta).get("fingerprint"),
-        "frame": list(frame),
         "fit_version": FIT_VERSION,
     }
-    if paths.noise.is_file():
-        cached = read_json(paths.noise)
+    if square:
+        key["square"] = read_config(paths).data.image_size
+    else:
+        key["frame"] = list(run_frame(paths.root))
+    if cache.is_file():
+        cached = read_json(cache)
         if all(cached.get(k) == v for k, v in key.items()):
             return NoiseLevels.from_json(json.dumps(cached["levels"]))
     vqvae, config, vqvae_meta = load_vqvae(paths.root)
@@ -256,20 +269,36 @@ def run_noise_levels(
     brain, background = [], []
     start = 0
     for images, _ in make_dataset(records, config.data.image_size, batch_size, cache=""):
-        means = to_frame_float(reconstruct(images).numpy(), frame)
-        for record, mean in zip(records[start : start + len(means)], means, strict=True):
-            pair = fit_noise_level(_real_slice(record.path, frame), mean, store=_written_and_read)
-            brain.append(pair[0])
-            background.append(pair[1])
+        means = reconstruct(images).numpy()
+        if square:
+            pairs = [
+                fit_noise_level(real[..., 0], mean[..., 0], store=_as_float)
+                for real, mean in zip(images.numpy(), means, strict=True)
+            ]
+        else:
+            frame = tuple(key["frame"])
+            pairs = [
+                fit_noise_level(_real_slice(record.path, frame), mean, store=_written_and_read)
+                for record, mean in zip(
+                    records[start : start + len(means)], to_frame_float(means, frame), strict=True
+                )
+            ]
+        brain += [pair[0] for pair in pairs]
+        background += [pair[1] for pair in pairs]
         start += len(means)
     levels = NoiseLevels(tuple(brain), tuple(background), tuple(r.label for r in records))
     # A read-only run keeps no cache: the fit is deterministic, so fitting again is the same.
     with contextlib.suppress(OSError):
         atomic_write_text(
-            paths.noise,
+            cache,
             json.dumps({**key, "levels": json.loads(levels.to_json())}, indent=2) + "\n",
         )
     return levels
+
+
+def _as_float(image: np.ndarray) -> np.ndarray:
+    """A slice as the exported generator returns it: float32 in [0, 1], no storage."""
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
 def _noise_columns(brain: float | None = None, background: float | None = None) -> dict:

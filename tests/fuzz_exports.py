@@ -414,13 +414,18 @@ def check_outputs(case, outputs, info):
         n = len(case.inputs["images"])
         images, codes = outputs.get("reconstruction"), outputs["codes"]
     problems = []
-    if images is not None:
-        if images.dtype != np.float32 or images.shape != (n, *info["image_shape"]):
-            problems.append(f"images {images.dtype} {images.shape}")
-        elif images.size and not (
-            np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    named = [("images", images)]
+    if case.model == "generator" and "noisy_images" in outputs:
+        named.append(("noisy_images", outputs["noisy_images"]))
+    for name, values in named:
+        if values is None:
+            continue
+        if values.dtype != np.float32 or values.shape != (n, *info["image_shape"]):
+            problems.append(f"{name} {values.dtype} {values.shape}")
+        elif values.size and not (
+            np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
         ):
-            problems.append("images outside [0, 1]")
+            problems.append(f"{name} outside [0, 1]")
     if codes is not None:
         if codes.dtype != np.int32 or codes.shape != (n, *info["code_shape"]):
             problems.append(f"codes {codes.dtype} {codes.shape}")

@@ -369,7 +369,8 @@ def test_cli_prints_the_versions_and_writes_the_layout(exported, quick_run, jobs
     os.umask(umask)
     assert f"Exported {base / 'vqvae' / '1'}" in output
     assert f"Exported {base / 'vqpix_generator' / '1'}" in output
-    for model, extra in (("vqvae", []), ("vqpix_generator", ["prior.json"])):
+    generator_files = ["prior.json", "noise_square.json"]
+    for model, extra in (("vqvae", []), ("vqpix_generator", generator_files)):
         folder = base / model
         assert sorted(p.name for p in folder.iterdir()) == ["1"]  # no temporary folder left
         version = folder / "1"
@@ -401,6 +402,10 @@ def test_cli_prints_the_versions_and_writes_the_layout(exported, quick_run, jobs
     assert prior_fingerprint in generator_readme
     assert f"num_samples int32 scalar, 1 .. {SERVING_MAX_SAMPLES}" in generator_readme
     assert "(fast sampler)" in generator_readme  # the method the archive was built with
+    # The noise levels the generator draws noisy_images from: the run's, at the model's size.
+    levels = json.loads((base / "vqpix_generator" / "1" / "noise_square.json").read_text())
+    assert levels == json.loads((quick_run / "noise_square.json").read_text())["levels"]
+    assert "noisy_images" in generator_readme
 
 
 def test_an_unknown_sampler_method_is_refused_before_any_export(quick_run, tmp_path):
@@ -593,7 +598,11 @@ def test_generator_signatures(jobs, reference):
             "temperature": ["float32", []],
             "label": ["int32", []],
         },
-        "outputs": {"images": ["float32", [None, size, size, 1]], "codes": ["int32", [None, h, w]]},
+        "outputs": {
+            "images": ["float32", [None, size, size, 1]],
+            "codes": ["int32", [None, h, w]],
+            "noisy_images": ["float32", [None, size, size, 1]],
+        },
     }
     patient = {
         "inputs": {**sample["inputs"], "num_slices": ["int32", []]},
@@ -724,3 +733,46 @@ def test_an_attention_prior_exports_a_generator_that_draws_the_codes_of_sample_c
         expected = sample_codes(prior, num_samples, seed, label, temperature)
         np.testing.assert_array_equal(codes, expected)
         assert len(np.unique(codes)) > 3
+
+
+def test_the_generator_draws_noisy_images_of_its_levels_per_class_and_patient(
+    quick_run, quick_prior, tmp_path
+):
+    """`noisy_images`: the images with Rician noise of the level of a training slice of the
+    requested class (known levels here: NC 0.02, AD 0.08), one level per patient, seeded."""
+    import tensorflow as tf
+
+    from keras_vqpix.export import generator_archive
+    from keras_vqpix.noise import NoiseLevels
+    from keras_vqpix.run_folder import load_vqvae
+
+    vqvae, config, _ = load_vqvae(quick_run)
+    code_shape = (config.code_size, config.code_size)
+    levels = NoiseLevels((0.02, 0.08), (0.01, 0.01), (0, 1))
+    archive = generator_archive(vqvae, quick_prior, code_shape, noise_levels=levels)
+    archive.write_out(str(tmp_path / "1"), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "1")).signatures
+
+    def roughness(outputs):
+        images, noisy = outputs["images"].numpy(), outputs["noisy_images"].numpy()
+        assert noisy.shape == images.shape and noisy.min() >= 0 and noisy.max() <= 1
+        bright = images > 0.3
+        assert bright.mean() > 0.1
+        return [float(np.std((n - i)[b])) for n, i, b in zip(noisy, images, bright, strict=True)]
+
+    inputs = {"seed": tf.constant(3), "temperature": tf.constant(1.0)}
+    for label, level in ((0, 0.02), (1, 0.08)):
+        drawn = loaded["sample"](num_samples=tf.constant(3), label=tf.constant(label), **inputs)
+        assert roughness(drawn) == pytest.approx([level] * 3, rel=0.2)
+    again = loaded["sample"](num_samples=tf.constant(3), label=tf.constant(1), **inputs)
+    np.testing.assert_array_equal(again["noisy_images"], drawn["noisy_images"])
+    # A patient of either class (label -1) gets one level on every slice.
+    for seed in range(3):
+        patient = loaded["sample_patient"](
+            num_slices=tf.constant(3),
+            label=tf.constant(-1),
+            seed=tf.constant(seed),
+            temperature=tf.constant(1.0),
+        )
+        spread = roughness(patient)
+        assert max(spread) / min(spread) < 1.5 and min(spread) > 0.015
