@@ -238,9 +238,7 @@ def acquisition_noise_graph(levels: NoiseLevels):
     drawn with a stateless seed, and Rician noise of that level: the same model as
     `add_noise`, another random stream (TF's stateless draws, not NumPy's).
     """
-    own = np.asarray(levels.labels)
-    pools = [np.flatnonzero(own == label) for label in (0, 1)] + [np.arange(len(own))]
-    pools = [pool if len(pool) else pools[-1] for pool in pools]
+    pools = [levels.pool(label) for label in (0, 1, UNCONDITIONAL)]  # rows 0, 1, 2
     table = np.zeros((3, max(len(p) for p in pools)), np.int32)
     for row, pool in enumerate(pools):
         table[row, : len(pool)] = pool

@@ -201,19 +201,23 @@ class NoiseLevels:
     def draw(self, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """`(brain, background)` `[n]` sigmas, each a training slice's of the class in `labels`.
 
-        A class with no fitted slice draws from all of them.
+        A class with no fitted slice draws from all of them (`pool`).
         """
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 11])))
-        own = np.asarray(self.labels)
         picks = np.empty(len(labels), np.int64)
         for index, label in enumerate(np.asarray(labels)):
-            pool = np.flatnonzero(own == label)
-            pool = pool if len(pool) else np.arange(len(own))
+            pool = self.pool(label)
             picks[index] = pool[rng.integers(len(pool))]
         return (
             np.asarray(self.brain, np.float32)[picks],
             np.asarray(self.background, np.float32)[picks],
         )
+
+    def pool(self, label: int) -> np.ndarray:
+        """Indices of the slices a sample of class `label` draws its level from: that class's,
+        or all of them for -1 (any class) or a class with no fitted slice."""
+        own = np.flatnonzero(np.asarray(self.labels) == label)
+        return own if len(own) else np.arange(len(self.labels))
 
     def summary(self) -> dict:
         """Median sigmas of each class, for records and logs."""

@@ -36,7 +36,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,9 +227,6 @@ def run_noise_levels(
     with the VQ-VAE fingerprint, the resolution and the fit's version (refitted when any
     changed). A run folder that cannot be written to is fitted each time.
     """
-    import tensorflow as tf
-
-    from keras_vqpix.data.pipeline import make_dataset
     from keras_vqpix.io import atomic_write_text
     from keras_vqpix.run_folder import (
         RunFolderError,
@@ -265,27 +262,19 @@ def run_noise_levels(
             "which is missing; restore it, or pass --no-noise"
         )
     records = spread_records(load_splits(data, config, paths).train, NOISE_FIT_SLICES)
-    reconstruct = tf.function(lambda images: vqvae(images, training=False)["reconstruction"])
     brain, background = [], []
-    start = 0
-    for images, _ in make_dataset(records, config.data.image_size, batch_size, cache=""):
-        means = reconstruct(images).numpy()
+    for first, images, means in _round_trips(vqvae, records, config.data.image_size, batch_size):
         if square:
-            pairs = [
-                fit_noise_level(real[..., 0], mean[..., 0], store=_as_float)
-                for real, mean in zip(images.numpy(), means, strict=True)
-            ]
+            reals, means, store = images[..., 0], means[..., 0], _as_float
         else:
             frame = tuple(key["frame"])
-            pairs = [
-                fit_noise_level(_real_slice(record.path, frame), mean, store=_written_and_read)
-                for record, mean in zip(
-                    records[start : start + len(means)], to_frame_float(means, frame), strict=True
-                )
-            ]
-        brain += [pair[0] for pair in pairs]
-        background += [pair[1] for pair in pairs]
-        start += len(means)
+            chunk = records[first : first + len(means)]
+            reals = [_real_slice(record.path, frame) for record in chunk]
+            means, store = to_frame_float(means, frame), _written_and_read
+        for real, mean in zip(reals, means, strict=True):
+            pair = fit_noise_level(real, mean, store=store)
+            brain.append(pair[0])
+            background.append(pair[1])
     levels = NoiseLevels(tuple(brain), tuple(background), tuple(r.label for r in records))
     # A read-only run keeps no cache: the fit is deterministic, so fitting again is the same.
     with contextlib.suppress(OSError):
@@ -294,6 +283,22 @@ def run_noise_levels(
             json.dumps({**key, "levels": json.loads(levels.to_json())}, indent=2) + "\n",
         )
     return levels
+
+
+def _round_trips(
+    vqvae, records: Sequence[SliceRecord], image_size: int, batch_size: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """`(first, images, reconstructions)` batch by batch: `records[first:]`'s images `[n, S, S,
+    1]` as training reads them and their VQ-VAE round trips, NumPy."""
+    import tensorflow as tf
+
+    from keras_vqpix.data.pipeline import make_dataset
+
+    reconstruct = tf.function(lambda images: vqvae(images, training=False)["reconstruction"])
+    first = 0
+    for images, _ in make_dataset(records, image_size, batch_size, cache=""):
+        yield first, images.numpy(), reconstruct(images).numpy()
+        first += len(images)
 
 
 def _as_float(image: np.ndarray) -> np.ndarray:
@@ -556,9 +561,6 @@ def reconstruct_dataset(
     `noise` each source patient gets a level drawn as a sampled patient's (seed 0), so samples
     and reconstructions carry the same noise model and their comparison judges the prior alone.
     """
-    import tensorflow as tf
-
-    from keras_vqpix.data.pipeline import make_dataset
     from keras_vqpix.io import atomic_directory, check_output_folder
     from keras_vqpix.run_folder import RunPaths, load_vqvae
 
@@ -575,7 +577,6 @@ def reconstruct_dataset(
     paths = RunPaths(Path(run_dir))
     frame = tuple(size) if size is not None else run_frame(paths.root)
     vqvae, config, vqvae_meta = load_vqvae(paths.root)
-    reconstruct = tf.function(lambda images: vqvae(images, training=False)["reconstruction"])
     levels = run_noise_levels(paths.root, batch_size=batch_size) if noise else None
     patient_levels = {}
     if levels is not None:
@@ -586,13 +587,12 @@ def reconstruct_dataset(
         }
     rows: list[dict] = []
     with atomic_directory(out_dir, overwrite=out_dir.exists()) as tmp:
-        dataset = make_dataset(
-            [r for _, r in records], config.data.image_size, batch_size, cache=""
+        round_trips = _round_trips(
+            vqvae, [r for _, r in records], config.data.image_size, batch_size
         )
-        start = 0
-        for batch, (images, _) in enumerate(dataset):
-            chunk = records[start : start + len(images)]
-            slices = to_frame_float(reconstruct(images).numpy(), frame)
+        for batch, (start, _, means) in enumerate(round_trips):
+            chunk = records[start : start + len(means)]
+            slices = to_frame_float(means, frame)
             if levels is not None:
                 pairs = np.array([patient_levels[r.patient] for _, r in chunk])
                 slices = add_noise(slices, pairs[:, 0], pairs[:, 1], batch_seed(0, batch))
@@ -615,9 +615,8 @@ def reconstruct_dataset(
                     }
                 )
             _write_slices(tmp, names, to_pixels(slices))
-            start += len(chunk)
             if on_progress is not None:
-                on_progress(start, len(records))
+                on_progress(start + len(chunk), len(records))
         _write_manifest(tmp / "manifest.csv", rows)
         record = {
             "kind": "reconstructions",
