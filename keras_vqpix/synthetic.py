@@ -250,9 +250,11 @@ def run_noise_levels(
     else:
         key["frame"] = list(run_frame(paths.root))
     if cache.is_file():
-        cached = read_json(cache)
-        if all(cached.get(k) == v for k, v in key.items()):
-            return NoiseLevels.from_json(json.dumps(cached["levels"]))
+        # A cache, so a file that is not one (edited, another tool's) is fitted again.
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            cached = read_json(cache)
+            if all(cached.get(k) == v for k, v in key.items()):
+                return NoiseLevels.from_json(json.dumps(cached["levels"]))
     vqvae, config, vqvae_meta = load_vqvae(paths.root)
     key["vqvae_fingerprint"] = vqvae_meta.get("fingerprint")
     data = Path(read_json(paths.split).get("data", ""))

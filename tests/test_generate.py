@@ -191,6 +191,11 @@ def test_generate_draws_the_runs_noise_levels(quick_run, tiny_adni, tmp_path):
     assert {r["noise_brain"] for r in rows} == {"0.050000"}
     assert json.loads((rec / "generator.json").read_text())["options"]["noise"] is True
 
+    # A damaged cache is no cache: fitted again (and rewritten) instead of failing.
+    (run / "noise.json").write_text("{not json")
+    generate("after_damage")
+    assert json.loads((run / "noise.json").read_text())["levels"] == fitted["levels"]
+
     # Levels to fit and no training slices to fit them on: one line naming the way out.
     (run / "noise.json").unlink()
     split = json.loads((run / "split.json").read_text())
