@@ -75,6 +75,15 @@ from .common import SizeType, first_slices_option, guidance_option, user_errors
     help="Draw MRI acquisition noise (Rician, levels fitted to the run's training slices) on "
     "the decoded slices; --no-noise writes the decoder's noise-free means.",
 )
+@click.option(
+    "--refine",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="F",
+    help="Draw F candidate slices per slice written and keep those a classifier finds most "
+    "like the run's training slices (discriminator resampling; 1: off; single slices only).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.pass_context
 def generate(
@@ -91,6 +100,7 @@ def generate(
     size,
     reconstruct_data,
     noise,
+    refine,
     overwrite,
 ) -> None:
     """Write a synthetic data set drawn from the run RUN into --out, in the ADNI layout.
@@ -112,6 +122,7 @@ def generate(
             "test_fraction",
             "seed",
             "temperature",
+            "refine",
         )
         given = [
             name
@@ -135,6 +146,8 @@ def generate(
         if guidance is not None:
             words += ["--guidance", f"{guidance:g}"]
         words += ["--seed", str(seed), "--temperature", f"{temperature:g}"]
+        if refine > 1:
+            words += ["--refine", str(refine)]
     if size is not None:
         words += ["--size", f"{size[0]}x{size[1]}"]
     if not noise:
@@ -177,5 +190,6 @@ def generate(
                     command=command,
                     on_progress=progress,
                     noise=noise,
+                    refine=refine,
                 )
     click.echo(summary.format())

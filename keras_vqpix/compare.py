@@ -259,7 +259,8 @@ def train_slice_classifier(
     return model
 
 
-def _scores(model, images: np.ndarray) -> np.ndarray:
+def slice_scores(model, images: np.ndarray) -> np.ndarray:
+    """`[N]` float32 logits of a `train_slice_classifier` model for `images` `[N, H, W, 1]`."""
     if not len(images):
         return np.zeros(0, np.float32)  # never call a model on zero images (oneDNN)
     return np.asarray(model.predict(images, batch_size=_PREDICT_BATCH, verbose=0), np.float32)
@@ -299,11 +300,11 @@ def judge_once(
         curves[name] = (np.asarray(labels), np.asarray(scores))
 
     trtr = train_slice_classifier(real_train.images, real_train.labels, config, seed)
-    record("trtr_auc", real_test.labels, _scores(trtr, real_test.images), real_test.patients)
+    record("trtr_auc", real_test.labels, slice_scores(trtr, real_test.images), real_test.patients)
     record(
         "fidelity_auc",
         synthetic_all.labels,
-        _scores(trtr, synthetic_all.images),
+        slice_scores(trtr, synthetic_all.images),
         synthetic_all.patients,
     )
     # Distances from the held-apart synthetic slices and from the real test slices, with as
@@ -326,12 +327,14 @@ def judge_once(
     # Classifiers train on the synthetic train split only: the test split stays held apart
     # (for reconstructions it holds the real test patients' slices).
     tstr = train_slice_classifier(synthetic_train.images, synthetic_train.labels, config, seed)
-    record("tstr_auc", real_test.labels, _scores(tstr, real_test.images), real_test.patients)
+    record("tstr_auc", real_test.labels, slice_scores(tstr, real_test.images), real_test.patients)
     del tstr
 
     augmented = _join(real_train, synthetic_train)
     model = train_slice_classifier(augmented.images, augmented.labels, config, seed)
-    record("augmented_auc", real_test.labels, _scores(model, real_test.images), real_test.patients)
+    record(
+        "augmented_auc", real_test.labels, slice_scores(model, real_test.images), real_test.patients
+    )
     del model
 
     # Real vs synthetic: label 1 = synthetic; tested on slices neither side was trained on.
@@ -340,7 +343,7 @@ def judge_once(
     model = train_slice_classifier(c2st_images, c2st_labels, config, seed)
     test = _join(real_test, synthetic_test)
     test_labels = np.concatenate([np.zeros(len(real_test)), np.ones(len(synthetic_test))])
-    scores = _scores(model, test.images)
+    scores = slice_scores(model, test.images)
     record("c2st_auc", test_labels, scores, test.patients)
     # The same classifier's AUC within each class: whose synthetic slices give themselves away.
     for label, name in enumerate(CLASS_NAMES):

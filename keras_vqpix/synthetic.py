@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_vqpix.config import RefineConfig
 from keras_vqpix.data.discover import (
     CLASS_NAMES,
     SliceRecord,
@@ -228,14 +229,7 @@ def run_noise_levels(
     changed). A run folder that cannot be written to is fitted each time.
     """
     from keras_vqpix.io import atomic_write_text
-    from keras_vqpix.run_folder import (
-        RunFolderError,
-        RunPaths,
-        load_splits,
-        load_vqvae,
-        read_config,
-        read_json,
-    )
+    from keras_vqpix.run_folder import RunFolderError, RunPaths, load_vqvae, read_config, read_json
 
     paths = RunPaths(Path(run_dir))
     if not paths.vqvae_meta.is_file():
@@ -257,13 +251,9 @@ def run_noise_levels(
                 return NoiseLevels.from_json(json.dumps(cached["levels"]))
     vqvae, config, vqvae_meta = load_vqvae(paths.root)
     key["vqvae_fingerprint"] = vqvae_meta.get("fingerprint")
-    data = Path(read_json(paths.split).get("data", ""))
-    if not data.is_dir():
-        raise RunFolderError(
-            f"the noise levels of {paths.root} are fitted on its training slices in {data}, "
-            "which is missing; restore it, or pass --no-noise"
-        )
-    records = spread_records(load_splits(data, config, paths).train, NOISE_FIT_SLICES)
+    records = _training_records(
+        paths, config, NOISE_FIT_SLICES, "the noise levels", "pass --no-noise"
+    )
     brain, background = [], []
     for first, images, means in _round_trips(vqvae, records, config.data.image_size, batch_size):
         if square:
@@ -285,6 +275,20 @@ def run_noise_levels(
             json.dumps({**key, "levels": json.loads(levels.to_json())}, indent=2) + "\n",
         )
     return levels
+
+
+def _training_records(paths, config, count: int, what: str, instead: str) -> list[SliceRecord]:
+    """Up to `count` of the run's training slices, spread over the patients; a clear error
+    naming `what` needs them and what to do `instead` when the data folder is gone."""
+    from keras_vqpix.run_folder import RunFolderError, load_splits, read_json
+
+    data = Path(read_json(paths.split).get("data", ""))
+    if not data.is_dir():
+        raise RunFolderError(
+            f"{what} of {paths.root} are fitted on its training slices in {data}, which is "
+            f"missing; restore it, or {instead}"
+        )
+    return spread_records(load_splits(data, config, paths).train, count)
 
 
 def _round_trips(
@@ -340,6 +344,96 @@ def _run_record(paths, vqvae_meta: dict, prior_meta: dict | None, config) -> dic
     return record
 
 
+# -- Discriminator resampling (--refine) -----------------------------------------------------------
+@dataclass
+class _Draw:
+    """Code maps `[n, S, h, w]` with each map's label, batch seed and index in its batch."""
+
+    codes: np.ndarray
+    labels: np.ndarray
+    seeds: np.ndarray
+    map_index: np.ndarray
+
+    def take(self, index) -> _Draw:
+        return _Draw(
+            self.codes[index], self.labels[index], self.seeds[index], self.map_index[index]
+        )
+
+    @staticmethod
+    def join(parts: Sequence[_Draw]) -> _Draw:
+        return _Draw(
+            *(
+                np.concatenate([getattr(p, name) for p in parts])
+                for name in ("codes", "labels", "seeds", "map_index")
+            )
+        )
+
+
+@dataclass
+class _Refined:
+    kept: _Draw
+    record: dict
+
+
+def _rebatched(draw: _Draw, batch_size: int) -> Iterator[_Draw]:
+    for start in range(0, len(draw.labels), batch_size):
+        yield draw.take(slice(start, start + batch_size))
+
+
+def _refine(
+    paths,
+    vqvae,
+    config,
+    draws: Iterator[_Draw],
+    labels: np.ndarray,
+    per_class: int,
+    seed: int,
+    batch_size: int,
+    refine_config: RefineConfig,
+    on_progress: Callable[[int, int], None] | None,
+) -> _Refined:
+    """Keep `per_class` of the candidate maps `draws` of each class (`keras_vqpix.refine`)."""
+    from keras_vqpix.refine import downsampled, log_density_ratio, resample, view_factor
+    from keras_vqpix.sampling import decode_codes
+
+    real_records = _training_records(
+        paths, config, refine_config.real_slices, "--refine's real slices", "leave out --refine"
+    )
+    factor = view_factor(config.data.image_size, refine_config)
+    parts: list[_Draw] = []
+    views = []
+    for draw in draws:
+        parts.append(draw)
+        views.append(downsampled(decode_codes(vqvae, draw.codes[:, 0]), factor))
+        if on_progress is not None:
+            on_progress(sum(len(p.labels) for p in parts), len(labels))
+    real = np.concatenate(
+        [
+            downsampled(means, factor)
+            for _, _, means in _round_trips(vqvae, real_records, config.data.image_size, batch_size)
+        ]
+    )
+    log_weights = log_density_ratio(real, np.concatenate(views), refine_config, seed)
+    classes = range(len(CLASS_NAMES))
+    kept = resample(log_weights, labels, {c: per_class for c in classes}, seed)
+    chosen = np.zeros(len(labels), bool)
+    chosen[kept] = True
+    record = {
+        "method": "discriminator resampling (keras_vqpix.refine): candidates drawn per slice "
+        "kept, weighed by a classifier against the run's training slices",
+        "candidates": len(labels),
+        "kept": len(kept),
+        "real_slices": len(real),
+        "config": refine_config.to_dict(),
+        "view": f"{config.data.image_size // factor} px ({factor}x area downsampling)",
+        "log_weight_mean": {
+            "kept": float(log_weights[chosen].mean()),
+            "dropped": float(log_weights[~chosen].mean()) if (~chosen).any() else None,
+        },
+    }
+    return _Refined(_Draw.join(parts).take(kept), record)
+
+
 def generate_dataset(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -357,6 +451,8 @@ def generate_dataset(
     guidance: float | None = None,
     first_slices_from: str | os.PathLike | None = None,
     noise: bool = True,
+    refine: int = 1,
+    refine_config: RefineConfig | None = None,
 ) -> GenerateSummary:
     """Sample a labelled data set from the run's conditional prior into `out_dir` (module docstring).
 
@@ -383,6 +479,10 @@ def generate_dataset(
         noise: draw acquisition noise on the decoded slices (`keras_vqpix.noise`), one level
             per patient from the run's training slices of its class (`run_noise_levels`);
             False writes the decoder's noise-free means.
+        refine: F, candidate slices drawn per slice written: 1 writes the prior's draw; F > 1
+            keeps `per_class` of F times as many per class by discriminator resampling against
+            the run's training slices (`keras_vqpix.refine`; single slices only).
+        refine_config: the resampling's settings (default `RefineConfig()`).
     """
     from keras_vqpix.io import atomic_directory, check_output_folder
     from keras_vqpix.run_folder import RunPaths, load_prior, load_vqvae
@@ -415,6 +515,13 @@ def generate_dataset(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 1:
+        raise ValueError(f"--refine must be an int >= 1. Received: refine={refine!r}")
+    if refine > 1 and stack > 1:
+        raise ValueError(
+            "--refine applies to single slices; whole patients (--slices-per-patient > 1) are "
+            "written as the prior draws them"
+        )
     seed = check_seed(seed)
     temperature = check_temperature(temperature)
     try:
@@ -445,47 +552,69 @@ def generate_dataset(
         first_prior, first_meta = load_first_prior(first_slices_from, paths.root, vqvae_meta, prior)
     levels = run_noise_levels(paths.root, batch_size=batch_size) if noise else None
     patients = per_class // stack
-    labels = np.repeat(np.arange(len(CLASS_NAMES), dtype=np.int32), patients)
-    number = np.tile(np.arange(patients), len(CLASS_NAMES))
     test_count = int(round(test_fraction * patients))
-    splits = np.where(number >= patients - test_count, "test", "train")
-    rows: list[dict] = []
-    with atomic_directory(out_dir, overwrite=out_dir.exists()) as tmp:
+
+    def draws(labels: np.ndarray) -> Iterator[_Draw]:
         for batch, start in enumerate(range(0, len(labels), batch_size)):
-            chunk = slice(start, start + batch_size)
+            chunk = labels[start : start + batch_size]
             draw_seed = batch_seed(seed, batch)
             if stack == 1:
                 codes = sample_codes(
-                    prior,
-                    len(labels[chunk]),
-                    draw_seed,
-                    labels[chunk],
-                    temperature,
-                    guidance=guidance,
+                    prior, len(chunk), draw_seed, chunk, temperature, guidance=guidance
                 )[:, None]
             else:
                 codes = sample_stacks(
                     prior,
-                    len(labels[chunk]),
+                    len(chunk),
                     stack,
                     draw_seed,
-                    labels[chunk],
+                    chunk,
                     temperature,
                     guidance=guidance,
                     first_prior=first_prior,
                 )
-            slices = to_frame_float(decode_codes(vqvae, codes.reshape(-1, *codes.shape[2:])), frame)
-            brain = background = np.full(len(labels[chunk]), None)
+            count = len(chunk)
+            yield _Draw(codes, chunk, np.full(count, draw_seed), np.arange(count))
+
+    labels = np.repeat(np.arange(len(CLASS_NAMES), dtype=np.int32), patients)
+    refined = None
+    if refine > 1:
+        candidates = np.repeat(labels, refine)
+        refined = _refine(
+            paths,
+            vqvae,
+            config,
+            draws(candidates),
+            candidates,
+            patients,
+            seed,
+            batch_size,
+            refine_config or RefineConfig(),
+            on_progress,
+        )
+        batches = _rebatched(refined.kept, batch_size)
+    else:
+        batches = draws(labels)
+    rows: list[dict] = []
+    done = 0
+    with atomic_directory(out_dir, overwrite=out_dir.exists()) as tmp:
+        for batch, draw in enumerate(batches):
+            noise_seed = batch_seed(seed, batch)
+            slices = to_frame_float(
+                decode_codes(vqvae, draw.codes.reshape(-1, *draw.codes.shape[2:])), frame
+            )
+            count = len(draw.labels)
+            brain = background = np.full(count, None)
             if levels is not None:  # one level per patient, the same on all its slices
-                brain, background = levels.draw(labels[chunk], draw_seed)
+                brain, background = levels.draw(draw.labels, noise_seed)
                 slices = add_noise(
-                    slices, np.repeat(brain, stack), np.repeat(background, stack), draw_seed
+                    slices, np.repeat(brain, stack), np.repeat(background, stack), noise_seed
                 )
             names = []
-            for index, (label, k, split) in enumerate(
-                zip(labels[chunk], number[chunk], splits[chunk], strict=True)
-            ):
+            for index, label in enumerate(draw.labels):
                 name = CLASS_NAMES[label]
+                k = (done + index) % patients  # the class's patients in drawing order
+                split = "test" if k >= patients - test_count else "train"
                 patient = f"syn{seed}-{name}-{k:05d}"
                 for z in range(stack):
                     names.append((split, name, f"{patient}_{z}.jpeg"))
@@ -495,17 +624,17 @@ def generate_dataset(
                             "split": split,
                             "label": name,
                             "patient": patient,
-                            "seed": draw_seed,
-                            "map_index": index,
+                            "seed": int(draw.seeds[index]),
+                            "map_index": int(draw.map_index[index]),
                             "temperature": temperature,
                             "source": "",
                             **_noise_columns(brain[index], background[index]),
                         }
                     )
             _write_slices(tmp, names, to_pixels(slices))
-            if on_progress is not None:
-                done = min(start + batch_size, len(labels)) * stack
-                on_progress(done, len(labels) * stack)
+            done += count
+            if on_progress is not None and refined is None:
+                on_progress(done * stack, len(labels) * stack)
         _write_manifest(tmp / "manifest.csv", rows)
         record = {
             "kind": "samples",
@@ -522,8 +651,10 @@ def generate_dataset(
                 "guidance": guidance,
                 "first_slices_from": None if first_slices_from is None else str(first_slices_from),
                 "noise": noise,
+                "refine": refine,
             },
             "noise": _noise_record(paths, levels),
+            "refine": None if refined is None else refined.record,
             "frame": list(frame),
             "patients": (
                 "each synthetic slice is its own patient (slices are drawn one at a time)"

@@ -206,3 +206,52 @@ def test_generate_draws_the_runs_noise_levels(quick_run, tiny_adni, tmp_path):
     assert (
         CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x"), "--no-noise"]).exit_code == 0
     )
+
+
+def test_generate_refine_keeps_each_class_and_records_each_slices_draw(quick_run, tmp_path):
+    from keras_vqpix.run_folder import load_prior, load_vqvae
+    from keras_vqpix.sampling import decode_codes, sample_codes
+    from keras_vqpix.synthetic import batch_seed
+
+    args = ["generate", str(quick_run), "--per-class", "6", "--test-fraction", "0.5"]
+    args += ["--refine", "3", "--no-noise", "--seed", "2"]
+    out = tmp_path / "refined"
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Wrote 12 slices" in result.output
+    rows = list(csv.DictReader((out / "manifest.csv").read_text().splitlines()))
+    for name in ("NC", "AD"):
+        assert (
+            sorted(r["split"] for r in rows if r["label"] == name) == ["test"] * 3 + ["train"] * 3
+        )
+    record = json.loads((out / "generator.json").read_text())
+    assert record["options"]["refine"] == 3 and "--refine 3" in record["command"]
+    assert record["refine"]["candidates"] == 36 and record["refine"]["kept"] == 12
+    # The kept are 12 distinct maps of the one batch of 36 candidates (18 per class)...
+    assert {r["seed"] for r in rows} == {str(batch_seed(2, 0))}
+    index = sorted(int(r["map_index"]) for r in rows)
+    assert len(set(index)) == 12 and index[5] < 18 <= index[6]
+    # ... and each file is its map: drawn again from the manifest's seed and index.
+    vqvae, _, vqvae_meta = load_vqvae(quick_run)
+    prior, _ = load_prior(quick_run, vqvae_meta)
+    labels = np.repeat(np.arange(2, dtype=np.int32), 18)
+    redrawn = to_frame(
+        decode_codes(vqvae, sample_codes(prior, 36, batch_seed(2, 0), labels)), (256, 240)
+    )
+    for row in rows:
+        written = np.asarray(Image.open(out / row["file"]), np.float32)
+        assert np.abs(written - redrawn[int(row["map_index"])]).mean() < 2.0, row["file"]
+    again = tmp_path / "again"
+    assert CliRunner().invoke(main, [*args, "--out", str(again)]).exit_code == 0
+    assert _files(again) == _files(out)  # same seed, same bytes
+
+    for refused, message in (
+        ([*args, "--slices-per-patient", "2"], "--refine applies to single slices"),
+        (
+            ["generate", str(quick_run), "--reconstruct", str(quick_run), "--refine", "2"],
+            "--refine applies to sampling",
+        ),
+    ):
+        result = CliRunner().invoke(main, [*refused, "--out", str(tmp_path / "no")])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "no").exists()

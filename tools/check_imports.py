@@ -49,12 +49,14 @@ LAYERS = (
     ("code maps and sample statistics", ("keras_vqpix.codes", "keras_vqpix.sample_quality")),
     ("training", ("keras_vqpix.training", "keras_vqpix.training.*")),
     (
-        "evaluation, export, synthetic data sets, judging them, the prior's likelihood",
+        "evaluation, export, synthetic data sets, judging and refining them, the prior's "
+        "likelihood",
         (
             "keras_vqpix.evaluation",
             "keras_vqpix.export",
             "keras_vqpix.synthetic",
             "keras_vqpix.compare",
+            "keras_vqpix.refine",
             "keras_vqpix.likelihood",
         ),
     ),
