@@ -22,6 +22,9 @@ then isolates the prior, `vqpix compare RECONSTRUCTIONS --real DATA` the decoder
   Rician, one level per patient drawn from the run's training slices of its class, fitted on
   first use by `run_noise_levels` and cached in `RUN/noise.json`); `noise=False`
   (`--no-noise`) writes the decoder's noise-free means.
+- Refined (`refine=F`, `--refine F`, single slices): F times as many maps are drawn and
+  `per_class` of each class kept by discriminator resampling against the run's training
+  slices (`keras_vqpix.refine`); each kept slice keeps the seed and map index of its draw.
 - Reproducible: map `j` of batch `b` is drawn with the batch seed `batch_seed(seed, b)`; the
   same run, seed, temperature and counts give the same bytes. `manifest.csv` records every
   file's split, label, seed, map index and temperature (or source for reconstructions),
