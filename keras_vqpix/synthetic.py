@@ -255,7 +255,7 @@ def run_noise_levels(
     vqvae, config, vqvae_meta = load_vqvae(paths.root)
     key["vqvae_fingerprint"] = vqvae_meta.get("fingerprint")
     records = _training_records(
-        paths, config, NOISE_FIT_SLICES, "the noise levels", "pass --no-noise"
+        paths, config, NOISE_FIT_SLICES, "the noise levels are fitted on", "pass --no-noise"
     )
     brain, background = [], []
     for first, images, means in _round_trips(vqvae, records, config.data.image_size, batch_size):
@@ -280,16 +280,16 @@ def run_noise_levels(
     return levels
 
 
-def _training_records(paths, config, count: int, what: str, instead: str) -> list[SliceRecord]:
-    """Up to `count` of the run's training slices, spread over the patients; a clear error
-    naming `what` needs them and what to do `instead` when the data folder is gone."""
+def _training_records(paths, config, count: int, needs: str, instead: str) -> list[SliceRecord]:
+    """Up to `count` of the run's training slices, spread over the patients; when the data
+    folder is gone, a one-line error saying what `needs` them and what to do `instead`."""
     from keras_vqpix.run_folder import RunFolderError, load_splits, read_json
 
     data = Path(read_json(paths.split).get("data", ""))
     if not data.is_dir():
         raise RunFolderError(
-            f"{what} of {paths.root} are fitted on its training slices in {data}, which is "
-            f"missing; restore it, or {instead}"
+            f"{needs} the training slices of {paths.root} in {data}, which is missing; "
+            f"restore it, or {instead}"
         )
     return spread_records(load_splits(data, config, paths).train, count)
 
@@ -400,7 +400,11 @@ def _refine(
     from keras_vqpix.sampling import decode_codes
 
     real_records = _training_records(
-        paths, config, refine_config.real_slices, "--refine's real slices", "leave out --refine"
+        paths,
+        config,
+        refine_config.real_slices,
+        "--refine weighs the samples against",
+        "leave out --refine",
     )
     factor = view_factor(config.data.image_size, refine_config)
     parts: list[_Draw] = []

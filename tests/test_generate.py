@@ -206,6 +206,11 @@ def test_generate_draws_the_runs_noise_levels(quick_run, tiny_adni, tmp_path):
     assert (
         CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x"), "--no-noise"]).exit_code == 0
     )
+    # --refine weighs samples against the same training slices: the same kind of line.
+    refined = ["generate", str(run), "--per-class", "2", "--no-noise", "--refine", "2"]
+    result = CliRunner().invoke(main, [*refined, "--out", str(tmp_path / "no_refine")])
+    assert result.exit_code == 2 and "leave out --refine" in result.output, result.output
+    assert not (tmp_path / "no_refine").exists()
 
 
 def test_generate_refine_keeps_each_class_and_records_each_slices_draw(quick_run, tmp_path):
