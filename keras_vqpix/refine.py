@@ -83,9 +83,7 @@ def log_density_ratio(
         images = np.concatenate([real, others])
         labels = np.r_[np.zeros(len(real)), np.ones(len(others))]
         for member in range(config.ensemble):
-            model = train_slice_classifier(
-                images, labels, judge, seed=seed * 1000 + f * 10 + member
-            )
+            model = train_slice_classifier(images, labels, judge, seed=_seed(seed, f, member))
             logits[fold == f] += slice_scores(model, candidates[fold == f]) / config.ensemble
     return -logits
 
@@ -102,7 +100,8 @@ def resample(
     """
     log_weights = np.asarray(log_weights, np.float64)
     groups = np.asarray(groups)
-    keys = log_weights + np.random.default_rng(seed).gumbel(size=len(log_weights))
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, 17]))
+    keys = log_weights + rng.gumbel(size=len(log_weights))
     kept = []
     for group, count in sorted(counts.items()):
         members = np.flatnonzero(groups == group)
@@ -111,3 +110,9 @@ def resample(
         # A stable sort of -keys: ties (equal -inf keys) keep the candidates' order.
         kept.append(members[np.argsort(-keys[members], kind="stable")[:count]])
     return np.sort(np.concatenate(kept)) if kept else np.zeros(0, np.int64)
+
+
+def _seed(seed: int, *path: int) -> int:
+    """A non-negative int31 for Keras from any int32 `seed` (negative too) and a path of ints."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, *path]).generate_state(1)[0]
+    return int(state) & 0x7FFFFFFF

@@ -44,6 +44,9 @@ def test_resample_draws_in_proportion_without_replacement():
     for seed in range(2000):
         counts[resample(np.zeros(10), np.zeros(10), {0: 5}, seed)] += 1
     assert np.allclose(counts / 2000, 0.5, atol=0.05)
+    # Any int32 seed: negative and the largest too.
+    for seed in (-(2**31), -1, 2**31 - 1):
+        assert len(resample(log_weights, groups, {0: 2}, seed)) == 2
     with pytest.raises(ValueError, match="group 1 has 4 candidates; 5"):
         resample(log_weights, groups, {1: 5}, 0)
 
@@ -74,6 +77,9 @@ def test_resampling_by_the_learnt_ratio_drops_the_flawed_candidates():
     # Same arrays, same seed: the same weights.
     again = log_density_ratio(real, candidates, RefineConfig(ensemble=1), seed=1)
     assert np.allclose(again, log_weights, atol=1e-5)
+    for seed in (-(2**31), 2**31 - 1):  # any int32 seed seeds the classifiers
+        tiny = log_density_ratio(real[:4], candidates[:4], RefineConfig(ensemble=1), seed=seed)
+        assert tiny.shape == (4,) and np.isfinite(tiny).all()
     with pytest.raises(ValueError, match="at least 2 candidates"):
         log_density_ratio(real, candidates[:1])
 
