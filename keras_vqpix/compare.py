@@ -149,6 +149,16 @@ def kernel_distance(a: np.ndarray, b: np.ndarray) -> float:
     )
 
 
+def area_downsampled(images: np.ndarray, factor: int) -> np.ndarray:
+    """`[N, H // factor, W // factor, C]` float32: a `factor`x area downsampling (the mean of
+    each `factor` x `factor` block; rows and columns past the last whole block are dropped)."""
+    if factor == 1:
+        return np.asarray(images, np.float32)
+    import tensorflow as tf
+
+    return tf.nn.avg_pool2d(np.asarray(images, np.float32), factor, factor, "VALID").numpy()
+
+
 # -- Data ------------------------------------------------------------------------------------------
 @dataclass
 class SliceSet:
@@ -175,12 +185,10 @@ class SliceSet:
         return len(self.images)
 
     def downsampled(self, factor: int) -> SliceSet:
-        """The set after a `factor`x area (average-pool) downsampling."""
+        """The set after a `factor`x area (average-pool) downsampling (`area_downsampled`)."""
         if factor == 1:
             return self
-        import tensorflow as tf
-
-        images = tf.nn.avg_pool2d(self.images, factor, factor, "VALID").numpy()
+        images = area_downsampled(self.images, factor)
         return SliceSet(images, self.labels, self.patients, self.slices)
 
     def subset(self, index: np.ndarray) -> SliceSet:

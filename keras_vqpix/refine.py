@@ -34,17 +34,6 @@ import numpy as np
 from keras_vqpix.config import CompareConfig, RefineConfig
 
 
-def downsampled(images: np.ndarray, factor: int) -> np.ndarray:
-    """`[N, H // factor, W // factor, C]` float32: a `factor`x area (block mean) downsampling."""
-    images = np.asarray(images, np.float32)
-    n, height, width, channels = images.shape
-    height, width = height // factor * factor, width // factor * factor
-    blocks = images[:, :height, :width].reshape(
-        n, height // factor, factor, width // factor, factor, channels
-    )
-    return blocks.mean(axis=(2, 4), dtype=np.float32)
-
-
 def view_factor(image_size: int, config: RefineConfig | None = None) -> int:
     """The downsampling the classifier gets: `config.downsample`, or less for small images, so
     the view keeps the `2 ** len(widths)` pixels `SliceClassifier` needs (16 by default)."""

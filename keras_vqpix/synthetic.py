@@ -396,7 +396,8 @@ def _refine(
     on_progress: Callable[[int, int], None] | None,
 ) -> _Refined:
     """Keep `per_class` of the candidate maps `draws` of each class (`keras_vqpix.refine`)."""
-    from keras_vqpix.refine import downsampled, log_density_ratio, resample, view_factor
+    from keras_vqpix.compare import area_downsampled
+    from keras_vqpix.refine import log_density_ratio, resample, view_factor
     from keras_vqpix.sampling import decode_codes
 
     real_records = _training_records(
@@ -409,14 +410,16 @@ def _refine(
     factor = view_factor(config.data.image_size, refine_config)
     parts: list[_Draw] = []
     views = []
+    drawn = 0
     for draw in draws:
         parts.append(draw)
-        views.append(downsampled(decode_codes(vqvae, draw.codes[:, 0]), factor))
+        views.append(area_downsampled(decode_codes(vqvae, draw.codes[:, 0]), factor))
+        drawn += len(draw.labels)
         if on_progress is not None:
-            on_progress(sum(len(p.labels) for p in parts), len(labels))
+            on_progress(drawn, len(labels))
     real = np.concatenate(
         [
-            downsampled(means, factor)
+            area_downsampled(means, factor)
             for _, _, means in _round_trips(vqvae, real_records, config.data.image_size, batch_size)
         ]
     )

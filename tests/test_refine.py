@@ -5,18 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from keras_vqpix.compare import area_downsampled
 from keras_vqpix.config import RefineConfig
 from keras_vqpix.metrics import roc_auc
-from keras_vqpix.refine import downsampled, log_density_ratio, resample, view_factor
+from keras_vqpix.refine import log_density_ratio, resample, view_factor
 
 
-def test_downsampled_is_the_block_mean():
+def test_area_downsampled_is_the_block_mean():
     images = np.arange(2 * 4 * 6, dtype=np.float32).reshape(2, 4, 6, 1)
-    small = downsampled(images, 2)
+    small = area_downsampled(images, 2)
     assert small.shape == (2, 2, 3, 1)
     assert small[0, 0, 0, 0] == pytest.approx((0 + 1 + 6 + 7) / 4)
     assert small[1, 1, 2, 0] == pytest.approx(images[1, 2:4, 4:6].mean())
-    assert downsampled(images, 1).shape == images.shape
+    assert area_downsampled(images, 1).shape == images.shape
 
 
 def test_view_factor_keeps_the_classifier_input_large_enough():
