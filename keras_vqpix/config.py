@@ -559,12 +559,16 @@ class RefineConfig:
             ratio: 3 members gave a c2st 0.02 lower than 1 on the default run).
         real_slices: int, at most this many of the run's training slices (spread over the
             patients) form the real side.
+        by_class: bool, estimate the ratio within each class (real AD slices against the
+            candidates drawn for AD, and so for NC), the weight a class-conditional draw needs;
+            False pools both classes on each side.
     """
 
     downsample: int = 4
     folds: int = 2
     ensemble: int = 3
     real_slices: int = 4096
+    by_class: bool = False
 
     def __post_init__(self) -> None:
         _check(

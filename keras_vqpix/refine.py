@@ -21,6 +21,11 @@ Sampling", https://arxiv.org/abs/1810.06758).
 - The real side is the run's training split only: `vqpix compare` tests on other patients.
 - Kept without replacement, in proportion to the weights, within each class: Gumbel top-k
   (Kool et al. 2019, https://arxiv.org/abs/1903.06059), seeded.
+- With `RefineConfig.by_class`, the ratio is estimated within each class, real slices of
+  class y against candidates drawn for y: log p_data(x | y) / p_model(x | y), the weight a
+  class-conditional draw needs. A candidate drawn for AD that looks like a real NC slice is
+  then dropped, where the pooled ratio (real slices of both classes against candidates of
+  both) would keep it.
 
 The kept set is no longer an exact draw of the prior: it is the prior's draw reweighted by a
 classifier, which is the point (each kept slice is still reproducible from its seed and map
@@ -75,6 +80,33 @@ def log_density_ratio(
             model = train_slice_classifier(images, labels, judge, seed=_seed(seed, f, member))
             logits[fold == f] += slice_scores(model, candidates[fold == f]) / config.ensemble
     return -logits
+
+
+def class_log_density_ratio(
+    real: np.ndarray,
+    real_labels: np.ndarray,
+    candidates: np.ndarray,
+    labels: np.ndarray,
+    config: RefineConfig | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """`[N]` float64: the estimated log p_data(x | y) / p_model(x | y) of each candidate x drawn
+    for class y = `labels`, by `log_density_ratio` within each class (`real` of the class
+    `real_labels` against its candidates; classifiers seeded per class).
+
+    Raises:
+        ValueError: a class of the candidates has no real slices, or fewer candidates than folds.
+    """
+    real_labels, labels = np.asarray(real_labels), np.asarray(labels)
+    ratio = np.zeros(len(candidates), np.float64)
+    for label in np.unique(labels):
+        ours = labels == label
+        if not (real_labels == label).any():
+            raise ValueError(f"no real slices of class {label} to weigh its candidates against")
+        ratio[ours] = log_density_ratio(
+            real[real_labels == label], candidates[ours], config, _seed(seed, 1000 + int(label))
+        )
+    return ratio
 
 
 def resample(

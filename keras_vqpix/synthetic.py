@@ -397,7 +397,12 @@ def _refine(
 ) -> _Refined:
     """Keep `per_class` of the candidate maps `draws` of each class (`keras_vqpix.refine`)."""
     from keras_vqpix.compare import area_downsampled
-    from keras_vqpix.refine import log_density_ratio, resample, view_factor
+    from keras_vqpix.refine import (
+        class_log_density_ratio,
+        log_density_ratio,
+        resample,
+        view_factor,
+    )
     from keras_vqpix.sampling import decode_codes
 
     real_records = _training_records(
@@ -423,7 +428,13 @@ def _refine(
             for _, _, means in _round_trips(vqvae, real_records, config.data.image_size, batch_size)
         ]
     )
-    log_weights = log_density_ratio(real, np.concatenate(views), refine_config, seed)
+    if refine_config.by_class:
+        real_labels = np.array([r.label for r in real_records])
+        log_weights = class_log_density_ratio(
+            real, real_labels, np.concatenate(views), labels, refine_config, seed
+        )
+    else:
+        log_weights = log_density_ratio(real, np.concatenate(views), refine_config, seed)
     classes = range(len(CLASS_NAMES))
     kept = resample(log_weights, labels, {c: per_class for c in classes}, seed)
     chosen = np.zeros(len(labels), bool)

@@ -8,7 +8,7 @@ import pytest
 from keras_vqpix.compare import area_downsampled
 from keras_vqpix.config import RefineConfig
 from keras_vqpix.metrics import roc_auc
-from keras_vqpix.refine import log_density_ratio, resample, view_factor
+from keras_vqpix.refine import class_log_density_ratio, log_density_ratio, resample, view_factor
 
 
 def test_area_downsampled_is_the_block_mean():
@@ -83,6 +83,27 @@ def test_resampling_by_the_learnt_ratio_drops_the_flawed_candidates():
         assert tiny.shape == (4,) and np.isfinite(tiny).all()
     with pytest.raises(ValueError, match="at least 2 candidates"):
         log_density_ratio(real, candidates[:1])
+
+
+def test_the_ratio_within_each_class_drops_candidates_of_the_other_class():
+    # Real NC slices are whole discs, real AD discs with a hole. Half the candidates drawn for
+    # each class look like the other class. Pooled, both sides hold half of each kind, so the
+    # pooled ratio cannot see which are wrong; within each class it can.
+    rng = np.random.default_rng(2)
+    real_labels = np.repeat([0, 1], 240)
+    real = _discs(480, rng, real_labels == 1)
+    labels = np.repeat([0, 1], 320)
+    wrong = rng.random(640) < 0.5
+    candidates = _discs(640, rng, (labels == 1) != wrong)
+    config = RefineConfig(ensemble=1)
+    by_class = class_log_density_ratio(real, real_labels, candidates, labels, config, seed=1)
+    pooled = log_density_ratio(real, candidates, config, seed=1)
+    assert roc_auc(wrong.astype(int), -by_class) > 0.9
+    assert roc_auc(wrong.astype(int), -pooled) < 0.7
+    kept = resample(by_class, labels, {0: 100, 1: 100}, seed=0)
+    assert wrong[kept].mean() < 0.3 and (labels[kept] == 1).sum() == 100
+    with pytest.raises(ValueError, match="no real slices of class 1"):
+        class_log_density_ratio(real[:240], real_labels[:240], candidates, labels, config)
 
 
 def test_refine_config_refuses_bad_values_in_one_line():
