@@ -17,10 +17,12 @@ from keras_vqpix.compare import (
     Comparison,
     SliceSet,
     _stack_rows,
+    carries_noise,
     format_comparison,
     frechet_distance,
     judge_once,
     kernel_distance,
+    noise_note,
     per_patient,
     plot_stacks,
     roc_auc,
@@ -228,6 +230,29 @@ def test_size_note_names_a_smaller_synthetic_train_split():
         metrics = {"num_synthetic_train": equal, "num_real_train": 1600}
         assert size_note(metrics) is None and "note:" not in format_comparison(metrics)
     assert size_note({}) is None  # reports written before the counts
+
+
+def test_noise_note_names_the_side_that_carries_noise(tmp_path):
+    def generated(name, options):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "generator.json").write_text(json.dumps({"options": options}))
+        return tmp_path / name
+
+    noisy, clean = generated("noisy", {"noise": True}), generated("clean", {"noise": False})
+    older = generated("older", {"size": [256, 240]})  # written before the option: noise-free
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    assert [carries_noise(p) for p in (noisy, clean, older, scans)] == [True, False, False, True]
+    for synthetic, real in ((clean, noisy), (older, scans), (noisy, clean)):
+        metrics = {"synthetic_noise": carries_noise(synthetic), "real_noise": carries_noise(real)}
+        note = noise_note(metrics)
+        first = "--real" if carries_noise(real) else "the synthetic set"
+        assert note.startswith(f"note: {first} carries acquisition noise")
+        assert note in format_comparison(metrics)
+    for synthetic, real in ((noisy, scans), (clean, older)):
+        metrics = {"synthetic_noise": carries_noise(synthetic), "real_noise": carries_noise(real)}
+        assert noise_note(metrics) is None
+    assert noise_note({}) is None  # reports written before the keys
 
 
 # -- Stacks: adjacent-slice SSIM of patients -------------------------------------------------------
