@@ -655,7 +655,8 @@ def noise_note(metrics: dict) -> str | None:
     """A warning when one side carries acquisition noise and the other does not, else None.
 
     The noise alone can then tell the sets apart, whatever the anatomy: noise-free samples of
-    the default run against its noisy reconstructions gave c2st 1.0 at 32 px (0.6 noise-free).
+    the default run against its noisy reconstructions gave c2st 1.0 at 32 px (0.54 against
+    noise-free ones).
     """
     synthetic, real = metrics.get("synthetic_noise"), metrics.get("real_noise")
     if synthetic is None or real is None or synthetic == real:
