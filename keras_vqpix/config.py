@@ -562,6 +562,9 @@ class RefineConfig:
         by_class: bool, estimate the ratio within each class (real AD slices against the
             candidates drawn for AD, and so for NC), the weight a class-conditional draw needs;
             False pools both classes on each side.
+        patients: names of the run's training patients the real side is limited to (empty:
+            all of them). Leave some out to judge the kept set against patients the refining
+            classifiers never saw (`benchmarks/refine_overlap.py`).
     """
 
     downsample: int = 4
@@ -569,6 +572,7 @@ class RefineConfig:
     ensemble: int = 3
     real_slices: int = 4096
     by_class: bool = False
+    patients: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(
@@ -580,6 +584,8 @@ class RefineConfig:
             self.real_slices >= 1,
             f"real_slices must be >= 1. Received: real_slices={self.real_slices}",
         )
+        # A list (from JSON) would make the frozen config unhashable.
+        object.__setattr__(self, "patients", tuple(str(p) for p in self.patients))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

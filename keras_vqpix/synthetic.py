@@ -280,9 +280,12 @@ def run_noise_levels(
     return levels
 
 
-def _training_records(paths, config, count: int, needs: str, instead: str) -> list[SliceRecord]:
-    """Up to `count` of the run's training slices, spread over the patients; when the data
-    folder is gone, a one-line error saying what `needs` them and what to do `instead`."""
+def _training_records(
+    paths, config, count: int, needs: str, instead: str, patients: Sequence[str] = ()
+) -> list[SliceRecord]:
+    """Up to `count` of the run's training slices (of `patients` only, when given), spread over
+    the patients; when the data folder is gone or a patient is not in the training split, a
+    one-line error saying what `needs` them and what to do `instead`."""
     from keras_vqpix.run_folder import RunFolderError, load_splits, read_json
 
     data = Path(read_json(paths.split).get("data", ""))
@@ -291,7 +294,17 @@ def _training_records(paths, config, count: int, needs: str, instead: str) -> li
             f"{needs} the training slices of {paths.root} in {data}, which is missing; "
             f"restore it, or {instead}"
         )
-    return spread_records(load_splits(data, config, paths).train, count)
+    records = load_splits(data, config, paths).train
+    if patients:
+        unknown = sorted(set(patients) - {r.patient for r in records})
+        if unknown:
+            raise RunFolderError(
+                f"{needs} training patients of {paths.root} that its training split does not "
+                f"have: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+            )
+        wanted = set(patients)
+        records = [r for r in records if r.patient in wanted]
+    return spread_records(records, count)
 
 
 def _round_trips(
@@ -411,6 +424,7 @@ def _refine(
         refine_config.real_slices,
         "--refine weighs the samples against",
         "leave out --refine",
+        refine_config.patients,
     )
     factor = view_factor(config.data.image_size, refine_config)
     parts: list[_Draw] = []
@@ -445,6 +459,7 @@ def _refine(
         "candidates": len(labels),
         "kept": len(kept),
         "real_slices": len(real),
+        "real_patients": len({r.patient for r in real_records}),
         "config": refine_config.to_dict(),
         "view": f"{config.data.image_size // factor} px ({factor}x area downsampling)",
         "log_weight_mean": {

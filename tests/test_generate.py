@@ -232,6 +232,9 @@ def test_generate_refine_keeps_each_class_and_records_each_slices_draw(quick_run
     record = json.loads((out / "generator.json").read_text())
     assert record["options"]["refine"] == 3 and "--refine 3" in record["command"]
     assert record["refine"]["candidates"] == 36 and record["refine"]["kept"] == 12
+    # By default the real side is every training patient.
+    split = json.loads((quick_run / "split.json").read_text())
+    assert record["refine"]["real_patients"] == len(split["train"])
     # The kept are 12 distinct maps of the one batch of 36 candidates (18 per class)...
     assert {r["seed"] for r in rows} == {str(batch_seed(2, 0))}
     index = sorted(int(r["map_index"]) for r in rows)
@@ -260,3 +263,36 @@ def test_generate_refine_keeps_each_class_and_records_each_slices_draw(quick_run
         result = CliRunner().invoke(main, [*refused, "--out", str(tmp_path / "no")])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "no").exists()
+
+
+def test_generate_refine_weighs_against_the_chosen_training_patients_only(quick_run, tmp_path):
+    from keras_vqpix.config import RefineConfig
+    from keras_vqpix.run_folder import RunFolderError
+    from keras_vqpix.synthetic import generate_dataset
+
+    paths = RunPaths(quick_run)
+    split = json.loads(paths.split.read_text())
+    records = load_splits(split["data"], read_config(paths), paths).train
+    chosen = sorted({r.patient for r in records})[:2]
+    expected = sum(r.patient in chosen for r in records)
+
+    def generate(name: str, patients: tuple[str, ...]) -> Path:
+        out = tmp_path / name
+        generate_dataset(
+            quick_run,
+            out,
+            per_class=2,
+            seed=1,
+            noise=False,
+            refine=2,
+            refine_config=RefineConfig(patients=patients),
+        )
+        return out
+
+    record = json.loads((generate("two", tuple(chosen)) / "generator.json").read_text())["refine"]
+    assert record["real_patients"] == 2 and record["real_slices"] == expected > 0
+    assert record["config"]["patients"] == chosen and len(split["train"]) > 2
+
+    with pytest.raises(RunFolderError, match="nobody_99"):
+        generate("unknown", (chosen[0], "nobody_99"))
+    assert not (tmp_path / "unknown").exists()
