@@ -7,19 +7,23 @@ whether the kept set is then fitted to the judge's own training slices. This ben
 with a crossed design on one candidate pool:
 
 - the run's training patients are split into two halves A and B (per class, seeded);
-- three sets are drawn with the same seed, so from the same candidates (`--no-noise`, as REC):
-  the prior's own draw, the draw refined against half A only and the one refined against half B
-  only (`RefineConfig(patients=...)`);
-- two judges are built from REC (noise-free reconstructions: `vqpix generate RUN --reconstruct
+- four sets are drawn with the same seed, so from the same candidates (`--no-noise`, as REC):
+  the prior's own draw, the draw refined against half A only, against half B only
+  (`RefineConfig(patients=...)`) and against all of them (`--refine`'s default);
+- three judges are built from REC (noise-free reconstructions: `vqpix generate RUN --reconstruct
   DATA --out REC --no-noise`): judge A trains on half A and the validation patients, judge B on
-  half B and the validation patients; both test on REC's test patients, which nothing else saw;
-- each set is compared against each judge.
+  half B and the validation patients, both testing on REC's test patients; the held-out judge
+  shares no patient with any refining classifier (it trains on two thirds of the validation and
+  test patients and tests on the other third: fewer slices, a weaker judge);
+- the prior's draw and the halves' sets are compared against judges A and B, the prior's draw
+  and the default's set against the held-out judge.
 
 A set refined against the judge's own half ("overlap") against one refined against the other
-half ("disjoint") shows what the overlap does; either against the prior's draw shows what the
+half ("disjoint") shows what the overlap does; any against the prior's draw shows what the
 resampling does for a judge that never saw its real side. Prints one table (c2st at 32 px and
 at full resolution, mean +- spread over the compare's classifier seeds) and writes
-`DIR/result.json`. Takes about 30 minutes on 2 CPU cores with the default run at 1,000 per class.
+`DIR/result.json`; each comparison is kept in `DIR/compare/`, so a rerun does only what is
+missing. Takes about 40 minutes on 2 CPU cores with the default run at 1,000 per class.
 """
 
 from __future__ import annotations
@@ -29,34 +33,44 @@ import json
 import random
 import shutil
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 HALVES = ("A", "B")
 C2ST_KEYS = ("c2st_auc_down4", "c2st_auc_std_down4", "c2st_auc", "c2st_auc_std")
 
 
-def split_patients(labels: dict[str, int], seed: int) -> dict[str, list[str]]:
-    """The patients `labels` (patient -> 0 NC, 1 AD) in two halves of about equal size per class."""
+def split_patients(
+    labels: dict[str, int], seed: int, first_share: Fraction = Fraction(1, 2)
+) -> tuple[list[str], list[str]]:
+    """The patients `labels` (patient -> 0 NC, 1 AD) in two parts, the first about
+    `first_share` of each class (rounded down), shuffled with `seed`."""
     rng = random.Random(seed)
-    halves: dict[str, list[str]] = {half: [] for half in HALVES}
+    first: list[str] = []
+    second: list[str] = []
     for label in (1, 0):
         patients = sorted(p for p, y in labels.items() if y == label)
         rng.shuffle(patients)
-        halves["A"] += patients[: len(patients) // 2]
-        halves["B"] += patients[len(patients) // 2 :]
-    return {half: sorted(patients) for half, patients in halves.items()}
+        cut = int(len(patients) * first_share)
+        first += patients[:cut]
+        second += patients[cut:]
+    return sorted(first), sorted(second)
 
 
-def build_judge(rec: Path, patients: set[str], out: Path) -> None:
-    """`out` in the ADNI layout: REC's training slices of `patients` (reconstructions keep their
-    source's patient with the prefix `rec-`) and all of REC's test slices."""
-    for split in ("train", "test"):
-        for source in sorted((rec / split).glob("*/*.jpeg")):
-            patient = source.stem.removeprefix("rec-").rsplit("_", 1)[0]
-            if split == "test" or patient in patients:
-                target = out / split / source.parent.name / source.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
+def build_judge(rec: Path, train: set[str], test: set[str], out: Path) -> None:
+    """`out` in the ADNI layout from REC's slices of either split (reconstructions keep their
+    source's patient with the prefix `rec-`): those of `train` patients in `train/`, of `test`
+    patients in `test/`; built aside and renamed, so an interrupted run leaves no half judge."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for source in sorted(rec.glob("*/*/*.jpeg")):
+        patient = source.stem.removeprefix("rec-").rsplit("_", 1)[0]
+        split = "train" if patient in train else "test" if patient in test else None
+        if split:
+            target = partial / split / source.parent.name / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    partial.rename(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,53 +95,69 @@ def main(argv: list[str] | None = None) -> int:
     paths = RunPaths(args.run)
     split = read_json(paths.split)
     splits = load_splits(split["data"], read_config(paths), paths)
-    halves = split_patients({r.patient: r.label for r in splits.train}, args.split_seed)
+    halves = dict(
+        zip(
+            HALVES,
+            split_patients({r.patient: r.label for r in splits.train}, args.split_seed),
+            strict=True,
+        )
+    )
     validation = {r.patient for r in splits.validation}
+    unseen = {r.patient: r.label for r in [*splits.validation, *splits.test]}
+    heldout_test, heldout_train = split_patients(unseen, 0, first_share=Fraction(1, 3))
 
-    # (name, candidates per slice, the half refined against): one seed, so one candidate pool.
-    sets = [("prior's draw", 1, None)] + [(f"refined against {h}", args.refine, h) for h in HALVES]
-    folders = {}
-    for name, refine, half in sets:
-        folders[name] = out / name.replace(" ", "_").replace("'", "")
-        if not (folders[name] / "generator.json").is_file():
+    # name -> (candidates per slice, the training patients refined against): one seed, one pool.
+    sets = {
+        "prior's draw": (1, None),
+        **{f"refined against {h}": (args.refine, halves[h]) for h in HALVES},
+        "refined against all": (args.refine, ()),
+    }
+    test = {r.patient for r in splits.test}
+    judges = {h: (set(halves[h]) | validation, test) for h in HALVES}
+    judges["held-out"] = (set(heldout_train), set(heldout_test))
+    pairs = [(name, h) for name in list(sets)[:3] for h in HALVES]
+    pairs += [("prior's draw", "held-out"), ("refined against all", "held-out")]
+
+    rows = []
+    for name, judge in pairs:
+        folder = out / name.replace(" ", "_").replace("'", "")
+        refine, patients = sets[name]
+        if not (folder / "generator.json").is_file():
             generate_dataset(
                 args.run,
-                folders[name],
+                folder,
                 per_class=args.per_class,
                 seed=args.seed,
                 noise=False,
                 refine=refine,
-                refine_config=RefineConfig(patients=tuple(halves[half])) if half else None,
+                refine_config=None if patients is None else RefineConfig(patients=tuple(patients)),
                 overwrite=True,
             )
-    judges = {}
-    for half in HALVES:
-        judges[half] = out / f"judge_{half}"
-        if not judges[half].is_dir():  # built aside, so an interrupted run leaves no half judge
-            partial = judges[half].with_name(judges[half].name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            build_judge(rec, set(halves[half]) | validation, partial)
-            partial.rename(judges[half])
-
-    rows = []
-    for name, _, refined_half in sets:
-        for half, judge in judges.items():
-            metrics = compare_datasets(folders[name], judge, log=lambda line: None).metrics
-            relation = {None: "-", half: "overlap"}.get(refined_half, "disjoint")
-            rows.append(
-                {
-                    "set": name,
-                    "judge": half,
-                    "relation": relation,
-                    **{key: metrics[key] for key in C2ST_KEYS},
-                }
-            )
-            print(
-                f"{name:22s} judge {half} {relation:8s} c2st "
-                f"{metrics['c2st_auc_down4']:.3f} +- {metrics['c2st_auc_std_down4']:.3f} (32 px) "
-                f"{metrics['c2st_auc']:.3f} +- {metrics['c2st_auc_std']:.3f} (full)",
-                flush=True,
-            )
+        judge_folder = out / f"judge_{judge}"
+        if not judge_folder.is_dir():
+            build_judge(rec, *judges[judge], judge_folder)
+        saved = out / "compare" / f"{folder.name}__{judge_folder.name}.json"
+        if saved.is_file():
+            metrics = json.loads(saved.read_text())
+        else:
+            metrics = compare_datasets(folder, judge_folder, log=lambda line: None).metrics
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(metrics, indent=2))
+        refined = sets[name][1]
+        if refined is None:
+            relation = "-"
+        elif judge == "held-out" or not refined:
+            relation = "none shared"
+        else:
+            relation = "overlap" if refined == halves[judge] else "disjoint"
+        rows.append({"set": name, "judge": judge, "relation": relation})
+        rows[-1].update({key: metrics[key] for key in C2ST_KEYS})
+        print(
+            f"{name:22s} judge {judge:8s} {relation:11s} c2st "
+            f"{metrics['c2st_auc_down4']:.3f} +- {metrics['c2st_auc_std_down4']:.3f} (32 px) "
+            f"{metrics['c2st_auc']:.3f} +- {metrics['c2st_auc_std']:.3f} (full)",
+            flush=True,
+        )
     result = {"halves": halves, "args": vars(args), "rows": rows}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return 0
