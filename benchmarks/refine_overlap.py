@@ -60,23 +60,24 @@ def split_patients(
 def build_judge(rec: Path, train: set[str], test: set[str], out: Path) -> None:
     """`out` in the ADNI layout from REC's slices of either split (reconstructions keep their
     source's patient with the prefix `rec-`): those of `train` patients in `train/`, of `test`
-    patients in `test/`; built aside and renamed, so an interrupted run leaves no half judge."""
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    for source in sorted(rec.glob("*/*/*.jpeg")):
-        patient = source.stem.removeprefix("rec-").rsplit("_", 1)[0]
-        split = "train" if patient in train else "test" if patient in test else None
-        if split:
-            target = partial / split / source.parent.name / source.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-    partial.rename(out)
+    patients in `test/`; written atomically, so an interrupted run leaves no half judge."""
+    from keras_vqpix.data.discover import patient_and_slice
+    from keras_vqpix.io import atomic_directory
+
+    with atomic_directory(out) as partial:
+        for source in sorted(rec.glob("*/*/*.jpeg")):
+            patient = patient_and_slice(source.name)[0].removeprefix("rec-")
+            split = "train" if patient in train else "test" if patient in test else None
+            if split:
+                target = partial / split / source.parent.name / source.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
 
 
 def main(argv: list[str] | None = None) -> int:
     from keras_vqpix.compare import compare_datasets
     from keras_vqpix.config import RefineConfig
-    from keras_vqpix.run_folder import RunPaths, load_splits, read_config, read_json
+    from keras_vqpix.run_folder import RunPaths, load_splits, read_config, read_json, write_json
     from keras_vqpix.synthetic import generate_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -95,13 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = RunPaths(args.run)
     split = read_json(paths.split)
     splits = load_splits(split["data"], read_config(paths), paths)
-    halves = dict(
-        zip(
-            HALVES,
-            split_patients({r.patient: r.label for r in splits.train}, args.split_seed),
-            strict=True,
-        )
-    )
+    first, second = split_patients({r.patient: r.label for r in splits.train}, args.split_seed)
+    halves = {"A": first, "B": second}
     validation = {r.patient for r in splits.validation}
     unseen = {r.patient: r.label for r in [*splits.validation, *splits.test]}
     heldout_test, heldout_train = split_patients(unseen, 0, first_share=Fraction(1, 3))
@@ -142,14 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             metrics = compare_datasets(folder, judge_folder, log=lambda line: None).metrics
             saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps(metrics, indent=2))
-        refined = sets[name][1]
-        if refined is None:
+            write_json(saved, metrics)  # atomic: an interrupted run leaves no half record
+        if patients is None:
             relation = "-"
-        elif judge == "held-out" or not refined:
+        elif judge == "held-out" or not patients:
             relation = "none shared"
         else:
-            relation = "overlap" if refined == halves[judge] else "disjoint"
+            relation = "overlap" if patients == halves[judge] else "disjoint"
         rows.append({"set": name, "judge": judge, "relation": relation})
         rows[-1].update({key: metrics[key] for key in C2ST_KEYS})
         print(
@@ -159,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     result = {"halves": halves, "args": vars(args), "rows": rows}
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "result.json", result)
     return 0
 
 

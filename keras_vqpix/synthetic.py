@@ -296,13 +296,13 @@ def _training_records(
         )
     records = load_splits(data, config, paths).train
     if patients:
-        unknown = sorted(set(patients) - {r.patient for r in records})
+        wanted = set(patients)
+        unknown = sorted(wanted - {r.patient for r in records})
         if unknown:
             raise RunFolderError(
                 f"{needs} training patients of {paths.root} that its training split does not "
                 f"have: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
             )
-        wanted = set(patients)
         records = [r for r in records if r.patient in wanted]
     return spread_records(records, count)
 
