@@ -135,6 +135,27 @@ def plot_codebook_usage(counts: np.ndarray, path: Path, title: str) -> Path:
 
 
 SAMPLE_COLUMNS = 8
+SAMPLES_SHOWN_PER_CLASS = 16
+
+
+def samples_vs_real_rows(
+    samples: tuple[np.ndarray, np.ndarray],
+    real: tuple[np.ndarray, np.ndarray],
+) -> list[tuple[str, np.ndarray]]:
+    """The rows of `plot_samples_vs_real`: for each class of the samples, up to
+    `SAMPLES_SHOWN_PER_CLASS` samples and as many real slices of that class, in rows of
+    `SAMPLE_COLUMNS`, each row of samples directly above a row of real slices (a sample label
+    of -1, unconditional, is shown beside real slices of every class)."""
+    rows = []
+    for value in sorted(set(np.asarray(samples[1]).tolist())):
+        name = label_name(value)
+        drawn = samples[0][samples[1] == value][:SAMPLES_SHOWN_PER_CLASS]
+        real_images = (real[0] if value < 0 else real[0][real[1] == value])[: len(drawn)]
+        for start in range(0, max(len(drawn), len(real_images)), SAMPLE_COLUMNS):
+            stop = start + SAMPLE_COLUMNS
+            rows.append((f"{name} samples", drawn[start:stop]))
+            rows.append((f"{name} real", real_images[start:stop]))
+    return rows
 
 
 def plot_samples_vs_real(
@@ -143,21 +164,14 @@ def plot_samples_vs_real(
     path: Path,
     title: str,
 ) -> Path:
-    """For each class of the samples, a row of samples above a row of real slices.
+    """Samples of each class beside real slices of that class (`samples_vs_real_rows`).
 
     Args:
-        samples, real: `(images [N, H, W, 1], labels [N])`; a sample label of -1
-            (unconditional) is shown above all real slices.
-    Rows show at most `SAMPLE_COLUMNS` images each, so the picture stays legible however many
+        samples, real: `(images [N, H, W, 1], labels [N])`.
+    At most `SAMPLES_SHOWN_PER_CLASS` per class, so the picture stays legible however many
     samples the statistics use.
     """
-    rows = []
-    for value in sorted(set(np.asarray(samples[1]).tolist())):
-        name = label_name(value)
-        rows.append((f"{name} samples", samples[0][samples[1] == value][:SAMPLE_COLUMNS]))
-        real_images = real[0] if value < 0 else real[0][real[1] == value]
-        rows.append((f"{name} real", real_images[:SAMPLE_COLUMNS]))
-    return plot_image_rows(rows, path, title)
+    return plot_image_rows(samples_vs_real_rows(samples, real), path, title)
 
 
 def _gray_rgb(image: np.ndarray) -> np.ndarray:

@@ -88,3 +88,26 @@ def test_memorisation_share_known_answers():
     assert memorisation_share(np.ones(20), real) == 1.0  # copies
     assert memorisation_share(np.full(20, 0.1), real) == 0.0
     assert memorisation_share(np.ones(3), np.zeros(0)) is None
+
+
+def test_samples_beside_real_show_sixteen_per_class_each_row_above_its_class():
+    # Issue 14 asks for 16 samples per class beside real slices: rows of 8, each row of
+    # samples directly above real slices of the same class, and no more than 16 however many
+    # samples the statistics drew.
+    from keras_vqpix.plots import samples_vs_real_rows
+
+    labels = np.repeat([0, 1], 20)
+    samples = (np.arange(40, dtype=np.float32)[:, None, None, None], labels)
+    real = (100 + np.arange(40, dtype=np.float32)[:, None, None, None], labels[::-1].copy())
+    rows = samples_vs_real_rows(samples, real)
+    assert [name for name, _ in rows] == ["NC samples", "NC real"] * 2 + [
+        "AD samples",
+        "AD real",
+    ] * 2
+    assert all(len(images) == 8 for _, images in rows)
+    for (_, drawn), (_, shown) in zip(rows[::2], rows[1::2], strict=True):
+        drawn_labels = labels[drawn.ravel().astype(int)]
+        real_labels = real[1][shown.ravel().astype(int) - 100]
+        assert len(set(drawn_labels)) == 1 and set(real_labels) == set(drawn_labels)
+    shown_samples = np.concatenate([images.ravel() for name, images in rows if "samples" in name])
+    assert len(set(shown_samples.tolist())) == 32
