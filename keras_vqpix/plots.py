@@ -151,7 +151,7 @@ def samples_vs_real_rows(
         name = label_name(value)
         drawn = samples[0][samples[1] == value][:SAMPLES_SHOWN_PER_CLASS]
         real_images = (real[0] if value < 0 else real[0][real[1] == value])[: len(drawn)]
-        for start in range(0, max(len(drawn), len(real_images)), SAMPLE_COLUMNS):
+        for start in range(0, len(drawn), SAMPLE_COLUMNS):
             stop = start + SAMPLE_COLUMNS
             rows.append((f"{name} samples", drawn[start:stop]))
             rows.append((f"{name} real", real_images[start:stop]))
