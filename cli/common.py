@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,24 @@ def user_errors() -> Iterator[None]:
 def _one_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return " ".join(text.split())
+
+
+def parse_settings(settings: tuple[str, ...]) -> dict[str, object]:
+    """`{"prior.dropout": 0.1}` of `("prior.dropout=0.1",)`: each VALUE read as JSON, else as text.
+
+    Raises:
+        ValueError: for a setting without `=` or without a key.
+    """
+    changes: dict[str, object] = {}
+    for text in settings:
+        key, equals, raw = text.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"{text!r} is not SECTION.FIELD=VALUE (e.g. prior.dropout=0.1)")
+        try:
+            changes[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            changes[key.strip()] = raw
+    return changes
 
 
 def resolve_data(data: Path | None, seed: int = 0) -> Path:

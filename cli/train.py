@@ -8,7 +8,7 @@ import click
 
 from keras_vqpix.config import PRESETS, RUN_SEED_RANGE
 
-from .common import InputError, resolve_data, user_errors
+from .common import InputError, parse_settings, resolve_data, user_errors
 
 
 @click.command()
@@ -56,6 +56,15 @@ from .common import InputError, resolve_data, user_errors
     type=click.IntRange(min=1),
     default=None,
     help="Prior epochs (default: the config's).",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="SECTION.FIELD=VALUE",
+    help="Change one field of the config, as named in a run's config.json; repeatable. VALUE is "
+    "read as JSON (a number, true, false), else as text. E.g. --set prior.dropout=0.1 "
+    "--set prior.filters=64 (applied after the other options).",
 )
 @click.option(
     "--batch-size",
@@ -113,6 +122,7 @@ def train(
     stage,
     epochs,
     prior_epochs,
+    settings,
     batch_size,
     image_size,
     seed,
@@ -164,6 +174,10 @@ def train(
     except ValueError as error:
         param = "--image-size" if "image_size" in str(error) else "--config"
         raise click.BadParameter(str(error), param_hint=param) from error
+    try:
+        config = config.replace(**parse_settings(settings))
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--set") from error
     data = resolve_data(data)
 
     from keras_vqpix.training import DistributedRunError, train_run

@@ -38,6 +38,27 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_section(value: Any) -> bool:
+    """Whether `value` is a config dataclass (the run config or one of its sections)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _coerce(key: str, current: Any, value: Any) -> Any:
+    """`value` for a field now holding `current`: of its type (an int may stand for a float, a
+    list for a tuple), else a ValueError naming `key`."""
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    kind = type(current)
+    if kind in kinds and type(value) is not kind:
+        raise ValueError(
+            f"Config key {key!r} takes {kinds[kind]} (now {current!r}). Received: {value!r}"
+        )
+    return value
+
+
 def _model_arguments(section) -> dict[str, Any]:
     """A config section's fields but its `TRAINING_FIELDS`: the model's arguments, by name."""
     return {
@@ -471,12 +492,30 @@ class RunConfig:
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes: Any) -> RunConfig:
-        """Copy with top-level fields or dotted section fields (`"data.batch_size"`) changed."""
+        """Copy with top-level fields or dotted section fields (`"data.batch_size"`) changed.
+
+        Raises:
+            ValueError: for a key that names no field, listing the section's fields.
+        """
         top: dict[str, Any] = {}
         nested: dict[str, dict[str, Any]] = {}
         for key, value in changes.items():
-            if "." in key:
-                section, name = key.split(".", 1)
+            section, _, name = key.rpartition(".")
+            owner = getattr(self, section, None) if section else self
+            if not _is_section(owner):
+                sections = [
+                    f.name for f in dataclasses.fields(self) if _is_section(getattr(self, f.name))
+                ]
+                raise ValueError(
+                    f"Unknown config key {key!r}: no section {section!r}; the sections are "
+                    f"{', '.join(sections)}"
+                )
+            fields = [f.name for f in dataclasses.fields(owner)]
+            if name not in fields:
+                where = f"section {section!r}" if section else "the run config"
+                raise ValueError(f"Unknown config key {key!r}; {where} has: {', '.join(fields)}")
+            value = _coerce(key, getattr(owner, name), value)
+            if section:
                 nested.setdefault(section, {})[name] = value
             else:
                 top[key] = value

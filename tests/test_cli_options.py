@@ -21,6 +21,11 @@ TRAIN_CASES = {
     # Beyond int32 the samples of the prior's plot could not be drawn: refused before training.
     "seed beyond int32": (["--seed", str(2**31)], "--seed"),
     "out is a file": (["--out", "{tmp}/file.txt"], "--out"),
+    "setting without a value": (["--set", "prior.dropout"], "--set"),
+    "setting of an unknown field": (["--set", "prior.dropot=0.1"], "--set"),
+    "setting of an unknown section": (["--set", "decoder.filters=8"], "--set"),
+    "setting of the wrong type": (["--set", "prior.mirror=yes"], "--set"),
+    "setting out of range": (["--set", "prior.dropout=1.5"], "--set"),
 }
 
 SAMPLE_CASES = {
@@ -84,6 +89,28 @@ def test_negative_evaluate_samples_exit_2(tmp_path):
     assert result.exit_code == 2, result.output
     assert "--samples" in error_line(result.output)
     assert not any(tmp_path.iterdir())
+
+
+def test_train_settings_reach_the_config_as_typed_values(tiny_adni, tmp_path, monkeypatch):
+    """`--set` changes exactly the fields named, as JSON values, after the other options."""
+    import keras_vqpix.training
+    from keras_vqpix.config import get_config
+
+    seen = {}
+
+    def record(run_dir, data, config, **kwargs):
+        seen["config"] = config
+
+    monkeypatch.setattr(keras_vqpix.training, "train_run", record)
+    args = ["--config", "quick", "--data", str(tiny_adni), "--out", str(tmp_path / "run")]
+    settings = ["--set", "prior.dropout=0.25", "--set", "prior.mirror=false"]
+    settings += ["--prior-epochs", "3", "--set", "prior.epochs=5", "--set", "data.cache="]
+    CliRunner().invoke(main, ["train", *args, *settings])
+    quick = get_config("quick")
+    expected = quick.replace(
+        **{"prior.dropout": 0.25, "prior.mirror": False, "prior.epochs": 5, "data.cache": ""}
+    )
+    assert seen["config"] == expected != quick
 
 
 def test_train_help_lists_the_reliability_options():
