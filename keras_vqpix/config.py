@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,19 +45,23 @@ def _is_section(value: Any) -> bool:
 
 
 def _coerce(key: str, current: Any, value: Any) -> Any:
-    """`value` for a field now holding `current`: of its type (an int may stand for a float, a
-    list for a tuple), else a ValueError naming `key`."""
+    """`value` as the type of `current`, the field's value now (any integer for an int field, any
+    real number for a float, a list for a tuple); else a ValueError naming `key`."""
     if isinstance(current, tuple) and isinstance(value, list):
         return tuple(value)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    kinds = {
+        bool: ("true or false", lambda v: isinstance(v, bool)),
+        int: ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+        float: ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+        str: ("a string", lambda v: isinstance(v, str)),
+    }
     kind = type(current)
-    if kind in kinds and type(value) is not kind:
-        raise ValueError(
-            f"Config key {key!r} takes {kinds[kind]} (now {current!r}). Received: {value!r}"
-        )
-    return value
+    if kind not in kinds:
+        return value
+    name, accepts = kinds[kind]
+    if not accepts(value):
+        raise ValueError(f"Config key {key!r} takes {name} (now {current!r}). Received: {value!r}")
+    return kind(value)
 
 
 def _model_arguments(section) -> dict[str, Any]:
@@ -495,7 +500,8 @@ class RunConfig:
         """Copy with top-level fields or dotted section fields (`"data.batch_size"`) changed.
 
         Raises:
-            ValueError: for a key that names no field, listing the section's fields.
+            ValueError: for a key that names no field (listing the section's fields), a value
+                not of the field's type, or one the section's own checks refuse.
         """
         top: dict[str, Any] = {}
         nested: dict[str, dict[str, Any]] = {}

@@ -337,6 +337,25 @@ def test_pixelcnn_and_config_reject_bad_arguments():
         CausalSelfAttention(6, 4)
 
 
+def test_config_replace_names_unknown_keys_and_keeps_each_fields_type():
+    import numpy as np
+
+    config = get_config("quick")
+    changed = config.replace(**{"data.image_size": np.int64(64), "prior.epochs": np.int32(3)})
+    assert type(changed.data.image_size) is int and changed.data.image_size == 64
+    assert type(changed.prior.epochs) is int and changed.prior.epochs == 3
+    assert type(config.replace(**{"prior.learning_rate": 1}).prior.learning_rate) is float
+    assert changed.replace(**{"prior.epochs": config.prior.epochs}).prior == config.prior
+    with pytest.raises(ValueError, match=r"'prior.dropot'; section 'prior' has: .*dropout"):
+        config.replace(**{"prior.dropot": 0.1})
+    with pytest.raises(ValueError, match=r"no section 'decoder'; the sections are data, vqvae"):
+        config.replace(**{"decoder.filters": 8})
+    with pytest.raises(ValueError, match=r"'prior.epochs' takes an integer .* Received: 2.5"):
+        config.replace(**{"prior.epochs": 2.5})
+    with pytest.raises(ValueError, match=r"'prior.mirror' takes true or false"):
+        config.replace(**{"prior.mirror": 1})
+
+
 def test_the_priors_learning_rate_follows_a_cosine_to_its_final_share_by_the_last_epoch():
     from keras_vqpix.training.prior_training import build_prior
 
