@@ -39,11 +39,6 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _is_section(value: Any) -> bool:
-    """Whether `value` is a config dataclass (the run config or one of its sections)."""
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
-
-
 def _coerce(key: str, current: Any, value: Any) -> Any:
     """`value` as the type of `current`, the field's value now (any integer for an int field, any
     real number for a float, a list for a tuple); else a ValueError naming `key`."""
@@ -423,6 +418,10 @@ ADDED_FIELDS = {
 }
 
 
+# The sections of a run config: its fields that are config dataclasses, by field name.
+_SECTIONS = {"data": DataConfig, "vqvae": VQVAEConfig, "prior": PriorConfig}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything needed to reproduce a run.
@@ -476,12 +475,11 @@ class RunConfig:
         """The config of `values` (e.g. a `config.json`); a field missing from a section takes
         the value runs had before the field existed (`ADDED_FIELDS`), else its default."""
         values = dict(values)
-        sections = {"data": DataConfig, "vqvae": VQVAEConfig, "prior": PriorConfig}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"Unknown config keys: {sorted(unknown)}")
-        for key, section in sections.items():
+        for key, section in _SECTIONS.items():
             if key in values:
                 section_known = {f.name for f in dataclasses.fields(section)}
                 section_unknown = set(values[key]) - section_known
@@ -507,15 +505,12 @@ class RunConfig:
         nested: dict[str, dict[str, Any]] = {}
         for key, value in changes.items():
             section, _, name = key.rpartition(".")
-            owner = getattr(self, section, None) if section else self
-            if not _is_section(owner):
-                sections = [
-                    f.name for f in dataclasses.fields(self) if _is_section(getattr(self, f.name))
-                ]
+            if section and section not in _SECTIONS:
                 raise ValueError(
                     f"Unknown config key {key!r}: no section {section!r}; the sections are "
-                    f"{', '.join(sections)}"
+                    f"{', '.join(_SECTIONS)}"
                 )
+            owner = getattr(self, section) if section else self
             fields = [f.name for f in dataclasses.fields(owner)]
             if name not in fields:
                 where = f"section {section!r}" if section else "the run config"
