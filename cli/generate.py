@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from keras_vqpix.config import GENERATE_PER_CLASS, GENERATE_REFINE
+
 from .common import SizeType, first_slices_option, guidance_option, user_errors
 
 
@@ -24,7 +26,7 @@ from .common import SizeType, first_slices_option, guidance_option, user_errors
 @click.option(
     "--per-class",
     type=click.IntRange(min=1),
-    default=400,
+    default=GENERATE_PER_CLASS,
     show_default=True,
     help="Slices per class (NC and AD) sampled from the prior.",
 )
@@ -78,11 +80,11 @@ from .common import SizeType, first_slices_option, guidance_option, user_errors
 @click.option(
     "--refine",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
+    default=None,
     metavar="F",
     help="Draw F candidate slices per slice written and keep those a classifier finds most "
-    "like the run's training slices (discriminator resampling; 1: off; single slices only).",
+    f"like the run's training slices (discriminator resampling; 1: off; single slices only). "
+    f"Default: {GENERATE_REFINE} for single slices, 1 for whole patients.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.pass_context
@@ -111,7 +113,7 @@ def generate(
     OUT` and `vqpix compare OUT --real DATA` read it unchanged. With --reconstruct DATA: the
     VQ-VAE round trip of DATA instead (compare samples against it to judge the prior alone).
     """
-    from keras_vqpix.synthetic import generate_dataset, reconstruct_dataset
+    from keras_vqpix.synthetic import default_refine, generate_dataset, reconstruct_dataset
 
     if reconstruct_data is not None:
         sampling_only = (
@@ -146,6 +148,8 @@ def generate(
         if guidance is not None:
             words += ["--guidance", f"{guidance:g}"]
         words += ["--seed", str(seed), "--temperature", f"{temperature:g}"]
+        if refine is None:
+            refine = default_refine(slices_per_patient)
         if refine > 1:
             words += ["--refine", str(refine)]
     if size is not None:

@@ -34,7 +34,8 @@ from .common import InputError, parse_settings, resolve_data, user_errors
     show_default=True,
     help="Preset: quick (tiny, seconds), default (the real model), patients (the default with a "
     "prior that also reads the previous slice: draws whole synthetic patients), or an earlier "
-    "default prior, for the ablation: default-positionless (without slice positions), "
+    "default prior, for the ablation: default-short (10 prior epochs, no dropout), "
+    "default-positionless (and without slice positions), "
     "default-unmirrored (and without the mirror images of its maps), default-undilated (and "
     "with vertical stacks not dilated).",
 )

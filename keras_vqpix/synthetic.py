@@ -22,9 +22,10 @@ then isolates the prior, `vqpix compare RECONSTRUCTIONS --real DATA` the decoder
   Rician, one level per patient drawn from the run's training slices of its class, fitted on
   first use by `run_noise_levels` and cached in `RUN/noise.json`); `noise=False`
   (`--no-noise`) writes the decoder's noise-free means.
-- Refined (`refine=F`, `--refine F`, single slices): F times as many maps are drawn and
-  `per_class` of each class kept by discriminator resampling against the run's training
-  slices (`keras_vqpix.refine`); each kept slice keeps the seed and map index of its draw.
+- Refined (`refine=F`, `--refine F`, single slices; by default 3 for single slices, off for
+  whole patients: `config.GENERATE_REFINE`): F times as many maps are drawn and `per_class` of
+  each class kept by discriminator resampling against the run's training slices
+  (`keras_vqpix.refine`); each kept slice keeps the seed and map index of its draw.
 - Reproducible: map `j` of batch `b` is drawn with the batch seed `batch_seed(seed, b)`; the
   same run, seed, temperature and counts give the same bytes. `manifest.csv` records every
   file's split, label, seed, map index and temperature (or source for reconstructions),
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_vqpix.config import RefineConfig
+from keras_vqpix.config import GENERATE_PER_CLASS, GENERATE_REFINE, RefineConfig
 from keras_vqpix.data.discover import (
     CLASS_NAMES,
     SliceRecord,
@@ -470,11 +471,17 @@ def _refine(
     return _Refined(_Draw.join(parts).take(kept), record)
 
 
+def default_refine(slices_per_patient: int) -> int:
+    """`generate_dataset`'s candidates per slice when none are given: `GENERATE_REFINE` for single
+    slices, 1 (the prior's own draw) for whole patients, which are not refined."""
+    return GENERATE_REFINE if slices_per_patient == 1 else 1
+
+
 def generate_dataset(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    per_class: int = 400,
+    per_class: int = GENERATE_PER_CLASS,
     test_fraction: float = 0.2,
     seed: int = 0,
     temperature: float = 1.0,
@@ -487,7 +494,7 @@ def generate_dataset(
     guidance: float | None = None,
     first_slices_from: str | os.PathLike | None = None,
     noise: bool = True,
-    refine: int = 1,
+    refine: int | None = None,
     refine_config: RefineConfig | None = None,
 ) -> GenerateSummary:
     """Sample a labelled data set from the run's conditional prior into `out_dir` (module docstring).
@@ -516,8 +523,8 @@ def generate_dataset(
             per patient from the run's training slices of its class (`run_noise_levels`);
             False writes the decoder's noise-free means.
         refine: F, candidate slices drawn per slice written: 1 writes the prior's draw; F > 1
-            keeps `per_class` of F times as many per class by discriminator resampling against
-            the run's training slices (`keras_vqpix.refine`; single slices only).
+            keeps the `per_class` a classifier finds most like the run's training slices
+            (`keras_vqpix.refine`; single slices only). None: `default_refine`.
         refine_config: the resampling's settings (default `RefineConfig()`).
     """
     from keras_vqpix.io import atomic_directory, check_output_folder
@@ -551,6 +558,8 @@ def generate_dataset(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
+    if refine is None:
+        refine = default_refine(stack)
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 1:
         raise ValueError(f"--refine must be an int >= 1. Received: refine={refine!r}")
     if refine > 1 and stack > 1:

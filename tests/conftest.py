@@ -210,6 +210,7 @@ ARCHITECTURES = {
         position_embedding=True,
         dilation_cycle=4,
         slice_positions=20,
+        dropout=0.1,
     ),
     "quick": dict(
         num_embeddings=16,
@@ -252,6 +253,7 @@ ARCHITECTURES["patients"] = {
     "filters": PATIENTS_FILTERS,
     "previous_slice": True,
     "slice_positions": 20,
+    "dropout": 0.0,
 }
 
 

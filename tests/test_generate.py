@@ -37,7 +37,9 @@ def test_to_frame_undoes_the_pipelines_padding():
 
 def test_generate_writes_a_data_set_that_trains_and_reproduces(quick_run, tmp_path):
     out = tmp_path / "syn"
+    # The prior's own draw (single slices are refined by default: the next test).
     args = ["generate", str(quick_run), "--per-class", "5", "--test-fraction", "0.4"]
+    args += ["--refine", "1"]
     result = CliRunner().invoke(main, [*args, "--out", str(out), "--seed", "3"])
     assert result.exit_code == 0, result.output
     assert "Wrote 10 slices" in result.output
@@ -60,6 +62,7 @@ def test_generate_writes_a_data_set_that_trains_and_reproduces(quick_run, tmp_pa
         and record["frame"] == [256, 240]
     )
     assert record["options"]["seed"] == 3 and "vqpix generate" in record["command"]
+    assert record["options"]["refine"] == 1 and "--refine" not in record["command"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
     # Same seed, same bytes.
@@ -218,8 +221,9 @@ def test_generate_refine_keeps_each_class_and_records_each_slices_draw(quick_run
     from keras_vqpix.sampling import decode_codes, sample_codes
     from keras_vqpix.synthetic import batch_seed
 
+    # Single slices are refined from 3 candidates each unless --refine says otherwise.
     args = ["generate", str(quick_run), "--per-class", "6", "--test-fraction", "0.5"]
-    args += ["--refine", "3", "--no-noise", "--seed", "2"]
+    args += ["--no-noise", "--seed", "2"]
     out = tmp_path / "refined"
     result = CliRunner().invoke(main, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -254,7 +258,7 @@ def test_generate_refine_keeps_each_class_and_records_each_slices_draw(quick_run
     assert _files(again) == _files(out)  # same seed, same bytes
 
     for refused, message in (
-        ([*args, "--slices-per-patient", "2"], "--refine applies to single slices"),
+        ([*args, "--refine", "3", "--slices-per-patient", "2"], "--refine applies to single"),
         (
             ["generate", str(quick_run), "--reconstruct", str(quick_run), "--refine", "2"],
             "--refine applies to sampling",

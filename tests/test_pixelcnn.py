@@ -389,13 +389,16 @@ def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
     # The patients preset adds the previous slice (and the width that keeps a 20-slice patient
     # within 2 s): the VQ-VAE stage of every preset is the same run.
     context = {"prior.previous_slice": True, "prior.filters": 32}
-    context |= {"prior.mirror": False, "prior.epochs": 20}  # as measured (docs/synthetic.md)
+    context |= {"prior.mirror": False, "prior.dropout": 0.0}  # as measured (docs/synthetic.md)
     assert default.prior.filters == 48
     assert default.replace(name="patients", **context) == patients
-    # The ablation presets are the earlier defaults, each undoing one more idea: slice
-    # positions, then mirror images (twice the maps, half the epochs: the same steps), then
-    # dilation.
-    positionless = default.replace(name="default-positionless", **{"prior.slice_positions": 0})
+    # The ablation presets are the earlier defaults, each undoing one more idea: dropout and
+    # twice the training, slice positions, then mirror images (twice the maps, half the
+    # epochs: the same steps), then dilation.
+    assert default.prior.dropout == 0.1 and default.prior.epochs == 20
+    short = default.replace(name="default-short", **{"prior.epochs": 10, "prior.dropout": 0.0})
+    assert short == get_config("default-short")
+    positionless = short.replace(name="default-positionless", **{"prior.slice_positions": 0})
     assert positionless == get_config("default-positionless")
     unmirrored = {"prior.mirror": False, "prior.epochs": 20}
     assert positionless.replace(name="default-unmirrored", **unmirrored) == (
@@ -407,7 +410,7 @@ def test_the_default_prior_is_dilated_and_the_other_priors_stay_presets():
         )
         == undilated
     )
-    assert default.prior.mirror and default.prior.epochs == 10
+    assert default.prior.mirror
     stacked = PixelCNN.from_run_config(patients.prior, 256, (32, 32))
     assert stacked.previous_slice and stacked.slice_positions == 20
     undilated_prior = PixelCNN.from_run_config(undilated.prior, 256, code_shape=(32, 32))
@@ -530,7 +533,7 @@ PRIOR_ARGUMENTS = dict(
     conditional=False,
     num_classes=3,
     label_dropout=0.2,
-    dropout=0.1,
+    dropout=0.3,
     code_shape=(4, 6),
     seed=3,
     position_embedding=True,
@@ -731,6 +734,7 @@ def test_training_reports_bits_per_code():
 CONSTANT_RATE = {"prior.learning_rate": 1e-3, "prior.final_learning_rate_ratio": 1.0}
 # The prior those versions wrote: that recipe, 32 channels, 20 epochs of unmirrored maps.
 EARLIER_PRIOR = {**CONSTANT_RATE, "prior.filters": 32, "prior.mirror": False, "prior.epochs": 20}
+EARLIER_PRIOR["prior.dropout"] = 0.0
 
 
 def read_as_written_before(preset: str, missing: tuple[str, ...]):
