@@ -677,11 +677,6 @@ def _default() -> RunConfig:
     return RunConfig(name="default")
 
 
-# The default prior's training before dropout and twice the epochs (docs/models.md, "Prior
-# ablation"): the `default-short` preset and every earlier default.
-SHORT_TRAINING = {"prior.epochs": 10, "prior.dropout": 0.0}
-
-
 def _patients() -> RunConfig:
     # The default with a slice-context prior: it draws whole synthetic patients (`vqpix generate
     # --slices-per-patient`, `vqpix sample --patient`, the exported `sample_patient`). Its
@@ -706,7 +701,8 @@ def _patients() -> RunConfig:
 # prior, as they were measured (docs/models.md, "Prior ablation").
 def _default_short() -> RunConfig:
     # The default prior before dropout and twice the training.
-    return _default().replace(name="default-short", **SHORT_TRAINING)
+    short = {"prior.epochs": 10, "prior.dropout": 0.0}
+    return _default().replace(name="default-short", **short)
 
 
 def _default_positionless() -> RunConfig:
