@@ -238,8 +238,8 @@ class PriorConfig:
         dropout: float, dropout before the output head. With 20 epochs instead of 10 (the
             `default-short` preset: 10 epochs, none) it gave no fewer held-out bits, but
             samples that, refined and drawn 2,000 per class, met every figure of the samples
-            goal on the demo data, which the shorter training did not (docs/models.md,
-            "Prior ablation").
+            goal on the demo data; the shorter training's, drawn the same way, missed the
+            c2st goal at 32 px (docs/models.md, "Prior ablation").
         position_embedding: bool, learn an embedding per code position (`PixelCNN`): without
             it, default-config samples on the demo set were brain texture, not slices.
         dilation_cycle: int, block i's vertical stack is dilated by `2 ** (i % dilation_cycle)`
