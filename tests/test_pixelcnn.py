@@ -732,9 +732,10 @@ def test_training_reports_bits_per_code():
 
 # The prior's training recipe of 0.1.0 and 0.2.0: a constant learning rate of 1e-3.
 CONSTANT_RATE = {"prior.learning_rate": 1e-3, "prior.final_learning_rate_ratio": 1.0}
-# The prior those versions wrote: that recipe, 32 channels, 20 epochs of unmirrored maps.
+# The prior those versions wrote: that recipe, 32 channels, 20 epochs of unmirrored maps, no
+# dropout.
 EARLIER_PRIOR = {**CONSTANT_RATE, "prior.filters": 32, "prior.mirror": False, "prior.epochs": 20}
-EARLIER_PRIOR["prior.dropout"] = 0.0
+EARLIER_PRIOR |= {"prior.dropout": 0.0}
 
 
 def read_as_written_before(preset: str, missing: tuple[str, ...]):
