@@ -83,7 +83,7 @@ from .common import SizeType, first_slices_option, guidance_option, user_errors
     default=None,
     metavar="F",
     help="Draw F candidate slices per slice written and keep those a classifier finds most "
-    f"like the run's training slices (discriminator resampling; 1: off; single slices only). "
+    "like the run's training slices (discriminator resampling; 1: off; single slices only). "
     f"Default: {GENERATE_REFINE} for single slices, 1 for whole patients.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
